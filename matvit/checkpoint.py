@@ -1,0 +1,65 @@
+"""Checkpoints: `model.safetensors` plus `config.json` in a directory, and the weights' fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import MatViTConfig
+from .errors import UserError
+from .model import MatViT
+
+
+class CheckpointError(UserError):
+    """A checkpoint directory that cannot be loaded."""
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """Short sha256 of the weights (names, shapes and values), stable across save and load."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save(model: MatViT, directory: Path, **meta) -> None:
+    """Write the weights and the config (plus `meta`: classes, dataset, ...) atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "model.safetensors.tmp"
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, directory / "model.safetensors")
+    config = {"model": model.config.to_dict(), "fingerprint": fingerprint(model), **meta}
+    (directory / "config.json.tmp").write_text(json.dumps(config, indent=2))
+    os.replace(directory / "config.json.tmp", directory / "config.json")
+
+
+def read_config(directory: Path) -> dict:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {directory}: {path} is missing (train one with `matvit train`)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
+def load(directory: Path) -> tuple[MatViT, dict]:
+    """The model in eval mode, and the checkpoint's config dict."""
+    meta = read_config(directory)
+    weights = Path(directory) / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"no weights in {directory}: {weights} is missing")
+    model = MatViT(MatViTConfig.from_dict(meta["model"]))
+    try:
+        model.load_state_dict(load_file(weights), strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{weights} does not match its config.json: {str(e).splitlines()[0]}") from e
+    return model.eval(), meta

@@ -1,0 +1,193 @@
+"""Datasets: scikit-learn's digits, Fashion-MNIST IDX files, and folders of images (`folder:PATH`).
+
+Every dataset comes out as an in-memory `ImageSet` of uint8 C x H x W images at the model's size.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from . import images as imageio
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat",
+                         "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
+DATASETS = ("digits", "fashion-mnist", "folder:PATH")
+
+
+class DatasetError(UserError):
+    """A dataset that cannot be found or read."""
+
+
+@dataclass
+class ImageSet(Dataset):
+    """Decoded images (uint8 N x C x H x W), labels, class names, and where each image came from."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    sources: list[str]
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+
+def _resize(images: np.ndarray, img_size: int, in_chans: int) -> torch.Tensor:
+    """Grey uint8 N x H x W arrays to N x C x img_size x img_size (no-op at the native size)."""
+    t = torch.from_numpy(images).unsqueeze(1)
+    if t.shape[-1] != img_size:
+        t = torch.nn.functional.interpolate(t.float(), size=img_size, mode="bilinear", antialias=True)
+        t = t.round().clamp(0, 255).to(torch.uint8)
+    return t.expand(-1, in_chans, -1, -1).contiguous()
+
+
+def load_digits(split: str, img_size: int = 8, in_chans: int = 1) -> ImageSet:
+    """scikit-learn's 1,797 8x8 digits, a fixed seeded 80/20 train/test split."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    order = np.random.default_rng(0).permutation(len(d.target))
+    cut = int(0.8 * len(order))
+    idx = order[:cut] if split == "train" else order[cut:]
+    pixels = (d.images[idx] * (255 / 16)).round().astype(np.uint8)
+    return ImageSet(_resize(pixels, img_size, in_chans), torch.as_tensor(d.target[idx]),
+                    [str(c) for c in range(10)], [f"digits:{i}" for i in idx])
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(split: str, data_dir: Path | None, img_size: int = 28, in_chans: int = 1) -> ImageSet:
+    """Fashion-MNIST from its IDX files (gzipped or not)."""
+    root = Path(data_dir or FASHION_MNIST_DIR)
+    prefix = "train" if split == "train" else "t10k"
+    found = {}
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        candidates = [root / f"{prefix}-{kind}{ext}" for ext in (".gz", "")]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise DatasetError(
+                f"Fashion-MNIST not found in {root} (no {candidates[0].name}); install the Debian package "
+                "dataset-fashion-mnist or pass --data-dir"
+            )
+        found[kind] = _read_idx(path)
+    images, labels = found["images-idx3-ubyte"], found["labels-idx1-ubyte"]
+    return ImageSet(_resize(images, img_size, in_chans), torch.as_tensor(labels.astype(np.int64)),
+                    list(FASHION_MNIST_CLASSES), [f"fashion-mnist:{split}:{i}" for i in range(len(labels))])
+
+
+def list_images(root: Path) -> list[Path]:
+    """Image files under `root`, recursively, in a stable order."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in imageio.IMAGE_SUFFIXES and p.is_file())
+
+
+def folder_split(root: Path, split: str) -> tuple[list[Path], list[str]]:
+    """Files of `split` and the class names. Uses `root/train` and `root/test` when both exist,
+    else a stable 90/10 split of the whole tree by a hash of each relative path."""
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        base = root / split
+        files = list_images(base)
+        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    else:
+        base = root
+        in_test = [zlib.crc32(str(p.relative_to(root)).encode()) % 10 == 0 for p in list_images(root)]
+        files = [p for p, t in zip(list_images(root), in_test, strict=True) if t == (split == "test")]
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    return files, classes
+
+
+class ImageFiles(Dataset):
+    """Image files decoded one by one (in DataLoader workers); unreadable ones come back as None."""
+
+    def __init__(self, files: list[Path], img_size: int, in_chans: int) -> None:
+        self.files, self.img_size, self.in_chans = files, img_size, in_chans
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            return i, imageio.load(self.files[i], self.img_size, self.in_chans), ""
+        except imageio.ImageError as e:
+            return i, None, str(e)
+
+
+def collate_readable(batch: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    """Stack the readable images of a batch; return their positions and the unreadable ones' errors."""
+    ok = [(i, img) for i, img, _ in batch if img is not None]
+    bad = [(i, err) for i, img, err in batch if img is None]
+    stacked = torch.stack([img for _, img in ok]) if ok else None
+    return [i for i, _ in ok], stacked, bad
+
+
+def decode_files(files: list[Path], img_size: int, in_chans: int, workers: int = 2, batch_size: int = 256,
+                 desc: str = "decoding") -> tuple[list[int], torch.Tensor, list[tuple[int, str]]]:
+    """Decode many files in parallel: (readable positions, their images, [(position, error)])."""
+    loader = DataLoader(ImageFiles(files, img_size, in_chans), batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate_readable)
+    kept, chunks, bad = [], [], []
+    for idx, imgs, errors in tqdm(loader, desc=desc, unit="batch", leave=False):
+        kept += idx
+        bad += errors
+        if imgs is not None:
+            chunks.append(imgs)
+    empty = torch.empty(0, in_chans, img_size, img_size, dtype=torch.uint8)
+    return kept, torch.cat(chunks) if chunks else empty, bad
+
+
+def load_folder(root: Path, split: str, img_size: int, in_chans: int, workers: int = 2) -> ImageSet:
+    """A class-per-sub-folder tree of images of any size and mode; unreadable files are skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"image folder not found: {root}")
+    files, classes = folder_split(root, split)
+    if not files:
+        raise DatasetError(f"no images ({', '.join(sorted(imageio.IMAGE_SUFFIXES))}) for split {split!r} in {root}")
+    kept, images, bad = decode_files(files, img_size, in_chans, workers, desc=f"decoding {split}")
+    for _, err in bad:
+        log.warning("skipped: %s", err)
+    if bad:
+        log.warning("skipped %d unreadable image(s) of %d in %s", len(bad), len(files), root)
+    class_index = {c: i for i, c in enumerate(classes)}
+    base = root / split if (root / split).is_dir() and (root / "test").is_dir() else root
+    labels = []
+    for i in kept:
+        rel = files[i].relative_to(base)
+        labels.append(class_index.get(rel.parts[0], -1) if len(rel.parts) > 1 else -1)
+    return ImageSet(images, torch.as_tensor(labels, dtype=torch.int64), classes,
+                    [str(files[i]) for i in kept], skipped=len(bad))
+
+
+def load(name: str, split: str, img_size: int, in_chans: int, data_dir: Path | None = None) -> ImageSet:
+    """A dataset by name: `digits`, `fashion-mnist` or `folder:PATH`; split `train` or `test`."""
+    if split not in ("train", "test"):
+        raise DatasetError(f"unknown split {split!r}; use train or test")
+    if name == "digits":
+        return load_digits(split, img_size, in_chans)
+    if name == "fashion-mnist":
+        return load_fashion_mnist(split, data_dir, img_size, in_chans)
+    if name.startswith("folder:"):
+        return load_folder(Path(name.removeprefix("folder:")).expanduser(), split, img_size, in_chans)
+    raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")

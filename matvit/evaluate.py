@@ -1,0 +1,55 @@
+"""Evaluation: batched embedding, classification accuracy and k-NN retrieval metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import faiss
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .images import to_input
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+@torch.inference_mode()
+def run_batched(fn: Encoder, images: torch.Tensor, batch_size: int = 512, desc: str | None = None) -> np.ndarray:
+    """Apply `fn` to uint8 images in batches; float32 numpy rows out."""
+    chunks = range(0, len(images), batch_size)
+    out = [fn(to_input(images[i:i + batch_size])).float().numpy() for i in tqdm(
+        chunks, desc=desc, unit="batch", leave=False)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def top1(logits: np.ndarray, labels: torch.Tensor | np.ndarray) -> float:
+    return float((logits.argmax(1) == np.asarray(labels)).mean())
+
+
+def search(gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product search: (scores, gallery positions), each queries x k."""
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(np.ascontiguousarray(gallery, dtype=np.float32))
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def knn_metrics(neighbour_labels: np.ndarray, query_labels: np.ndarray) -> dict[str, float]:
+    """1-NN accuracy, top-5 accuracy (a correct label among 5 neighbours) and mAP@k (k = columns)."""
+    query_labels = np.asarray(query_labels)
+    hits = neighbour_labels == query_labels[:, None]
+    k = hits.shape[1]
+    precision = np.cumsum(hits, axis=1) / np.arange(1, k + 1)
+    relevant = hits.sum(1)
+    ap = np.where(relevant > 0, (precision * hits).sum(1) / np.maximum(relevant, 1), 0.0)
+    return {
+        "knn1": float(hits[:, 0].mean()),
+        "top5": float(hits[:, :5].any(1).mean()),
+        f"map{k}": float(ap.mean()),
+    }
+
+
+def knn1(gallery: np.ndarray, gallery_labels, queries: np.ndarray, query_labels) -> float:
+    """1-NN accuracy of `queries` against `gallery`."""
+    _, idx = search(gallery, queries, 1)
+    return float((np.asarray(gallery_labels)[idx[:, 0]] == np.asarray(query_labels)).mean())

@@ -1,0 +1,58 @@
+"""Decoding one image file into the model's input: any size and mode to a uint8 C x H x W tensor."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import UserError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class ImageError(UserError):
+    """An image that cannot be read."""
+
+
+def to_mode(img: Image.Image, in_chans: int) -> Image.Image:
+    """Grey, RGBA (composited on white), palette, CMYK, 16-bit ... to `L` (1 channel) or `RGB` (3)."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    if img.mode == "I;16" or img.mode == "I":
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
+    img = img.convert("RGB")
+    return img.convert("L") if in_chans == 1 else img
+
+
+def prepare(img: Image.Image, img_size: int, in_chans: int) -> torch.Tensor:
+    """Convert the mode, resize the short side and centre-crop to `img_size`, as uint8 C x H x W."""
+    img = to_mode(ImageOps.exif_transpose(img), in_chans)
+    if img.size != (img_size, img_size):
+        img = ImageOps.fit(img, (img_size, img_size), Image.Resampling.BICUBIC)
+    array = np.asarray(img, dtype=np.uint8)
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return torch.from_numpy(array.copy())
+
+
+def load(source: str | Path | bytes, img_size: int, in_chans: int) -> torch.Tensor:
+    """Decode a file path or raw bytes; raise `ImageError` with a one-line reason when unreadable."""
+    name = "uploaded image" if isinstance(source, bytes) else str(source)
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            img.load()
+            return prepare(img, img_size, in_chans)
+    except FileNotFoundError as e:
+        raise ImageError(f"no such image file: {name}") from e
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"cannot read {name} as an image: {e}") from e
+
+
+def to_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images to the model's float input in [-1, 1]."""
+    return images.float().div(127.5).sub(1.0)

@@ -1,0 +1,78 @@
+"""MatViT: timm's VisionTransformer with nested (Matryoshka) FFNs.
+
+MatFormer: Nested Transformer for Elastic Inference (Devvrit et al., 2023),
+https://arxiv.org/abs/2310.07707. Every block's FFN of hidden width h holds the narrower FFNs of the
+smaller granularities as its first k neurons; a forward at width k computes with
+`fc1.weight[:k]`, `fc1.bias[:k]`, `fc2.weight[:, :k]` and the full `fc2.bias`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+from timm.models.vision_transformer import VisionTransformer
+
+from . import spec as specs
+from .config import MatViTConfig
+from .spec import Submodel
+
+
+class NestedMlp(Mlp):
+    """timm `Mlp` that computes with only its first `width` hidden neurons (all of them when None)."""
+
+    width: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.width or self.fc1.out_features
+        x = F.linear(x, self.fc1.weight[:k], None if self.fc1.bias is None else self.fc1.bias[:k])
+        x = self.drop1(self.act(x))
+        x = F.linear(x, self.fc2.weight[:, :k], self.fc2.bias)
+        return self.drop2(x)
+
+
+class MatViT(VisionTransformer):
+    """A timm ViT whose blocks run at the per-layer FFN widths of a `Submodel`.
+
+    The state dict has exactly the keys and shapes of the plain timm ViT of the same shape.
+    """
+
+    def __init__(self, config: MatViTConfig) -> None:
+        super().__init__(**config.timm_kwargs(), mlp_layer=NestedMlp)
+        self.config = config
+        self._spec_lock = threading.RLock()
+
+    def spec(self, text: str | Submodel = "XL") -> Submodel:
+        return text if isinstance(text, Submodel) else specs.parse(text, self.config)
+
+    @contextmanager
+    def submodel(self, spec: str | Submodel | None) -> Iterator[None]:
+        """Run the blocks at `spec`'s widths inside the `with` (calls are serialised)."""
+        widths = self.spec(spec).widths if spec is not None else (None,) * self.config.depth
+        with self._spec_lock:
+            for block, w in zip(self.blocks, widths, strict=True):
+                block.mlp.width = w
+            try:
+                yield
+            finally:
+                for block in self.blocks:
+                    block.mlp.width = None
+
+    def features_and_logits(
+        self, x: torch.Tensor, spec: str | Submodel | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-logits CLS feature after the final norm, and the classifier logits."""
+        with self.submodel(spec):
+            feats = self.forward_head(self.forward_features(x), pre_logits=True)
+        return feats, self.head(feats)
+
+    def forward(self, x: torch.Tensor, spec: str | Submodel | None = None) -> torch.Tensor:
+        return self.features_and_logits(x, spec)[1]
+
+    def embed(self, images: torch.Tensor, spec: str | Submodel = "XL") -> torch.Tensor:
+        """L2-normalised retrieval embeddings of `images` at `spec`."""
+        return F.normalize(self.features_and_logits(images, spec)[0], dim=-1)
