@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from matvit import provenance
 from matvit.errors import UserError
 
 
@@ -19,7 +20,7 @@ def _floats(text: str) -> list[float]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from matvit.train import TrainOptions, Trainer
+    from matvit.train import Trainer, TrainOptions
 
     opts = TrainOptions(
         preset=args.preset, dataset=args.dataset, out=args.out, data_dir=args.data_dir, epochs=args.epochs,
@@ -42,6 +43,117 @@ def cmd_export(args: argparse.Namespace) -> None:
     export(model, spec, args.out, onnx=args.onnx, classes=meta.get("classes"), source_fingerprint=meta["fingerprint"])
     print(json.dumps({"out": str(args.out), "submodel": spec.text, "mlp_hidden_features": list(spec.widths),
                       "onnx": args.onnx}))
+
+
+def _source(args, encoder):
+    from retrieval.build import DatasetSource, FolderSource
+
+    cfg = encoder.config
+    if args.images:
+        return FolderSource(args.images, cfg.img_size, cfg.in_chans, workers=args.workers)
+    return DatasetSource(args.dataset, args.split, cfg.img_size, cfg.in_chans, args.data_dir)
+
+
+def cmd_build_index(args: argparse.Namespace) -> None:
+    from retrieval import build
+    from retrieval.encoder import Encoder
+
+    if bool(args.images) == bool(args.dataset):
+        raise UserError("give exactly one of --images PATH or --dataset NAME")
+    encoder = Encoder.load(args.checkpoint)
+    report = build.build(encoder, _source(args, encoder), args.out, args.submodel, args.index_key,
+                         args.batch_size, args.resume)
+    print(json.dumps(report, indent=2))
+
+
+def cmd_index_add(args: argparse.Namespace) -> None:
+    from retrieval import build
+    from retrieval.encoder import Encoder
+
+    encoder = Encoder.load(args.checkpoint)
+    source = build.FolderSource(args.images, encoder.config.img_size, encoder.config.in_chans, args.workers)
+    print(json.dumps(build.add(encoder, source, args.index, args.batch_size, args.resume), indent=2))
+
+
+def cmd_index_info(args: argparse.Namespace) -> None:
+    from retrieval.index import GalleryIndex
+
+    index = GalleryIndex.open(args.index)
+    building = args.index / "building"
+    info = {**index.manifest, "version": index.version_dir.name, "vectors": index.count,
+            "unfinished_build": building.is_dir()}
+    print(json.dumps(info, indent=2))
+
+
+def _budget(args):
+    from retrieval.budget import Budget
+
+    return Budget(ms=args.budget_ms, gflops=args.budget_gflops, params=args.budget_params)
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from retrieval.retriever import Retriever
+
+    retriever = Retriever(args.index, args.checkpoint)
+    result = retriever.search([args.image], k=args.k, submodel=args.submodel, budget=_budget(args))[0]
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    c = result.submodel
+    print(f"submodel {c.spec} ({c.gflops:.4f} GFLOPs, {c.params:,} parameters): {c.reason}")
+    print(f"{'rank':>4} {'id':>8} {'score':>7}  {'label':<14} path")
+    for hit in result.neighbours:
+        print(f"{hit['rank']:>4} {hit['id']:>8} {hit['score']:>7.4f}  {str(hit['label']):<14} "
+              f"{hit['metadata'].get('source', '')}")
+    print("timings (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings_ms.items()))
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    from matvit import data
+    from retrieval import budget
+    from retrieval.encoder import Encoder
+    from retrieval.index import GalleryIndex
+
+    encoder = Encoder.load(args.checkpoint)
+    accuracy = None
+    if args.index:
+        if not args.dataset:
+            raise UserError("--index needs --dataset (a labelled query split) to measure accuracy")
+        cfg = encoder.config
+        queries = data.load(args.dataset, args.split, cfg.img_size, cfg.in_chans, args.data_dir)
+        accuracy = budget.index_accuracy(GalleryIndex.open(args.index), encoder, queries)
+    result = budget.profile(encoder, budget.candidates(encoder, args.submodels), accuracy)
+    out = args.out or (args.index / budget.PROFILE_FILE if args.index else None)
+    if out:
+        budget.save_profile(result, out)
+    print(f"{'submodel':<22}{'params':>10}{'GFLOPs':>9}{'ms@1':>8}{'ms@32':>8}{'1-NN':>8}")
+    for r in result["rows"]:
+        print(f"{r['spec']:<22}{r['params']:>10,}{r['gflops']:>9.4f}{r['latency_ms_b1']:>8.2f}"
+              f"{r['latency_ms_b32']:>8.2f}{r.get('knn1', float('nan')):>8.4f}")
+    if out:
+        print(f"wrote {out}")
+
+
+def cmd_eval_grid(args: argparse.Namespace) -> None:
+    from matvit import data
+    from retrieval import evaluate
+    from retrieval.budget import candidates
+    from retrieval.encoder import Encoder
+
+    encoder = Encoder.load(args.index_checkpoint)
+    cfg = encoder.config
+    gallery = data.load(args.dataset, "train", cfg.img_size, cfg.in_chans, args.data_dir)
+    queries = data.load(args.dataset, "test", cfg.img_size, cfg.in_chans, args.data_dir)
+    result = evaluate.grid(encoder, gallery, queries, candidates(encoder, args.index_submodels),
+                           candidates(encoder, args.query_submodels))
+    result.update({"dataset": args.dataset, "fingerprint": encoder.fingerprint, **provenance.record()})
+    png = evaluate.write(result, args.out)
+    queries_specs = list(next(iter(result["grid"].values())))
+    print("1-NN accuracy (rows: index submodel, columns: query submodel)")
+    print(f"{'index / query':<16}" + "".join(f"{q:>10}" for q in queries_specs))
+    for index_spec, row in result["grid"].items():
+        print(f"{index_spec:<16}" + "".join(f"{row[q]['knn1']:>10.4f}" for q in queries_specs))
+    print(f"wrote {args.out} and {png}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +190,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (images in, embeddings out)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("build-index", help="embed a gallery once (with XL) into a FAISS index directory")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--images", type=Path, help="a folder of images (class per sub-folder, or flat)")
+    p.add_argument("--dataset", help="or a named dataset: digits, fashion-mnist, folder:PATH")
+    p.add_argument("--split", choices=["train", "test"], default="train")
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="index directory")
+    p.add_argument("--submodel", default="XL", help="the submodel that embeds the gallery")
+    p.add_argument("--index-key", default="auto", help="auto, Flat, HNSW32, IVF1024,PQ32, ... (FAISS factory)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2, help="decoding processes")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted build without re-embedding")
+    p.set_defaults(func=cmd_build_index)
+
+    p = sub.add_parser("index", help="add images to an index, or show what an index holds")
+    isub = p.add_subparsers(dest="index_command", required=True)
+    q = isub.add_parser("add", help="embed more images into an existing index")
+    q.add_argument("--index", type=Path, required=True)
+    q.add_argument("--checkpoint", type=Path, required=True)
+    q.add_argument("--images", type=Path, required=True)
+    q.add_argument("--batch-size", type=int, default=256)
+    q.add_argument("--workers", type=int, default=2)
+    q.add_argument("--resume", action="store_true")
+    q.set_defaults(func=cmd_index_add)
+    q = isub.add_parser("info", help="print the manifest and counts")
+    q.add_argument("--index", type=Path, required=True)
+    q.set_defaults(func=cmd_index_info)
+
+    p = sub.add_parser("search", help="find the nearest gallery images of a query image")
+    p.add_argument("--index", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--image", type=Path, required=True)
+    p.add_argument("-k", type=int, default=10)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--submodel", help="e.g. S or S,S,M,M,L,XL")
+    group.add_argument("--budget-ms", type=float, help="latency budget at batch 1 on this machine")
+    group.add_argument("--budget-gflops", type=float)
+    group.add_argument("--budget-params", type=float)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("profile", help="measure latency, size and (with --index) accuracy of submodels")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--submodels", default="uniform", help="uniform, monotone, all, or specs separated by ';'")
+    p.add_argument("--index", type=Path, help="measure 1-NN accuracy against this index (stored beside it)")
+    p.add_argument("--dataset", help="labelled queries for the accuracy, e.g. fashion-mnist")
+    p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--out", type=Path, help="profile JSON (default: INDEX/profile.json)")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("eval-grid", help="1-NN / top-5 / mAP@10 / XL agreement for index x query submodels")
+    p.add_argument("--index-checkpoint", type=Path, required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--index-submodels", default="S;M;L;XL", help="specs separated by ';'")
+    p.add_argument("--query-submodels", default="S;M;L;XL", help="specs separated by ';', or uniform / monotone")
+    p.add_argument("--out", type=Path, required=True, help="JSON file; the heatmap goes beside it as PNG")
+    p.set_defaults(func=cmd_eval_grid)
     return parser
 
 

@@ -50,7 +50,7 @@ class ImageSet(Dataset):
 
 def _resize(images: np.ndarray, img_size: int, in_chans: int) -> torch.Tensor:
     """Grey uint8 N x H x W arrays to N x C x img_size x img_size (no-op at the native size)."""
-    t = torch.from_numpy(images).unsqueeze(1)
+    t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8).copy()).unsqueeze(1)
     if t.shape[-1] != img_size:
         t = torch.nn.functional.interpolate(t.float(), size=img_size, mode="bilinear", antialias=True)
         t = t.round().clamp(0, 255).to(torch.uint8)
@@ -118,8 +118,15 @@ def folder_split(root: Path, split: str) -> tuple[list[Path], list[str]]:
     return files, classes
 
 
+def folder_labels(files: list[Path], base: Path, classes: list[str]) -> list[int]:
+    """Class index of each file from its first sub-folder under `base`; -1 for files directly in it."""
+    class_index = {c: i for i, c in enumerate(classes)}
+    parts = [f.relative_to(base).parts for f in files]
+    return [class_index.get(p[0], -1) if len(p) > 1 else -1 for p in parts]
+
+
 class ImageFiles(Dataset):
-    """Image files decoded one by one (in DataLoader workers); unreadable ones come back as None."""
+    """Image files decoded one by one (in DataLoader workers): (position, image or None, size, error)."""
 
     def __init__(self, files: list[Path], img_size: int, in_chans: int) -> None:
         self.files, self.img_size, self.in_chans = files, img_size, in_chans
@@ -127,32 +134,46 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, tuple[int, int], str]:
         try:
-            return i, imageio.load(self.files[i], self.img_size, self.in_chans), ""
+            return i, *imageio.decode(self.files[i], self.img_size, self.in_chans), ""
         except imageio.ImageError as e:
-            return i, None, str(e)
+            return i, None, (0, 0), str(e)
 
 
-def collate_readable(batch: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
-    """Stack the readable images of a batch; return their positions and the unreadable ones' errors."""
-    ok = [(i, img) for i, img, _ in batch if img is not None]
-    bad = [(i, err) for i, img, err in batch if img is None]
-    stacked = torch.stack([img for _, img in ok]) if ok else None
-    return [i for i, _ in ok], stacked, bad
+@dataclass
+class DecodedBatch:
+    """The readable images of a batch with their positions and original sizes, and the unreadable ones."""
+
+    positions: list[int]
+    images: torch.Tensor | None
+    sizes: list[tuple[int, int]]
+    errors: list[tuple[int, str]]
 
 
-def decode_files(files: list[Path], img_size: int, in_chans: int, workers: int = 2, batch_size: int = 256,
-                 desc: str = "decoding") -> tuple[list[int], torch.Tensor, list[tuple[int, str]]]:
-    """Decode many files in parallel: (readable positions, their images, [(position, error)])."""
+def collate_readable(batch: list) -> DecodedBatch:
+    ok = [(i, img, size) for i, img, size, _ in batch if img is not None]
+    return DecodedBatch([i for i, _, _ in ok], torch.stack([img for _, img, _ in ok]) if ok else None,
+                        [size for _, _, size in ok], [(i, err) for i, img, _, err in batch if img is None])
+
+
+def iter_files(files: list[Path], img_size: int, in_chans: int, workers: int = 2, batch_size: int = 256,
+               desc: str = "decoding"):
+    """Decode files in DataLoader worker processes, yielding `DecodedBatch`es with a progress bar."""
     loader = DataLoader(ImageFiles(files, img_size, in_chans), batch_size=batch_size, num_workers=workers,
                         collate_fn=collate_readable)
+    yield from tqdm(loader, desc=desc, unit="batch", leave=False)
+
+
+def decode_files(files: list[Path], img_size: int, in_chans: int, workers: int = 2,
+                 desc: str = "decoding") -> tuple[list[int], torch.Tensor, list[tuple[int, str]]]:
+    """Decode many files: (readable positions, their images, [(position, error)])."""
     kept, chunks, bad = [], [], []
-    for idx, imgs, errors in tqdm(loader, desc=desc, unit="batch", leave=False):
-        kept += idx
-        bad += errors
-        if imgs is not None:
-            chunks.append(imgs)
+    for batch in iter_files(files, img_size, in_chans, workers, desc=desc):
+        kept += batch.positions
+        bad += batch.errors
+        if batch.images is not None:
+            chunks.append(batch.images)
     empty = torch.empty(0, in_chans, img_size, img_size, dtype=torch.uint8)
     return kept, torch.cat(chunks) if chunks else empty, bad
 
@@ -170,12 +191,8 @@ def load_folder(root: Path, split: str, img_size: int, in_chans: int, workers: i
         log.warning("skipped: %s", err)
     if bad:
         log.warning("skipped %d unreadable image(s) of %d in %s", len(bad), len(files), root)
-    class_index = {c: i for i, c in enumerate(classes)}
     base = root / split if (root / split).is_dir() and (root / "test").is_dir() else root
-    labels = []
-    for i in kept:
-        rel = files[i].relative_to(base)
-        labels.append(class_index.get(rel.parts[0], -1) if len(rel.parts) > 1 else -1)
+    labels = folder_labels([files[i] for i in kept], base, classes)
     return ImageSet(images, torch.as_tensor(labels, dtype=torch.int64), classes,
                     [str(files[i]) for i in kept], skipped=len(bad))
 

@@ -40,17 +40,25 @@ def prepare(img: Image.Image, img_size: int, in_chans: int) -> torch.Tensor:
     return torch.from_numpy(array.copy())
 
 
-def load(source: str | Path | bytes, img_size: int, in_chans: int) -> torch.Tensor:
-    """Decode a file path or raw bytes; raise `ImageError` with a one-line reason when unreadable."""
+def decode(source: str | Path | bytes, img_size: int, in_chans: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Decode a file path or raw bytes to the model's input and the original (width, height);
+    raise `ImageError` with a one-line reason when it is not a readable image."""
     name = "uploaded image" if isinstance(source, bytes) else str(source)
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             img.load()
-            return prepare(img, img_size, in_chans)
+            return prepare(img, img_size, in_chans), img.size
     except FileNotFoundError as e:
         raise ImageError(f"no such image file: {name}") from e
+    except IsADirectoryError as e:
+        raise ImageError(f"{name} is a directory, not an image file") from e
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"cannot read {name} as an image: {e}") from e
+
+
+def load(source: str | Path | bytes, img_size: int, in_chans: int) -> torch.Tensor:
+    """`decode` without the original size."""
+    return decode(source, img_size, in_chans)[0]
 
 
 def to_input(images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,143 @@
+"""Device budgets: measure what each submodel costs on this machine and pick the best one that fits.
+
+A profile row holds a submodel's parameters, GFLOPs, median latency at batch 1 and 32, and, when
+measured against an index, its 1-NN accuracy. Selection takes the most accurate row within the
+budget (by measured accuracy when every candidate has it, else by GFLOPs as the proxy).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from matvit import provenance
+from matvit import spec as specs
+from matvit.errors import UserError
+from matvit.spec import Submodel
+
+from .encoder import Encoder
+
+PROFILE_FILE = "profile.json"
+
+
+class BudgetError(UserError):
+    """No submodel fits the budget, or the budget is malformed."""
+
+
+@dataclass
+class Budget:
+    """At most one limit: latency at batch 1 (ms), forward GFLOPs, or parameters."""
+
+    ms: float | None = None
+    gflops: float | None = None
+    params: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [(k, v) for k, v in (("ms", self.ms), ("gflops", self.gflops), ("params", self.params))
+                 if v is not None]
+        if len(given) > 1:
+            raise BudgetError("give at most one budget (milliseconds, GFLOPs or parameters)")
+        if given and not given[0][1] > 0:
+            raise BudgetError(f"a budget must be positive, got {given[0][1]}")
+
+    @property
+    def limit(self) -> tuple[str, float] | None:
+        for key, field in (("ms", "latency_ms_b1"), ("gflops", "gflops"), ("params", "params")):
+            value = getattr(self, key)
+            if value is not None:
+                return field, value
+        return None
+
+
+def candidates(encoder: Encoder, which: str) -> list[Submodel]:
+    """`uniform`, `monotone`, `all`, or a `;`-separated list of specs."""
+    cfg = encoder.config
+    if which == "uniform":
+        return specs.named(cfg)
+    if which == "monotone":
+        return specs.monotone(cfg)
+    if which == "all":
+        return specs.every(cfg)
+    return [encoder.spec(t) for t in which.split(";")]
+
+
+@torch.inference_mode()
+def median_latency_ms(fn, images: torch.Tensor, warmup: int = 3, repeats: int = 15) -> float:
+    for _ in range(warmup):
+        fn(images)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(images)
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))
+
+
+def profile(encoder: Encoder, submodels: list[Submodel], accuracy=None, repeats: int = 15) -> dict:
+    """Measure every submodel; `accuracy(spec) -> float` adds its 1-NN accuracy when given."""
+    cfg = encoder.config
+    rows = []
+    for spec in tqdm(submodels, desc="profiling", unit="submodel"):
+        embedder = encoder.embedder(spec)
+        one = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size)
+        row = {"id": spec.id, "spec": spec.text, "params": encoder.params(spec), "gflops": encoder.gflops(spec),
+               "latency_ms_b1": median_latency_ms(embedder, one, repeats=repeats),
+               "latency_ms_b32": median_latency_ms(embedder, one.expand(32, -1, -1, -1), repeats=max(3, repeats // 3))}
+        if accuracy is not None:
+            row["knn1"] = accuracy(spec)
+        rows.append(row)
+    return {"fingerprint": encoder.fingerprint, **provenance.record(), "rows": rows}
+
+
+def index_accuracy(index, encoder: Encoder, queries) -> callable:
+    """`accuracy(spec)`: 1-NN accuracy of the labelled `queries` (an ImageSet) against `index`."""
+    index.check_model(encoder.fingerprint)
+    items = index.items(index.all_ids())
+    gallery_label = {i: item["label"] for i, item in items.items()}
+    labels = queries.labels.tolist()
+
+    def accuracy(spec: Submodel) -> float:
+        _, ids = index.search(encoder.encode(queries.images, spec), 1)
+        return float(np.mean([gallery_label.get(int(i)) == y for i, y in zip(ids[:, 0], labels, strict=True)]))
+    return accuracy
+
+
+def save_profile(result: dict, path: Path) -> None:
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+
+
+def load_profile(path: Path, fingerprint: str) -> dict | None:
+    """The stored profile at `path` when it was measured for this model, else None."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return result if result.get("fingerprint") == fingerprint else None
+
+
+def choose(rows: list[dict], budget: Budget) -> tuple[dict, str]:
+    """The best row within the budget, and a sentence saying why."""
+    field, limit = budget.limit
+    feasible = [r for r in rows if r[field] <= limit]
+    unit = {"latency_ms_b1": "ms", "gflops": "GFLOPs", "params": "parameters"}[field]
+    if not feasible:
+        cheapest = min(rows, key=lambda r: r[field])
+        raise BudgetError(f"no submodel fits {limit:g} {unit}; the cheapest is {cheapest['spec']} "
+                          f"at {cheapest[field]:.4g} {unit}")
+    if all("knn1" in r for r in feasible):
+        best = max(feasible, key=lambda r: (r["knn1"], -r[field]))
+        why = f"most accurate measured 1-NN ({best['knn1']:.4f}) among {len(feasible)} submodels " \
+              f"within {limit:g} {unit}"
+    else:
+        best = max(feasible, key=lambda r: (r["gflops"], -r[field]))
+        why = f"largest GFLOPs ({best['gflops']:.4g}, the accuracy proxy) among {len(feasible)} submodels " \
+              f"within {limit:g} {unit}"
+    return best, why

@@ -1,0 +1,43 @@
+"""Shared fixtures: a small MatViT trained briefly on scikit-learn's digits (seeded, CPU, seconds),
+and a folder of awkward images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from matvit import checkpoint
+from matvit.train import Trainer, TrainOptions
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory):
+    """A checkpoint directory of `matvit-tiny-digits` after 8 epochs."""
+    out = tmp_path_factory.mktemp("digits-run")
+    Trainer(TrainOptions(preset="matvit-tiny-digits", dataset="digits", out=out, epochs=8)).run(log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(trained_dir):
+    model, meta = checkpoint.load(trained_dir)
+    return model
+
+
+def write_odd_images(root):
+    """One image per awkward mode or format, plus corrupt and misnamed files."""
+    (root / "cat").mkdir(parents=True)
+    (root / "dog").mkdir()
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    rgb.save(root / "cat" / "rgb.jpg")
+    rgb.convert("L").save(root / "cat" / "grey.png")
+    rgb.convert("RGBA").save(root / "cat" / "rgba.png")
+    rgb.convert("P").save(root / "dog" / "palette.gif")
+    rgb.convert("CMYK").save(root / "dog" / "cmyk.jpg")
+    rgb.save(root / "dog" / "photo.webp")
+    Image.fromarray(np.full((30, 30), 40000, dtype=np.uint16)).save(root / "dog" / "sixteen.png")
+    rgb.resize((1200, 900)).save(root / "dog" / "big.jpg")
+    (root / "dog" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "cat" / "truncated.png").write_bytes((root / "cat" / "grey.png").read_bytes()[:60])
+    (root / "cat" / "notes.txt").write_text("not an image")
