@@ -156,6 +156,16 @@ def cmd_eval_grid(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} and {png}")
 
 
+def cmd_bench_consistency(args: argparse.Namespace) -> None:
+    from retrieval.consistency import BenchOptions, run
+
+    result = run(BenchOptions(dataset=args.dataset, preset=args.preset, out=args.out, epochs=args.epochs,
+                              reuse=args.reuse, seed=args.seed, data_dir=args.data_dir))
+    for t in result["targets"]:
+        print(f"{'met   ' if t['met'] else 'MISSED'} {t['target']}")
+    print(f"wrote {args.out / 'consistency.json'}, consistency.md, grid.png, pareto.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from matvit.config import PRESETS
 
@@ -250,6 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-submodels", default="S;M;L;XL", help="specs separated by ';', or uniform / monotone")
     p.add_argument("--out", type=Path, required=True, help="JSON file; the heatmap goes beside it as PNG")
     p.set_defaults(func=cmd_eval_grid)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    q = bsub.add_parser("consistency", help="MatViT against four independently trained baselines")
+    q.add_argument("--dataset", required=True, help="fashion-mnist, folder:PATH or digits")
+    q.add_argument("--preset", required=True, choices=list(PRESETS))
+    q.add_argument("--epochs", type=int, help="default: the preset's recipe")
+    q.add_argument("--out", type=Path, default=Path("runs/consistency"))
+    q.add_argument("--reuse", action="store_true", help="reuse finished trainings of the same setting in OUT/runs")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--data-dir", type=Path)
+    q.set_defaults(func=cmd_bench_consistency)
     return parser
 
 

@@ -23,41 +23,43 @@ from .encoder import Encoder  # noqa: E402
 K = 10
 
 
-def grid(encoder: Encoder, gallery: data.ImageSet, queries: data.ImageSet, index_specs: list[Submodel],
-         query_specs: list[Submodel], reference: str = "XL") -> dict:
-    """`{"grid": {index spec: {query spec: {"knn1", "top5", "map10", "agree_xl"}}}}`."""
-    embed = {}
-
-    def embedded(spec: Submodel, which: str) -> np.ndarray:
-        key = (spec.id, which)
-        if key not in embed:
-            images = gallery.images if which == "gallery" else queries.images
-            embed[key] = encoder.encode(images, spec, desc=f"{which} {spec.text}")
-        return embed[key]
-
-    ref = encoder.spec(reference)
-    ref_top1 = evaluate.search(embedded(ref, "gallery"), embedded(ref, "queries"), 1)[1][:, 0]
-    gallery_labels = gallery.labels.numpy()
+def grid_from_embeddings(gallery: dict[str, np.ndarray], queries: dict[str, np.ndarray], gallery_labels,
+                         query_labels, reference: tuple[str, str] = ("XL", "XL")) -> dict:
+    """Every (gallery encoder, query encoder) pair of precomputed embeddings, keyed by encoder name."""
+    gallery_labels, query_labels = np.asarray(gallery_labels), np.asarray(query_labels)
+    ref_top1 = evaluate.search(gallery[reference[0]], queries[reference[1]], 1)[1][:, 0]
     result: dict = {"grid": {}}
-    for i in index_specs:
-        row = result["grid"][i.text] = {}
-        for q in query_specs:
-            _, idx = evaluate.search(embedded(i, "gallery"), embedded(q, "queries"), K)
-            metrics = evaluate.knn_metrics(gallery_labels[idx], queries.labels.numpy())
+    for i, g in gallery.items():
+        row = result["grid"][i] = {}
+        for q, emb in queries.items():
+            _, idx = evaluate.search(g, emb, K)
+            metrics = evaluate.knn_metrics(gallery_labels[idx], query_labels)
             metrics["agree_xl"] = float((idx[:, 0] == ref_top1).mean())
-            row[q.text] = metrics
+            row[q] = metrics
     return result
 
 
-def heatmap(result: dict, path: Path, title: str = "1-NN accuracy", metric: str = "knn1", ax=None) -> None:
-    """Rows: index submodel; columns: query submodel; one annotated cell per pair."""
+def grid(encoder: Encoder, gallery: data.ImageSet, queries: data.ImageSet, index_specs: list[Submodel],
+         query_specs: list[Submodel], reference: str = "XL") -> dict:
+    """`{"grid": {index spec: {query spec: {"knn1", "top5", "map10", "agree_xl"}}}}` for one model."""
+    ref = encoder.spec(reference)
+
+    def embed(images, specs, which):
+        return {s.text: encoder.encode(images, s, desc=f"{which} {s.text}") for s in [*specs, ref]}
+    g, q = embed(gallery.images, index_specs, "gallery"), embed(queries.images, query_specs, "queries")
+    result = grid_from_embeddings(g, q, gallery.labels, queries.labels, (ref.text, ref.text))
+    keep_rows, keep_cols = {s.text for s in index_specs}, {s.text for s in query_specs}
+    result["grid"] = {i: {c: m for c, m in row.items() if c in keep_cols}
+                      for i, row in result["grid"].items() if i in keep_rows}
+    return result
+
+
+def heatmap(result: dict, ax, title: str = "1-NN accuracy", metric: str = "knn1") -> None:
+    """Draw the grid on `ax`: rows index submodel, columns query submodel, one annotated cell per pair."""
     rows = list(result["grid"])
     cols = list(next(iter(result["grid"].values())))
     values = np.array([[result["grid"][r][c][metric] for c in cols] for r in rows])
-    own = ax is None
-    if own:
-        fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 2, 1.0 * len(rows) + 1.5))
-    im = ax.imshow(values, cmap="viridis", vmin=0, vmax=1)
+    image = ax.imshow(values, cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(cols)), cols, rotation=45 if max(map(len, cols)) > 3 else 0)
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("query submodel")
@@ -67,11 +69,7 @@ def heatmap(result: dict, path: Path, title: str = "1-NN accuracy", metric: str 
         for c in range(len(cols)):
             ax.text(c, r, f"{values[r, c]:.3f}", ha="center", va="center",
                     color="black" if values[r, c] > 0.6 else "white", fontsize=8)
-    if own:
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+    ax.figure.colorbar(image, ax=ax, fraction=0.046)
 
 
 def write(result: dict, out: Path) -> Path:
@@ -80,5 +78,10 @@ def write(result: dict, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     png = out.with_suffix(".png")
-    heatmap(result, png)
+    rows, cols = len(result["grid"]), len(next(iter(result["grid"].values())))
+    fig, ax = plt.subplots(figsize=(1.2 * cols + 2.5, 1.0 * rows + 1.5))
+    heatmap(result, ax)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
     return png

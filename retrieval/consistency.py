@@ -1,0 +1,238 @@
+"""The cross-consistency benchmark: one MatViT against four independently trained baselines.
+
+MatViT's submodels share XL's metric space, so an index built with XL serves queries from every
+submodel; baselines of different widths do not share a space (MatFormer Sec. 4.2.2). The benchmark
+trains (or reuses) all five models with the same data, recipe, epochs and seed, then measures the
+MatViT grid, the baseline grid, Mix'n'Match query encoders against the XL index, and the costs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from matvit import data, evaluate, provenance  # noqa: E402
+from matvit import spec as specs  # noqa: E402
+from matvit.config import GRANULARITY_NAMES, get_preset  # noqa: E402
+from matvit.train import Trainer, TrainOptions  # noqa: E402
+
+from .budget import median_latency_ms  # noqa: E402
+from .encoder import Encoder  # noqa: E402
+from .evaluate import grid_from_embeddings, heatmap  # noqa: E402
+
+
+@dataclass
+class BenchOptions:
+    dataset: str
+    preset: str
+    out: Path
+    epochs: int | None = None
+    reuse: bool = False
+    seed: int = 0
+    data_dir: Path | None = None
+    latency_repeats: int = 15
+
+
+def _run_matches(run: Path, opts: BenchOptions, baseline: str | None, epochs: int) -> bool:
+    """True when `run` is a finished training of this model with this data, recipe length and seed."""
+    try:
+        train = json.loads((run / "config.json").read_text())["train"]
+        finished = (run / "eval.json").is_file()
+        log_epochs = len((run / "train_log.jsonl").read_text().splitlines())
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        return False
+    same = (train["preset"], train["dataset"], train["seed"], train.get("baseline")) == (
+        opts.preset, opts.dataset, opts.seed, baseline)
+    return finished and same and log_epochs == epochs
+
+
+def train_or_reuse(opts: BenchOptions, baseline: str | None, log=print) -> tuple[Encoder, float]:
+    """The trained model's encoder and its training wall time in seconds."""
+    name = f"baseline-{baseline}" if baseline else "matvit"
+    run = Path(opts.out) / "runs" / name
+    train_opts = TrainOptions(preset=opts.preset, dataset=opts.dataset, out=run, data_dir=opts.data_dir,
+                              epochs=opts.epochs, baseline=baseline, seed=opts.seed)
+    if opts.reuse and _run_matches(run, opts, baseline, train_opts.recipe.epochs):
+        log(f"reusing {run}")
+    else:
+        log(f"training {name} ({train_opts.recipe.epochs} epochs) into {run}")
+        Trainer(train_opts).run(log=log)
+    seconds = json.loads((run / "eval.json").read_text())["train_seconds"]
+    return Encoder.load(run), float(seconds)
+
+
+def _cost(encoder: Encoder, spec, repeats: int) -> dict:
+    cfg = encoder.config
+    one = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size)
+    embedder = encoder.embedder(spec)
+    return {"params": encoder.params(spec), "gflops": encoder.gflops(spec),
+            "latency_ms_b1": median_latency_ms(embedder, one, repeats=repeats),
+            "latency_ms_b32": median_latency_ms(embedder, one.expand(32, -1, -1, -1), repeats=max(3, repeats // 3))}
+
+
+def run(opts: BenchOptions, log=print) -> dict:
+    """Train or reuse the five models, measure everything, write the outputs; returns the JSON dict."""
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    matvit, matvit_seconds = train_or_reuse(opts, None, log)
+    baselines = {g: train_or_reuse(opts, g, log) for g in GRANULARITY_NAMES}
+    cfg = matvit.config
+    gallery = data.load(opts.dataset, "train", cfg.img_size, cfg.in_chans, opts.data_dir)
+    queries = data.load(opts.dataset, "test", cfg.img_size, cfg.in_chans, opts.data_dir)
+
+    named = specs.named(cfg)
+    mg = {s.text: matvit.encode(gallery.images, s, desc=f"MatViT gallery {s.text}") for s in named}
+    mq = {s.text: matvit.encode(queries.images, s, desc=f"MatViT queries {s.text}") for s in named}
+    bg = {g: enc.encode(gallery.images, g, desc=f"baseline {g} gallery") for g, (enc, _) in baselines.items()}
+    bq = {g: enc.encode(queries.images, g, desc=f"baseline {g} queries") for g, (enc, _) in baselines.items()}
+    matvit_grid = grid_from_embeddings(mg, mq, gallery.labels, queries.labels)
+    baseline_grid = grid_from_embeddings(bg, bq, gallery.labels, queries.labels)
+
+    xl_index = mg["XL"]
+    mixnmatch = []
+    for spec in specs.monotone(cfg):
+        emb = mq[spec.text] if spec.text in mq else matvit.encode(queries.images, spec)
+        knn1 = evaluate.knn1(xl_index, gallery.labels, emb, queries.labels)
+        mixnmatch.append({"spec": spec.text, **_cost(matvit, spec, opts.latency_repeats), "knn1": knn1})
+    costs = {"matvit": {s.text: _cost(matvit, s, opts.latency_repeats) for s in named},
+             "baseline": {g: _cost(enc, g, opts.latency_repeats) for g, (enc, _) in baselines.items()}}
+
+    result = {
+        "dataset": opts.dataset, "preset": opts.preset,
+        "epochs": opts.epochs or get_preset(opts.preset).recipe.epochs, "seed": opts.seed,
+        **provenance.record(),
+        "matvit": matvit_grid, "baseline": baseline_grid, "mixnmatch": mixnmatch, "cost": costs,
+        "train_seconds": {"matvit": matvit_seconds, "baseline": {g: s for g, (_, s) in baselines.items()}},
+        "classes": len(gallery.classes),
+    }
+    result["targets"] = targets(result)
+    (out / "consistency.json").write_text(json.dumps(result, indent=2))
+    (out / "consistency.md").write_text(markdown(result))
+    plot_grids(result, out / "grid.png")
+    plot_pareto(result, out / "pareto.png")
+    return result
+
+
+def _interpolate(points: list[tuple[float, float]], x: float) -> float:
+    xs, ys = zip(*sorted(points), strict=True)
+    return float(np.interp(x, xs, ys))
+
+
+def targets(r: dict) -> list[dict]:
+    """The five claims, each with the numbers that decide it."""
+    m, b = r["matvit"]["grid"], r["baseline"]["grid"]
+    names = list(m)
+    out = []
+    gaps = {g: m[g][g]["knn1"] - b[g][g]["knn1"] for g in names}
+    out.append({"target": "1. each MatViT diagonal cell within 1.0 point of its baseline",
+                "met": all(v >= -0.01 for v in gaps.values()), "matvit_minus_baseline": gaps})
+    out.append({"target": "2. MatViT index XL / query S >= baseline S on itself",
+                "met": m["XL"]["S"]["knn1"] >= b["S"]["S"]["knn1"],
+                "matvit_xl_s": m["XL"]["S"]["knn1"], "baseline_s_s": b["S"]["S"]["knn1"]})
+    off = {f"{i}/{q}": m[i][q]["knn1"] - m[q][q]["knn1"] for i in names for q in names if i != q}
+    out.append({"target": "3. every MatViT off-diagonal cell within 2 points of its query submodel's diagonal",
+                "met": all(v >= -0.02 for v in off.values()), "worst": min(off.values()) if off else 0.0})
+    chance = 1.0 / r["classes"]
+    boff = {f"{i}/{q}": b[i][q]["knn1"] for i in names for q in names if i != q}
+    out.append({"target": "4. baseline off-diagonal cells within 10 points of chance",
+                "met": all(abs(v - chance) <= 0.10 for v in boff.values()), "chance": chance,
+                "max": max(boff.values()) if boff else 0.0})
+    flops = {row["spec"]: row["gflops"] for row in r["mixnmatch"]}
+    trained = [(flops[g], m["XL"][g]["knn1"]) for g in names if g in flops]
+    below = {row["spec"]: row["knn1"] - _interpolate(trained, row["gflops"]) for row in r["mixnmatch"]}
+    out.append({"target": "5. Mix'n'Match points on or above the segments joining trained granularities (0.5 pt)",
+                "met": all(v >= -0.005 for v in below.values()), "worst": min(below.values()),
+                "below_by_more_than_0.5pt": sum(v < -0.005 for v in below.values()), "points": len(below)})
+    return out
+
+
+def markdown(r: dict) -> str:
+    m, b = r["matvit"]["grid"], r["baseline"]["grid"]
+    names = list(m)
+    lines = [f"# Cross-consistency: {r['dataset']}, {r['preset']}, {r['epochs']} epochs", "",
+             f"Command: `{r['command']}`  ", f"Commit: `{r['commit']}`  ",
+             f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}", "",
+             "1-NN accuracy (%). Rows: index (gallery) encoder; columns: query encoder. MatViT submodels, "
+             "with the independently trained baseline of the same width in brackets on the diagonal.", "",
+             "| index \\ query | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for i in names:
+        cells = [f"{100 * m[i][q]['knn1']:.2f}" + (f" ({100 * b[i][q]['knn1']:.2f})" if i == q else "")
+                 for q in names]
+        lines.append(f"| {i} | " + " | ".join(cells) + " |")
+    lines += ["", "Baselines across models (index built by baseline i, queried by baseline j):", "",
+              "| index \\ query | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for i in names:
+        lines.append(f"| {i} | " + " | ".join(f"{100 * b[i][q]['knn1']:.2f}" for q in names) + " |")
+    lines += ["", "## Targets", ""]
+    for t in r["targets"]:
+        detail = ", ".join(f"{k}: {_fmt(v)}" for k, v in t.items() if k not in ("target", "met"))
+        lines.append(f"- {'met' if t['met'] else '**missed**'}: {t['target']} ({detail})")
+    lines += ["", "## Cost", "", "| encoder | params | GFLOPs | ms (batch 1) | ms (batch 32) |",
+              "|---|---:|---:|---:|---:|"]
+    for family, rows in r["cost"].items():
+        for g, c in rows.items():
+            lines.append(f"| {family} {g} | {c['params']:,} | {c['gflops']:.4f} | {c['latency_ms_b1']:.2f} | "
+                         f"{c['latency_ms_b32']:.2f} |")
+    ts = r["train_seconds"]
+    lines += ["", f"Training wall time: MatViT (all granularities jointly) {ts['matvit'] / 60:.1f} min; "
+              f"the four baselines {sum(ts['baseline'].values()) / 60:.1f} min together "
+              f"({', '.join(f'{g} {s / 60:.1f}' for g, s in ts['baseline'].items())}).",
+              "", f"Mix'n'Match: {len(r['mixnmatch'])} monotone specs queried against the MatViT XL index "
+              "(`pareto.png`).", "", "![grids](grid.png)", "", "![pareto](pareto.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) + "}"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def plot_grids(r: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    heatmap(r["matvit"], axes[0], "MatViT: 1-NN accuracy")
+    heatmap(r["baseline"], axes[1], "Independent baselines: 1-NN accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points no other point beats on both lower cost and higher accuracy, by cost."""
+    front, best = [], -1.0
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def plot_pareto(r: dict, path: Path) -> None:
+    m = r["matvit"]["grid"]
+    pts = [(row["gflops"], row["knn1"]) for row in r["mixnmatch"]]
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    ax.scatter(*zip(*pts, strict=True), s=14, color="tab:blue", alpha=0.6, label="Mix'n'Match (XL index)")
+    ax.plot(*zip(*pareto_front(pts), strict=True), color="tab:blue", lw=1, label="Pareto frontier")
+    flops = {row["spec"]: row["gflops"] for row in r["mixnmatch"]}
+    trained = [(flops[g], m["XL"][g]["knn1"], g) for g in m if g in flops]
+    ax.plot([t[0] for t in trained], [t[1] for t in trained], "r*-", ms=12, lw=1,
+            label="trained granularities (XL index)")
+    for x, y, g in trained:
+        ax.annotate(g, (x, y), textcoords="offset points", xytext=(5, -12))
+    base = [(r["cost"]["baseline"][g]["gflops"], r["baseline"]["grid"][g][g]["knn1"]) for g in r["baseline"]["grid"]]
+    ax.scatter(*zip(*base, strict=True), marker="s", color="tab:gray", label="baselines (own index)")
+    ax.set_xlabel("query encoder GFLOPs per image")
+    ax.set_ylabel("1-NN accuracy")
+    ax.set_title(f"{r['dataset']}: query encoders against one XL index")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

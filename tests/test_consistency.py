@@ -1,0 +1,36 @@
+"""The cross-consistency benchmark on digits: the claim itself, and the documented JSON layout."""
+
+import json
+
+from retrieval.consistency import BenchOptions, pareto_front, run
+
+
+def test_matvit_shares_a_space_and_baselines_do_not(tmp_path):
+    result = run(BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, epochs=6,
+                              latency_repeats=2), log=lambda s: None)
+    matvit, baseline = result["matvit"]["grid"], result["baseline"]["grid"]
+    # The claim: an XL index queried with S works for MatViT, and is near chance for separate models.
+    assert matvit["XL"]["S"]["knn1"] > 0.5
+    assert baseline["XL"]["S"]["knn1"] < 0.3
+    assert matvit["XL"]["S"]["knn1"] > baseline["XL"]["S"]["knn1"] + 0.3
+
+    saved = json.loads((tmp_path / "consistency.json").read_text())
+    assert {"dataset", "preset", "epochs", "command", "commit", "machine", "matvit", "baseline", "mixnmatch",
+            "train_seconds"} <= set(saved)
+    for family in ("matvit", "baseline"):
+        assert list(saved[family]["grid"]) == ["S", "M", "L", "XL"]
+        assert set(saved[family]["grid"]["XL"]["S"]) == {"knn1", "top5", "map10", "agree_xl"}
+    assert len(saved["mixnmatch"]) == 35  # C(4+3, 3) monotone specs at depth 4
+    assert {"spec", "params", "gflops", "latency_ms_b1", "knn1"} <= set(saved["mixnmatch"][0])
+    assert set(saved["train_seconds"]["baseline"]) == {"S", "M", "L", "XL"}
+    assert len(saved["targets"]) == 5
+    for name in ("consistency.md", "grid.png", "pareto.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+    reused = run(BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, epochs=6, reuse=True,
+                              latency_repeats=2), log=lambda s: None)
+    assert reused["matvit"]["grid"] == result["matvit"]["grid"]
+
+
+def test_pareto_front():
+    assert pareto_front([(1, 0.5), (2, 0.4), (3, 0.7), (2, 0.6)]) == [(1, 0.5), (2, 0.6), (3, 0.7)]
