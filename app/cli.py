@@ -166,6 +166,36 @@ def cmd_bench_consistency(args: argparse.Namespace) -> None:
     print(f"wrote {args.out / 'consistency.json'}, consistency.md, grid.png, pareto.png")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    import uvicorn
+
+    from app.api import Settings, create_app
+
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+    settings = Settings(index=args.index, checkpoint=args.checkpoint, api_key=api_key,
+                        max_upload_bytes=args.max_upload_mb * 1024 * 1024, max_pixels=args.max_pixels)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    import subprocess
+
+    for path, what in ((args.index, "index"), (args.checkpoint, "checkpoint")):
+        if not path.is_dir():
+            raise UserError(f"{what} directory not found: {path}")
+    demo = Path(__file__).with_name("demo.py")
+    command = [sys.executable, "-m", "streamlit", "run", str(demo), "--server.headless", "true",
+               "--server.address", args.host, "--server.port", str(args.port), "--browser.gatherUsageStats", "false",
+               "--", "--index", str(args.index), "--checkpoint", str(args.checkpoint), "--results", str(args.results)]
+    subprocess.run(command, check=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from matvit.config import PRESETS
 
@@ -260,6 +290,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-submodels", default="S;M;L;XL", help="specs separated by ';', or uniform / monotone")
     p.add_argument("--out", type=Path, required=True, help="JSON file; the heatmap goes beside it as PNG")
     p.set_defaults(func=cmd_eval_grid)
+
+    p = sub.add_parser("serve", help="serve the REST API (OpenAPI docs at /docs)")
+    p.add_argument("--index", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-env", help="name of the environment variable holding the API key")
+    p.add_argument("--max-upload-mb", type=int, default=10)
+    p.add_argument("--max-pixels", type=int, default=40_000_000)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="the Streamlit demo (query, compare S with XL, benchmark plots)")
+    p.add_argument("--index", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--results", type=Path, default=Path("docs/results"), help="where benchmark PNGs are")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8501)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True)

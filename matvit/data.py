@@ -5,6 +5,7 @@ Every dataset comes out as an in-memory `ImageSet` of uint8 C x H x W images at 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 import zlib
@@ -195,6 +196,28 @@ def load_folder(root: Path, split: str, img_size: int, in_chans: int, workers: i
     labels = folder_labels([files[i] for i in kept], base, classes)
     return ImageSet(images, torch.as_tensor(labels, dtype=torch.int64), classes,
                     [str(files[i]) for i in kept], skipped=len(bad))
+
+
+@functools.lru_cache(maxsize=4)
+def _native(name: str, split: str) -> ImageSet:
+    if name == "digits":
+        return load_digits(split)
+    return load_fashion_mnist(split, None)
+
+
+def source_image(source: str) -> torch.Tensor | None:
+    """The native-size uint8 C x H x W image of a dataset source as the loaders above record it
+    (`digits:17`, `fashion-mnist:train:5`); None for anything else (such as a file path)."""
+    parts = source.split(":")
+    if parts[0] == "digits" and len(parts) == 2:
+        for split in ("train", "test"):
+            ds = _native("digits", split)
+            if source in ds.sources:
+                return ds.images[ds.sources.index(source)]
+    if parts[0] == "fashion-mnist" and len(parts) == 3 and parts[1] in ("train", "test") and parts[2].isdigit():
+        ds = _native("fashion-mnist", parts[1])
+        return ds.images[int(parts[2])] if int(parts[2]) < len(ds) else None
+    return None
 
 
 def load(name: str, split: str, img_size: int, in_chans: int, data_dir: Path | None = None) -> ImageSet:

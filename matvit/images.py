@@ -40,19 +40,32 @@ def prepare(img: Image.Image, img_size: int, in_chans: int) -> torch.Tensor:
     return torch.from_numpy(array.copy())
 
 
-def decode(source: str | Path | bytes, img_size: int, in_chans: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Decode a file path or raw bytes to the model's input and the original (width, height);
-    raise `ImageError` with a one-line reason when it is not a readable image."""
+class ImageTooLarge(ImageError):
+    """An image whose header declares more pixels than allowed (refused before decoding)."""
+
+
+def decode(source: str | Path | bytes, img_size: int, in_chans: int,
+           max_pixels: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Decode a file path or raw bytes to the model's input and the original (width, height).
+
+    Raises `ImageError` with a one-line reason when it is not a readable image, and `ImageTooLarge`
+    when its header declares more than `max_pixels` pixels (checked before any pixel is decoded)."""
     name = "uploaded image" if isinstance(source, bytes) else str(source)
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise ImageTooLarge(f"{name} has {img.width}x{img.height} pixels, over the limit of {max_pixels:,}")
             img.load()
             return prepare(img, img_size, in_chans), img.size
+    except ImageError:
+        raise
     except FileNotFoundError as e:
         raise ImageError(f"no such image file: {name}") from e
     except IsADirectoryError as e:
         raise ImageError(f"{name} is a directory, not an image file") from e
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"{name} is too large to decode safely: {e}") from e
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ImageError(f"cannot read {name} as an image: {e}") from e
 
 

@@ -60,6 +60,9 @@ class Encoder:
         """uint8 N x C x H x W images to float32 N x dim embeddings."""
         return evaluate.run_batched(self.embedder(spec), images, batch_size, desc)
 
+    def named(self) -> list[Submodel]:
+        return specs.named(self.config)
+
     def gflops(self, spec: str | Submodel) -> float:
         return specs.forward_flops(self.config, self.spec(spec)) / 1e9
 

@@ -47,6 +47,7 @@ class Retriever:
         self.encoder = encoder or Encoder.load(checkpoint_dir)
         self.index.check_model(self.encoder.fingerprint)
         self.profile_path = Path(index_dir) / budgets.PROFILE_FILE
+        self.max_pixels: int | None = None  # images declaring more pixels are refused before decoding
 
     def profile_rows(self) -> list[dict]:
         """The stored profile of this model, or a fresh one of the trained granularities (then stored)."""
@@ -69,7 +70,7 @@ class Retriever:
 
     def decode(self, sources: list) -> torch.Tensor:
         cfg = self.encoder.config
-        return torch.stack([imageio.load(s, cfg.img_size, cfg.in_chans) for s in sources])
+        return torch.stack([imageio.decode(s, cfg.img_size, cfg.in_chans, self.max_pixels)[0] for s in sources])
 
     def search_embeddings(self, embeddings: np.ndarray, k: int = 10) -> list[list[dict]]:
         """Neighbours of ready-made embeddings (rows of the index's dimension, L2-normalised here)."""

@@ -1,0 +1,137 @@
+"""The Streamlit demo: query an index with any submodel or a latency budget, and compare S with XL.
+
+    matvit demo --index IDX --checkpoint DIR [--results docs/results]
+    streamlit run app/demo.py -- --index IDX --checkpoint DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from matvit import data
+from matvit.errors import UserError
+from retrieval.budget import Budget
+from retrieval.retriever import Retriever
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--index", type=Path, required=True)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--results", type=Path, default=Path("docs/results"))
+    return parser.parse_known_args()[0]
+
+
+@st.cache_resource
+def load_retriever(index: str, checkpoint: str) -> Retriever:
+    return Retriever(Path(index), Path(checkpoint))
+
+
+@st.cache_resource
+def load_queries(dataset: str, img_size: int, in_chans: int) -> data.ImageSet | None:
+    try:
+        return data.load(dataset, "test", img_size, in_chans)
+    except UserError:
+        return None
+
+
+def picture(source: str) -> np.ndarray | str:
+    """What st.image can show for a gallery item: dataset pixels, or the recorded file path."""
+    pixels = data.source_image(source)
+    if pixels is None:
+        return source
+    return pixels.permute(1, 2, 0).squeeze(-1).numpy()
+
+
+def show_results(result, true_label: str | None, columns: int = 5) -> None:
+    c = result.submodel
+    st.caption(f"**{c.spec}** · {c.gflops:.4f} GFLOPs · {c.params:,} parameters · "
+               f"encode {result.timings_ms['encode']:.1f} ms · {c.reason}")
+    cols = st.columns(columns)
+    for i, hit in enumerate(result.neighbours):
+        mark = "" if true_label is None else (" ✅" if hit["label"] == true_label else " ❌")
+        with cols[i % columns]:
+            st.image(picture(hit["metadata"]["source"]), width=96, clamp=True)
+            st.markdown(f"#{hit['rank']} `{hit['label']}`{mark}  \n{hit['score']:.3f}")
+
+
+def main() -> None:
+    args = parse_args()
+    st.set_page_config(page_title="matvit demo", layout="wide")
+    st.title("matvit: one XL index, any query encoder")
+    try:
+        retriever = load_retriever(str(args.index), str(args.checkpoint))
+    except UserError as e:
+        st.error(str(e))
+        return
+    encoder = retriever.encoder
+    cfg = encoder.config
+    manifest = retriever.index.manifest
+    st.write(f"Index: {manifest['count']:,} items embedded by **{manifest['submodel']}** ({manifest['source']}).")
+
+    with st.sidebar:
+        st.header("Query")
+        upload = st.file_uploader("Upload an image", type=["png", "jpg", "jpeg", "webp", "bmp", "gif"])
+        queries = load_queries(encoder.meta.get("dataset", ""), cfg.img_size, cfg.in_chans)
+        if queries is not None and st.button("Random test image"):
+            st.session_state["pick"] = random.randrange(len(queries))
+        st.header("Submodel")
+        mode = st.radio("Choose by", ["granularity", "Mix'n'Match spec", "latency budget"])
+        submodel, budget = None, None
+        if mode == "granularity":
+            submodel = st.select_slider("Granularity", [s.text for s in encoder.named()], value="S")
+        elif mode == "Mix'n'Match spec":
+            submodel = st.text_input("Spec (one granularity per layer)", ",".join(["S"] * (cfg.depth // 2) +
+                                                                                ["XL"] * (cfg.depth - cfg.depth // 2)))
+        else:
+            rows = retriever.profile_rows()
+            lo, hi = min(r["latency_ms_b1"] for r in rows), max(r["latency_ms_b1"] for r in rows)
+            budget = Budget(ms=st.slider("Latency budget (ms, batch 1)", float(lo), float(hi * 1.5), float(hi)))
+        k = st.slider("k", 1, 20, 10)
+
+    source, true_label = None, None
+    if upload is not None:
+        source = upload.getvalue()
+    elif queries is not None and "pick" in st.session_state:
+        i = st.session_state["pick"]
+        source = queries.images[i:i + 1]
+        true_label = queries.classes[int(queries.labels[i])]
+    if source is None:
+        st.info("Upload an image or draw a random test image to search.")
+    else:
+        try:
+            query = [source] if isinstance(source, bytes) else source
+            chosen = retriever.search(query, k=k, submodel=submodel, budget=budget)[0]
+            small = retriever.search(query, k=k, submodel="S")[0]
+            large = retriever.search(query, k=k, submodel="XL")[0]
+        except UserError as e:
+            st.error(str(e))
+            return
+        left, right = st.columns([1, 4])
+        with left:
+            shown = source if isinstance(source, bytes) else source[0].permute(1, 2, 0).squeeze(-1).numpy()
+            st.image(shown, caption=f"query{'' if true_label is None else f' ({true_label})'}", width=128)
+        with right:
+            st.subheader("Results")
+            show_results(chosen, true_label)
+        st.subheader("S and XL side by side, same query, same XL index")
+        a, b = st.columns(2)
+        with a:
+            show_results(small, true_label, columns=5)
+        with b:
+            show_results(large, true_label, columns=5)
+
+    pictures = sorted(args.results.glob("**/*.png")) if args.results.is_dir() else []
+    if pictures:
+        st.header("Benchmark results")
+        for path in pictures:
+            st.image(str(path), caption=str(path.relative_to(args.results)))
+
+
+if __name__ == "__main__":
+    main()
