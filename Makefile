@@ -8,14 +8,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install quickstart test lint
+.PHONY: install browser quickstart test lint
 install: $(VENV)/.installed
+
+# Debian's Chromium drives the demo's end-to-end browser test (apt needs root, as on CI).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 
 quickstart: $(VENV)/.installed
 	$(PY) scripts/quickstart.py
 
 # pytest exits 5 when no test ran, which fails this target like any other failure.
-test: $(VENV)/.installed
+test: $(VENV)/.installed browser
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import random
 from pathlib import Path
 
@@ -20,10 +21,11 @@ from retrieval.retriever import Retriever
 
 
 def parse_args() -> argparse.Namespace:
+    """Options after `--` on the streamlit command line, else MATVIT_INDEX / MATVIT_CHECKPOINT / MATVIT_RESULTS."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--index", type=Path, required=True)
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--results", type=Path, default=Path("docs/results"))
+    parser.add_argument("--index", type=Path, default=os.environ.get("MATVIT_INDEX"))
+    parser.add_argument("--checkpoint", type=Path, default=os.environ.get("MATVIT_CHECKPOINT"))
+    parser.add_argument("--results", type=Path, default=os.environ.get("MATVIT_RESULTS", "docs/results"))
     return parser.parse_known_args()[0]
 
 
@@ -64,6 +66,9 @@ def main() -> None:
     args = parse_args()
     st.set_page_config(page_title="matvit demo", layout="wide")
     st.title("matvit: one XL index, any query encoder")
+    if args.index is None or args.checkpoint is None:
+        st.error("start the demo with --index IDX --checkpoint DIR")
+        return
     try:
         retriever = load_retriever(str(args.index), str(args.checkpoint))
     except UserError as e:

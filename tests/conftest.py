@@ -3,12 +3,16 @@ and a folder of awkward images."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from matvit import checkpoint
 from matvit.train import Trainer, TrainOptions
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # keep test logs readable
 
 
 @pytest.fixture(scope="session")
