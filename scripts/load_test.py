@@ -90,7 +90,8 @@ def run_load(url: str, images: list[bytes], submodel: str, clients: int, seconds
 def markdown(report: dict) -> str:
     lines = ["# REST API load test (loopback)", "", f"Command: `{report['command']}`  ",
              f"Commit: `{report['commit']}`  ",
-             f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; server and clients share it.",
+             f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores "
+             "(server and clients share it).",
              "", f"Index: {report['index_count']:,} items; each request is one multipart PNG query, k = 10.", "",
              "| submodel | clients | requests | errors | QPS | p50 ms | p99 ms |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["runs"]:
