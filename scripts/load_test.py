@@ -93,7 +93,8 @@ def markdown(report: dict) -> str:
              f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores "
              "(server and clients share it).",
              "", f"Index: {report['index_count']:,} items; each request is one multipart PNG query, k = 10.", "",
-             "| submodel | clients | requests | errors | QPS | p50 ms | p99 ms |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| submodel | clients | requests | errors | QPS | p50 ms | p99 ms |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["runs"]:
         lines.append(f"| {r['submodel']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['qps']} | "
                      f"{r['p50_ms']} | {r['p99_ms']} |")
