@@ -160,7 +160,7 @@ def cmd_bench_consistency(args: argparse.Namespace) -> None:
     from retrieval.consistency import BenchOptions, run
 
     result = run(BenchOptions(dataset=args.dataset, preset=args.preset, out=args.out, epochs=args.epochs,
-                              reuse=args.reuse, seed=args.seed, data_dir=args.data_dir))
+                              reuse=args.reuse, cache=args.cache, seed=args.seed, data_dir=args.data_dir))
     for t in result["targets"]:
         print(f"{'met   ' if t['met'] else 'MISSED'} {t['target']}")
     print(f"wrote {args.out / 'consistency.json'}, consistency.md, grid.png, pareto.png")
@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--preset", required=True, choices=list(PRESETS))
     q.add_argument("--epochs", type=int, help="default: the preset's recipe")
     q.add_argument("--out", type=Path, default=Path("runs/consistency"))
-    q.add_argument("--reuse", action="store_true", help="reuse finished trainings of the same setting in OUT/runs")
+    q.add_argument("--reuse", action="store_true", help="reuse finished trainings of the same setting in --cache")
+    q.add_argument("--cache", type=Path, help="training runs (default runs/consistency/PRESET-DATASET)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--data-dir", type=Path)
     q.set_defaults(func=cmd_bench_consistency)
@@ -326,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
+    provenance.set_command(["matvit", *(sys.argv[1:] if argv is None else argv)])
     try:
         args.func(args)
     except UserError as e:

@@ -34,5 +34,16 @@ def machine() -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
 
 
+_command: list[str] | None = None
+
+
+def set_command(argv: list[str]) -> None:
+    """Remember the command line that is running (the `matvit` CLI calls this with its arguments)."""
+    global _command
+    _command = list(argv)
+
+
 def record(command: list[str] | None = None) -> dict:
-    return {"command": " ".join(command or ["matvit", *sys.argv[1:]]), "commit": commit(), "machine": machine()}
+    """Command, commit and machine; the command defaults to the one set above, else this process's."""
+    command = command or _command or [Path(sys.argv[0]).name, *sys.argv[1:]]
+    return {"command": " ".join(command), "commit": commit(), "machine": machine()}

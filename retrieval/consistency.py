@@ -36,6 +36,7 @@ class BenchOptions:
     out: Path
     epochs: int | None = None
     reuse: bool = False
+    cache: Path | None = None  # where the five trainings go; default runs/consistency/<preset>-<dataset>
     seed: int = 0
     data_dir: Path | None = None
     latency_repeats: int = 15
@@ -57,7 +58,8 @@ def _run_matches(run: Path, opts: BenchOptions, baseline: str | None, epochs: in
 def train_or_reuse(opts: BenchOptions, baseline: str | None, log=print) -> tuple[Encoder, float]:
     """The trained model's encoder and its training wall time in seconds."""
     name = f"baseline-{baseline}" if baseline else "matvit"
-    run = Path(opts.out) / "runs" / name
+    slug = opts.dataset.replace(":", "-").replace("/", "_").strip("_")
+    run = Path(opts.cache or Path("runs") / "consistency" / f"{opts.preset}-{slug}") / name
     train_opts = TrainOptions(preset=opts.preset, dataset=opts.dataset, out=run, data_dir=opts.data_dir,
                               epochs=opts.epochs, baseline=baseline, seed=opts.seed)
     if opts.reuse and _run_matches(run, opts, baseline, train_opts.recipe.epochs):

@@ -7,7 +7,7 @@ from retrieval.consistency import BenchOptions, pareto_front, run
 
 def test_matvit_shares_a_space_and_baselines_do_not(tmp_path):
     result = run(BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, epochs=6,
-                              latency_repeats=2), log=lambda s: None)
+                              cache=tmp_path / "runs", latency_repeats=2), log=lambda s: None)
     matvit, baseline = result["matvit"]["grid"], result["baseline"]["grid"]
     # The claim: an XL index queried with S works for MatViT, and is near chance for separate models.
     assert matvit["XL"]["S"]["knn1"] > 0.5
@@ -28,7 +28,7 @@ def test_matvit_shares_a_space_and_baselines_do_not(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
     reused = run(BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, epochs=6, reuse=True,
-                              latency_repeats=2), log=lambda s: None)
+                              cache=tmp_path / "runs", latency_repeats=2), log=lambda s: None)
     assert reused["matvit"]["grid"] == result["matvit"]["grid"]
 
 
