@@ -13,11 +13,9 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from matvit import data
@@ -29,14 +27,6 @@ from .index import GalleryIndex, IndexStoreError, auto_index_key, make_faiss, no
 log = logging.getLogger(__name__)
 CHUNK = 4096
 RECALL_SAMPLE = 1000
-
-
-@dataclass
-class Batch:
-    positions: list[int]
-    images: torch.Tensor | None
-    sizes: list[tuple[int, int]]
-    errors: list[tuple[int, str]]
 
 
 class FolderSource:
@@ -60,10 +50,11 @@ class FolderSource:
     def source(self, position: int) -> str:
         return str(self.files[position].resolve())
 
-    def batches(self, todo: list[int], batch_size: int) -> Iterator[Batch]:
+    def batches(self, todo: list[int], batch_size: int) -> Iterator[data.DecodedBatch]:
         files = [self.files[p] for p in todo]
         for b in data.iter_files(files, self.img_size, self.in_chans, self.workers, batch_size, desc="decoding"):
-            yield Batch([todo[i] for i in b.positions], b.images, b.sizes, [(todo[i], e) for i, e in b.errors])
+            errors = [(todo[i], e) for i, e in b.errors]
+            yield data.DecodedBatch([todo[i] for i in b.positions], b.images, b.sizes, errors)
 
 
 class DatasetSource:
@@ -81,12 +72,12 @@ class DatasetSource:
     def source(self, position: int) -> str:
         return self.set.sources[position]
 
-    def batches(self, todo: list[int], batch_size: int) -> Iterator[Batch]:
+    def batches(self, todo: list[int], batch_size: int) -> Iterator[data.DecodedBatch]:
         for i in range(0, len(todo), batch_size):
             positions = todo[i:i + batch_size]
             images = self.set.images[positions]
             size = (int(images.shape[-1]), int(images.shape[-2]))
-            yield Batch(positions, images, [size] * len(positions), [])
+            yield data.DecodedBatch(positions, images, [size] * len(positions), [])
 
 
 Source = FolderSource | DatasetSource
