@@ -8,6 +8,7 @@ the loader the README shows): `VisionTransformer(**timm_kwargs)`, each block `i`
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,11 +77,13 @@ def export(model: MatViT, spec: str | Submodel, out: Path, onnx: bool = False, *
     if onnx:
         c = model.config
         example = torch.zeros(1, c.in_chans, c.img_size, c.img_size)
-        torch.onnx.export(
-            Embedder(vit).eval(), (example,), str(out / "model.onnx"),
-            input_names=["images"], output_names=["embeddings"],
-            dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}}, dynamo=False,
-        )
+        with warnings.catch_warnings():  # the tracer's notes on timm's shape asserts are not for users
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                Embedder(vit).eval(), (example,), str(out / "model.onnx"),
+                input_names=["images"], output_names=["embeddings"],
+                dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}}, dynamo=False,
+            )
     return out
 
 
