@@ -127,6 +127,7 @@ class Trainer:
             steps_per_epoch * self.recipe.epochs, max(1, int(steps_per_epoch * self.recipe.warmup_epochs))))
         self.epoch = 0
         self.seconds = 0.0
+        self.provenance = provenance.record()  # the code and command that start the run
 
     @staticmethod
     def _labelled(ds: data.ImageSet) -> data.ImageSet:
@@ -231,7 +232,7 @@ class Trainer:
             self.save()
         result = evaluate_checkpoint(self.model, self.train_set, self.test_set)
         result["train_seconds"] = round(self.seconds, 1)
-        result.update(provenance.record())
+        result.update(self.provenance)
         (self.out / "eval.json").write_text(json.dumps(result, indent=2))
         return result
 
