@@ -115,6 +115,13 @@ class SearchResponse(BaseModel):
     submodel: SubmodelUsed | None = Field(None, description="None for embedding queries")
     timings_ms: Timings
 
+    model_config = {"json_schema_extra": {"examples": [{
+        "results": [{"rank": 1, "id": 5012, "score": 0.97, "label": "ankle-boot",
+                     "metadata": {"id": 5012, "source": "fashion-mnist:train:5012", "label": 9, "width": 28,
+                                  "height": 28, "added_at": "2026-11-22T11:26:00+00:00", "label_name": "ankle-boot"}}],
+        "submodel": {"id": "S", "spec": "S", "gflops": 0.0178},
+        "timings_ms": {"decode": 0.5, "encode": 3.6, "search": 5.1, "total": 9.2}}]}}
+
 
 class BatchResponse(BaseModel):
     responses: list[SearchResponse]
@@ -127,6 +134,10 @@ class IndexInfo(BaseModel):
     model_fingerprint: str
     submodel: str
 
+    model_config = {"json_schema_extra": {"examples": [{
+        "count": 60000, "dimension": 128, "index_key": "Flat", "model_fingerprint": "3f1c0a9b2d4e5f60",
+        "submodel": "XL"}]}}
+
 
 class SubmodelRow(BaseModel):
     id: str
@@ -137,6 +148,10 @@ class SubmodelRow(BaseModel):
     latency_ms_b32: float | None = None
     knn1: float | None = None
 
+    model_config = {"json_schema_extra": {"examples": [{
+        "id": "S-S-M-M-L-XL", "spec": "S,S,M,M,L,XL", "params": 706442, "gflops": 0.0245, "latency_ms_b1": 2.9,
+        "latency_ms_b32": 21.4, "knn1": 0.851}]}}
+
 
 class ErrorDetail(BaseModel):
     code: str
@@ -145,6 +160,10 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+    model_config = {"json_schema_extra": {"examples": [{
+        "error": {"code": "bad_request",
+                  "message": "unknown granularity 'XXL' in submodel spec; allowed: S, M, L, XL"}}]}}
 
 
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 415, 422, 503)}
