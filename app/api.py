@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 import torch
 from fastapi import Depends, FastAPI, Request
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -259,6 +260,7 @@ def require_key(request: Request) -> None:
 
 
 Protected = Annotated[None, Depends(require_key)]
+ItemId = Annotated[int, PathParam(ge=0, le=2**63 - 1, description="a gallery item's id", examples=[0])]
 
 
 def _b64(text: str) -> bytes:
@@ -429,12 +431,12 @@ def create_app(settings: Settings, load_in_background: bool = True) -> FastAPI:
         return item
 
     @app.get("/v1/items/{item_id}", tags=["items"], summary="Metadata of a gallery item", responses=ERRORS)
-    def item(item_id: int, _: Protected) -> dict:
+    def item(item_id: ItemId, _: Protected) -> dict:
         return item_or_404(item_id)
 
     @app.get("/v1/items/{item_id}/image", tags=["items"], responses={**ERRORS, 200: {"content": {"image/*": {}}}},
              summary="The gallery image's bytes (only from the path the index recorded)")
-    def item_image(item_id: int, _: Protected) -> Response:
+    def item_image(item_id: ItemId, _: Protected) -> Response:
         source = item_or_404(item_id)["source"]
         pixels = data.source_image(source)
         if pixels is not None:

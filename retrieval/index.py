@@ -120,7 +120,7 @@ class GalleryIndex:
         return self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
     def items(self, ids) -> dict[int, dict]:
-        ids = [int(i) for i in ids if i >= 0]
+        ids = [int(i) for i in ids if 0 <= i < 2**63]  # SQLite integers are signed 64-bit
         if not ids:
             return {}
         with sqlite3.connect(f"file:{self.version_dir / 'metadata.sqlite'}?mode=ro", uri=True) as db:

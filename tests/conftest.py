@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-import pytest
-from PIL import Image
+os.environ.setdefault("TQDM_DISABLE", "1")  # keep test logs readable; tqdm reads it when first imported
 
-from matvit import checkpoint
-from matvit.train import Trainer, TrainOptions
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # keep test logs readable
+from matvit import checkpoint  # noqa: E402
+from matvit.train import Trainer, TrainOptions  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -114,6 +114,8 @@ def test_items_and_images(client, index_dir, trained_dir, tmp_path):
     assert Image.open(io.BytesIO(r.content)).size == (8, 8)
     assert client.get("/v1/items/999999").json()["error"]["code"] == "not_found"
     assert client.get("/v1/items/999999/image").status_code == 404
+    assert client.get("/v1/items/9223372036854775808").status_code == 422
+    assert client.get("/v1/items/-1").status_code == 422
     assert client.get("/v1/items/..%2F..%2Fetc%2Fpasswd/image").status_code in (404, 422)
 
     folder = tmp_path / "gallery" / "cat"
