@@ -60,6 +60,8 @@ def main() -> None:
             page.get_by_text("Upload an image or draw a random test image").wait_for(timeout=120_000)
             page.locator("input[type=file]").set_input_files(str(query))
             page.get_by_text("S and XL side by side").wait_for(timeout=120_000)
+            if page.get_by_text("GFLOPs").count() < 3:
+                raise SystemExit("the demo showed no submodel results")
             time.sleep(2)  # let the result images finish loading
             args.out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(args.out), full_page=False)
