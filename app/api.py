@@ -33,6 +33,7 @@ from matvit import data
 from matvit.errors import UserError
 from matvit.images import ImageError, ImageTooLarge
 from retrieval.budget import Budget, BudgetError
+from retrieval.encoder import Encoder
 from retrieval.retriever import Retriever
 
 
@@ -211,10 +212,8 @@ class Service:
 
     def load(self) -> None:
         try:
-            retriever = Retriever(self.settings.index, self.settings.checkpoint)
-            retriever.encoder.cache_size = self.settings.encoder_cache
-            retriever.max_pixels = self.settings.max_pixels
-            self.retriever = retriever
+            encoder = Encoder.load(self.settings.checkpoint, cache_size=self.settings.encoder_cache)
+            self.retriever = Retriever(self.settings.index, encoder=encoder, max_pixels=self.settings.max_pixels)
         except (UserError, OSError) as e:
             self.load_error = str(e)
 

@@ -79,16 +79,21 @@ def median_latency_ms(fn, images: torch.Tensor, warmup: int = 3, repeats: int = 
     return float(np.median(times))
 
 
+def measure(encoder: Encoder, spec: Submodel | str, repeats: int = 15) -> dict:
+    """Parameters, GFLOPs and median latency at batch 1 and 32 of one submodel on this machine."""
+    cfg, spec = encoder.config, encoder.spec(spec)
+    embedder = encoder.embedder(spec)
+    one = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size)
+    return {"params": encoder.params(spec), "gflops": encoder.gflops(spec),
+            "latency_ms_b1": median_latency_ms(embedder, one, repeats=repeats),
+            "latency_ms_b32": median_latency_ms(embedder, one.expand(32, -1, -1, -1), repeats=max(3, repeats // 3))}
+
+
 def profile(encoder: Encoder, submodels: list[Submodel], accuracy=None, repeats: int = 15) -> dict:
     """Measure every submodel; `accuracy(spec) -> float` adds its 1-NN accuracy when given."""
-    cfg = encoder.config
     rows = []
     for spec in tqdm(submodels, desc="profiling", unit="submodel"):
-        embedder = encoder.embedder(spec)
-        one = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size)
-        row = {"id": spec.id, "spec": spec.text, "params": encoder.params(spec), "gflops": encoder.gflops(spec),
-               "latency_ms_b1": median_latency_ms(embedder, one, repeats=repeats),
-               "latency_ms_b32": median_latency_ms(embedder, one.expand(32, -1, -1, -1), repeats=max(3, repeats // 3))}
+        row = {"id": spec.id, "spec": spec.text, **measure(encoder, spec, repeats)}
         if accuracy is not None:
             row["knn1"] = accuracy(spec)
         rows.append(row)

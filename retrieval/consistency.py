@@ -17,14 +17,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from matvit import data, evaluate, provenance  # noqa: E402
 from matvit import spec as specs  # noqa: E402
 from matvit.config import GRANULARITY_NAMES, get_preset  # noqa: E402
 from matvit.train import Trainer, TrainOptions  # noqa: E402
 
-from .budget import median_latency_ms  # noqa: E402
+from .budget import measure  # noqa: E402
 from .encoder import Encoder  # noqa: E402
 from .evaluate import grid_from_embeddings, heatmap  # noqa: E402
 
@@ -71,15 +70,6 @@ def train_or_reuse(opts: BenchOptions, baseline: str | None, log=print) -> tuple
     return Encoder.load(run), float(seconds)
 
 
-def _cost(encoder: Encoder, spec, repeats: int) -> dict:
-    cfg = encoder.config
-    one = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size)
-    embedder = encoder.embedder(spec)
-    return {"params": encoder.params(spec), "gflops": encoder.gflops(spec),
-            "latency_ms_b1": median_latency_ms(embedder, one, repeats=repeats),
-            "latency_ms_b32": median_latency_ms(embedder, one.expand(32, -1, -1, -1), repeats=max(3, repeats // 3))}
-
-
 def run(opts: BenchOptions, log=print) -> dict:
     """Train or reuse the five models, measure everything, write the outputs; returns the JSON dict."""
     out = Path(opts.out)
@@ -103,9 +93,9 @@ def run(opts: BenchOptions, log=print) -> dict:
     for spec in specs.monotone(cfg):
         emb = mq[spec.text] if spec.text in mq else matvit.encode(queries.images, spec)
         knn1 = evaluate.knn1(xl_index, gallery.labels, emb, queries.labels)
-        mixnmatch.append({"spec": spec.text, **_cost(matvit, spec, opts.latency_repeats), "knn1": knn1})
-    costs = {"matvit": {s.text: _cost(matvit, s, opts.latency_repeats) for s in named},
-             "baseline": {g: _cost(enc, g, opts.latency_repeats) for g, (enc, _) in baselines.items()}}
+        mixnmatch.append({"spec": spec.text, **measure(matvit, spec, opts.latency_repeats), "knn1": knn1})
+    costs = {"matvit": {s.text: measure(matvit, s, opts.latency_repeats) for s in named},
+             "baseline": {g: measure(enc, g, opts.latency_repeats) for g, (enc, _) in baselines.items()}}
 
     result = {
         "dataset": opts.dataset, "preset": opts.preset,

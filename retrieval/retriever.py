@@ -42,12 +42,14 @@ class Result:
 class Retriever:
     """An index opened with the checkpoint that built it; refuses any other checkpoint."""
 
-    def __init__(self, index_dir: Path, checkpoint_dir: Path | None = None, encoder: Encoder | None = None) -> None:
+    def __init__(self, index_dir: Path, checkpoint_dir: Path | None = None, encoder: Encoder | None = None,
+                 max_pixels: int | None = None) -> None:
+        """`max_pixels`: images whose header declares more are refused before decoding."""
         self.index = GalleryIndex.open(index_dir)
         self.encoder = encoder or Encoder.load(checkpoint_dir)
         self.index.check_model(self.encoder.fingerprint)
         self.profile_path = Path(index_dir) / budgets.PROFILE_FILE
-        self.max_pixels: int | None = None  # images declaring more pixels are refused before decoding
+        self.max_pixels = max_pixels
 
     def profile_rows(self) -> list[dict]:
         """The stored profile of this model, or a fresh one of the trained granularities (then stored)."""
