@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from PIL import Image
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import sync_playwright
 
 from matvit import checkpoint, data
@@ -59,9 +60,11 @@ def main() -> None:
             page.goto(url, timeout=60_000)
             page.get_by_text("Upload an image or draw a random test image").wait_for(timeout=120_000)
             page.locator("input[type=file]").set_input_files(str(query))
-            page.get_by_text("S and XL side by side").wait_for(timeout=120_000)
-            if page.get_by_text("GFLOPs").count() < 3:
-                raise SystemExit("the demo showed no submodel results")
+            # Streamlit renders incrementally: wait for all three result captions (chosen, S, XL).
+            try:
+                page.get_by_text("GFLOPs").nth(2).wait_for(timeout=120_000)
+            except PlaywrightTimeout:
+                raise SystemExit("the demo showed no submodel results") from None
             time.sleep(2)  # let the result images finish loading
             args.out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(args.out), full_page=False)
