@@ -16,7 +16,7 @@ def test_matvit_shares_a_space_and_baselines_do_not(tmp_path):
 
     saved = json.loads((tmp_path / "consistency.json").read_text())
     assert {"dataset", "preset", "epochs", "command", "commit", "machine", "matvit", "baseline", "mixnmatch",
-            "train_seconds"} <= set(saved)
+            "train_seconds", "measure_seconds"} <= set(saved)
     for family in ("matvit", "baseline"):
         assert list(saved[family]["grid"]) == ["S", "M", "L", "XL"]
         assert set(saved[family]["grid"]["XL"]["S"]) == {"knn1", "top5", "map10", "agree_xl"}
