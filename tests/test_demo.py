@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from matvit import data
 from retrieval import build
 from retrieval.encoder import Encoder
+from retrieval.retriever import Retriever
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = str(ROOT / "app" / "demo.py")
@@ -31,6 +33,12 @@ def demo_env(index_dir, trained_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("MATVIT_RESULTS", str(tmp_path / "no-results"))
 
 
+def result_marks(at) -> list[tuple[str, str]]:
+    """(label, mark) of every result tile on the page."""
+    tiles = [m.value for m in at.markdown if m.value.startswith("#")]
+    return [(t.split("`")[1], t.split("`")[2].split()[0]) for t in tiles]
+
+
 def test_demo_random_query_shows_results_and_s_vs_xl(demo_env):
     at = AppTest.from_file(DEMO, default_timeout=120).run()
     assert not at.exception
@@ -40,8 +48,22 @@ def test_demo_random_query_shows_results_and_s_vs_xl(demo_env):
     assert [s.value for s in at.subheader] == ["Results", "S and XL side by side, same query, same XL index"]
     captions = " ".join(c.value for c in at.caption)
     assert "**S**" in captions and "**XL**" in captions and "GFLOPs" in captions
-    marks = " ".join(m.value for m in at.markdown)
-    assert "✅" in marks  # correct labels are marked
+    marks = result_marks(at)
+    assert len(marks) == 30 and {m for _, m in marks} <= {"✅", "❌"}  # 10 chosen + 10 S + 10 XL, all marked
+
+
+def test_demo_marks_correct_labels(demo_env, index_dir, trained_dir):
+    queries = data.load("digits", "test", 8, 1)
+    top = Retriever(index_dir, trained_dir).search(queries.images[:20], k=1, submodel="XL")
+    pick = next(i for i, r in enumerate(top) if r.neighbours[0]["label"] == queries.classes[int(queries.labels[i])])
+    true_label = queries.classes[int(queries.labels[pick])]
+    at = AppTest.from_file(DEMO, default_timeout=120).run()
+    at.session_state["pick"] = pick
+    at.run()
+    assert not at.exception
+    marks = result_marks(at)
+    assert marks and all((m == "✅") == (label == true_label) for label, m in marks)
+    assert "✅" in {m for _, m in marks}
 
 
 def test_demo_budget_slider_and_bad_spec(demo_env):
