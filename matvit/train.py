@@ -75,6 +75,7 @@ class TrainOptions:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         d["out"], d["data_dir"] = str(self.out), self.data_dir and str(self.data_dir)
+        d["recipe"] = dataclasses.asdict(self.recipe)
         return d
 
 

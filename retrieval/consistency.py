@@ -8,6 +8,7 @@ MatViT grid, the baseline grid, Mix'n'Match query encoders against the XL index,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import numpy as np  # noqa: E402
 
 from matvit import data, evaluate, provenance  # noqa: E402
 from matvit import spec as specs  # noqa: E402
-from matvit.config import GRANULARITY_NAMES, get_preset  # noqa: E402
+from matvit.config import GRANULARITY_NAMES, TrainRecipe, get_preset  # noqa: E402
 from matvit.train import Trainer, TrainOptions  # noqa: E402
 
 from .budget import measure  # noqa: E402
@@ -42,8 +43,8 @@ class BenchOptions:
     latency_repeats: int = 15
 
 
-def _run_matches(run: Path, opts: BenchOptions, baseline: str | None, epochs: int) -> bool:
-    """True when `run` is a finished training of this model with this data, recipe length and seed."""
+def _run_matches(run: Path, opts: BenchOptions, baseline: str | None, recipe: TrainRecipe) -> bool:
+    """True when `run` is a finished training of this model with this data, recipe and seed."""
     try:
         train = json.loads((run / "config.json").read_text())["train"]
         finished = (run / "eval.json").is_file()
@@ -52,7 +53,7 @@ def _run_matches(run: Path, opts: BenchOptions, baseline: str | None, epochs: in
         return False
     same = (train["preset"], train["dataset"], train["seed"], train.get("baseline")) == (
         opts.preset, opts.dataset, opts.seed, baseline)
-    return finished and same and log_epochs == epochs
+    return finished and same and train.get("recipe") == dataclasses.asdict(recipe) and log_epochs == recipe.epochs
 
 
 def train_or_reuse(opts: BenchOptions, baseline: str | None, log=print) -> tuple[Encoder, float]:
@@ -62,7 +63,7 @@ def train_or_reuse(opts: BenchOptions, baseline: str | None, log=print) -> tuple
     run = Path(opts.cache or Path("runs") / "consistency" / f"{opts.preset}-{slug}") / name
     train_opts = TrainOptions(preset=opts.preset, dataset=opts.dataset, out=run, data_dir=opts.data_dir,
                               epochs=opts.epochs, baseline=baseline, seed=opts.seed)
-    if opts.reuse and _run_matches(run, opts, baseline, train_opts.recipe.epochs):
+    if opts.reuse and _run_matches(run, opts, baseline, train_opts.recipe):
         log(f"reusing {run}")
     else:
         log(f"training {name} ({train_opts.recipe.epochs} epochs) into {run}")

@@ -1,8 +1,10 @@
 """The cross-consistency benchmark on digits: the claim itself, and the documented JSON layout."""
 
+import dataclasses
 import json
 
-from retrieval.consistency import BenchOptions, pareto_front, run
+from matvit.config import get_preset
+from retrieval.consistency import BenchOptions, _run_matches, pareto_front, run
 
 
 def test_matvit_shares_a_space_and_baselines_do_not(tmp_path):
@@ -30,6 +32,10 @@ def test_matvit_shares_a_space_and_baselines_do_not(tmp_path):
     reused = run(BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, epochs=6, reuse=True,
                               cache=tmp_path / "runs", latency_repeats=2), log=lambda s: None)
     assert reused["matvit"]["grid"] == result["matvit"]["grid"]
+    opts = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, reuse=True)
+    recipe = dataclasses.replace(get_preset("matvit-tiny-digits").recipe, epochs=6)
+    assert _run_matches(tmp_path / "runs" / "matvit", opts, None, recipe)
+    assert not _run_matches(tmp_path / "runs" / "matvit", opts, None, dataclasses.replace(recipe, lr=recipe.lr / 2))
 
 
 def test_pareto_front():
