@@ -31,7 +31,7 @@ def main(run: Path, out: Path) -> None:
              "|---|---:|---:|"]
     for g in result["top1"]:
         lines.append(f"| {g} | {result['top1'][g]:.4f} | {result['knn1'][g]:.4f} |")
-    lines += ["", "Per epoch (training batches, augmented, label-smoothed loss):", "",
+    lines += ["", "Per epoch (training batches with the recipe's augmentation, label-smoothed loss):", "",
               "| epoch | minutes | " + " | ".join(f"{g} acc" for g in result["top1"]) + " |",
               "|---:|---:|" + "---:|" * len(result["top1"])]
     for e in log:
