@@ -76,6 +76,7 @@ def run(opts: BenchOptions, log=print) -> dict:
     """Train or reuse the five models, measure everything, write the outputs; returns the JSON dict."""
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
+    origin = provenance.record()  # the code that started the run, not whatever is checked out at its end
     matvit, matvit_seconds = train_or_reuse(opts, None, log)
     baselines = {g: train_or_reuse(opts, g, log) for g in GRANULARITY_NAMES}
     measure_start = time.perf_counter()
@@ -103,7 +104,7 @@ def run(opts: BenchOptions, log=print) -> dict:
     result = {
         "dataset": opts.dataset, "preset": opts.preset,
         "epochs": opts.epochs or get_preset(opts.preset).recipe.epochs, "seed": opts.seed,
-        **provenance.record(),
+        **origin,
         "matvit": matvit_grid, "baseline": baseline_grid, "mixnmatch": mixnmatch, "cost": costs,
         "train_seconds": {"matvit": matvit_seconds, "baseline": {g: s for g, (_, s) in baselines.items()}},
         "measure_seconds": round(time.perf_counter() - measure_start, 1),
