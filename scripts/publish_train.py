@@ -22,11 +22,13 @@ def main(run: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     m = result["machine"]
+    baseline = config.get("baseline")
+    what = f"plain ViT baseline at {baseline}'s FFN width" if baseline else "joint training of every granularity"
     lines = [f"# Training: {result['preset']} on {result['dataset']}", "",
              f"Command: `{result['command']}`  ", f"Commit: `{result['commit']}`  ",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}  ",
-             f"Training wall time: {result['train_seconds'] / 60:.1f} min for {len(log)} epochs "
-             f"(joint training of every granularity; evaluation not included)", "",
+             f"Training wall time: {result['train_seconds'] / 60:.1f} min for {len(log)} epochs ({what}; "
+             f"evaluation not included)", "",
              "| granularity | test top-1 | test 1-NN (train split as gallery, same submodel both sides) |",
              "|---|---:|---:|"]
     for g in result["top1"]:
