@@ -8,10 +8,9 @@ MatViT grid, the baseline grid, Mix'n'Match query encoders against the XL index,
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import matplotlib
@@ -53,7 +52,7 @@ def _run_matches(run: Path, opts: BenchOptions, baseline: str | None, recipe: Tr
         return False
     same = (train["preset"], train["dataset"], train["seed"], train.get("baseline")) == (
         opts.preset, opts.dataset, opts.seed, baseline)
-    return finished and same and train.get("recipe") == dataclasses.asdict(recipe) and log_epochs == recipe.epochs
+    return finished and same and train.get("recipe") == asdict(recipe) and log_epochs == recipe.epochs
 
 
 def train_or_reuse(opts: BenchOptions, baseline: str | None, log=print) -> tuple[Encoder, float]:
