@@ -74,6 +74,18 @@ def load(source: str | Path | bytes, img_size: int, in_chans: int) -> torch.Tens
     return decode(source, img_size, in_chans)[0]
 
 
+def to_hwc(image: torch.Tensor) -> np.ndarray:
+    """A uint8 C x H x W image as the H x W (one channel) or H x W x 3 array PIL and Streamlit take."""
+    return np.ascontiguousarray(image.detach().cpu().permute(1, 2, 0).squeeze(-1).numpy())
+
+
+def to_png(image: torch.Tensor) -> bytes:
+    """A uint8 C x H x W image as PNG file bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(to_hwc(image)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def to_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 images to the model's float input in [-1, 1]."""
     return images.float().div(127.5).sub(1.0)
