@@ -94,22 +94,24 @@ def random_monotone(config: MatViTConfig, rng: random.Random) -> Submodel:
     return from_names([order[i] for i in idx], config)
 
 
-def num_params(config: MatViTConfig, spec: Submodel) -> int:
-    """Parameters of the extracted model at `spec` (patch embedding to classifier head)."""
+def num_params(config: MatViTConfig, spec: Submodel, head: bool = True) -> int:
+    """Parameters of the extracted model at `spec`: patch embedding to final norm, plus the classifier
+    head when `head` (retrieval uses the embedding path only)."""
     d, c = config.embed_dim, config.num_classes
     tokens = (config.img_size // config.patch_size) ** 2 + 1
     embed = config.in_chans * config.patch_size**2 * d + d + d + tokens * d
     attn = 2 * d + 3 * d * d + 3 * d + d * d + d
     mlp = sum(2 * d + 2 * d * w + w + d for w in spec.widths)
-    return embed + config.depth * attn + mlp + 2 * d + d * c + c
+    return embed + config.depth * attn + mlp + 2 * d + (d * c + c if head else 0)
 
 
-def forward_flops(config: MatViTConfig, spec: Submodel) -> int:
-    """Matmul FLOPs of one image's forward pass (2 per multiply-add, as torch's flop counter counts)."""
+def forward_flops(config: MatViTConfig, spec: Submodel, head: bool = True) -> int:
+    """Matmul FLOPs of one image's forward pass (2 per multiply-add, as torch's flop counter counts),
+    with or without the classifier head."""
     d = config.embed_dim
     patches = (config.img_size // config.patch_size) ** 2
     t = patches + 1
     embed = 2 * patches * d * config.in_chans * config.patch_size**2
     attn = 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d
     mlp = sum(2 * 2 * t * d * w for w in spec.widths)
-    return embed + config.depth * attn + mlp + 2 * d * config.num_classes
+    return embed + config.depth * attn + mlp + (2 * d * config.num_classes if head else 0)

@@ -8,6 +8,10 @@ budget (by measured accuracy when every candidate has it, else by GFLOPs as the 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import platform
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +27,7 @@ from matvit.spec import Submodel
 
 from .encoder import Encoder
 
+log = logging.getLogger(__name__)
 PROFILE_FILE = "profile.json"
 
 
@@ -80,11 +85,13 @@ def median_latency_ms(fn, images: torch.Tensor, warmup: int = 3, repeats: int = 
 
 
 def measure(encoder: Encoder, spec: Submodel | str, repeats: int = 15) -> dict:
-    """Parameters, GFLOPs and median latency at batch 1 and 32 of one submodel on this machine."""
+    """Parameters and GFLOPs (embedding path, and with the classifier head), and median latency at batch 1
+    and 32 of one submodel on this machine."""
     cfg, spec = encoder.config, encoder.spec(spec)
     embedder = encoder.embedder(spec)
     one = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size)
     return {"params": encoder.params(spec), "gflops": encoder.gflops(spec),
+            "params_with_head": encoder.params(spec, head=True), "gflops_with_head": encoder.gflops(spec, head=True),
             "latency_ms_b1": median_latency_ms(embedder, one, repeats=repeats),
             "latency_ms_b32": median_latency_ms(embedder, one.expand(32, -1, -1, -1), repeats=max(3, repeats // 3))}
 
@@ -97,14 +104,18 @@ def profile(encoder: Encoder, submodels: list[Submodel], accuracy=None, repeats:
         if accuracy is not None:
             row["knn1"] = accuracy(spec)
         rows.append(row)
-    return {"fingerprint": encoder.fingerprint, **provenance.record(), "rows": rows}
+    return {"fingerprint": encoder.fingerprint, "host": host(), **provenance.record(), "rows": rows}
+
+
+def host() -> dict:
+    """What a latency profile depends on: the machine and the threads torch computes with."""
+    return {"name": platform.node(), "cpu": provenance.machine()["cpu"], "torch_threads": torch.get_num_threads()}
 
 
 def index_accuracy(index, encoder: Encoder, queries) -> callable:
     """`accuracy(spec)`: 1-NN accuracy of the labelled `queries` (an ImageSet) against `index`."""
     index.check_model(encoder.fingerprint)
-    items = index.items(index.all_ids())
-    gallery_label = {i: item["label"] for i, item in items.items()}
+    gallery_label = index.labels()
     labels = queries.labels.tolist()
 
     def accuracy(spec: Submodel) -> float:
@@ -114,18 +125,43 @@ def index_accuracy(index, encoder: Encoder, queries) -> callable:
 
 
 def save_profile(result: dict, path: Path) -> None:
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    """Write `result` atomically (a temporary file of its own, then a rename)."""
+    path = Path(path)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        json.dump(result, f, indent=2)
+    os.replace(f.name, path)
 
 
-def load_profile(path: Path, fingerprint: str) -> dict | None:
-    """The stored profile at `path` when it was measured for this model, else None."""
+def load_profile(path: Path, fingerprint: str, this_host: bool = True) -> dict | None:
+    """The stored profile at `path` when it was measured for this model (and, with `this_host`, on this
+    machine with this many threads), else None (with a warning when it is stale)."""
     try:
         result = json.loads(Path(path).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    return result if result.get("fingerprint") == fingerprint else None
+    if result.get("fingerprint") != fingerprint:
+        return None
+    if this_host and result.get("host") != host():
+        log.warning("the profile in %s was measured on %s, not on %s: its latencies are stale",
+                    path, result.get("host"), host())
+        return None
+    return result
+
+
+def ensure_profile(encoder: Encoder, path: Path) -> dict:
+    """The profile at `path` if it is this machine's; else the same submodels (the trained granularities
+    when there is none) measured here and stored, keeping the 1-NN accuracy already measured."""
+    current = load_profile(path, encoder.fingerprint)
+    if current is not None:
+        return current
+    stale = load_profile(path, encoder.fingerprint, this_host=False)
+    rows = stale["rows"] if stale else []
+    submodels = [encoder.spec(r["spec"]) for r in rows] or candidates(encoder, "uniform")
+    known = {r["spec"]: r["knn1"] for r in rows if "knn1" in r}
+    accuracy = (lambda spec: known[spec.text]) if rows and len(known) == len(rows) else None
+    result = profile(encoder, submodels, accuracy)
+    save_profile(result, path)
+    return result
 
 
 def choose(rows: list[dict], budget: Budget) -> tuple[dict, str]:

@@ -2,7 +2,7 @@
 
 Embeddings go to `IDX/building/chunk-*.npz` as they are made (each written aside, then renamed), so
 an interrupted run loses at most one chunk, leaves the live version untouched, and `resume=True`
-embeds only what no chunk holds yet.
+embeds only what no chunk holds yet. Every write holds the index's writer lock for its whole run.
 """
 
 from __future__ import annotations
@@ -16,17 +16,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from matvit import data
 from matvit.images import IMAGE_SUFFIXES
 
+from . import tuning
 from .encoder import Encoder
-from .index import GalleryIndex, IndexStoreError, auto_index_key, make_faiss, now, write_version
+from .index import GalleryIndex, IndexStoreError, commit, now, writer
 
 log = logging.getLogger(__name__)
 CHUNK = 4096
-RECALL_SAMPLE = 1000
 
 
 class FolderSource:
@@ -36,19 +37,22 @@ class FolderSource:
         root = Path(root)
         if not root.is_dir():
             raise IndexStoreError(f"image folder not found: {root}")
-        self.root, self.img_size, self.in_chans, self.workers = root, img_size, in_chans, workers
-        self.files = data.list_images(root)
+        self.root, self.img_size, self.in_chans, self.workers = root.resolve(), img_size, in_chans, workers
+        self.files = data.list_images(self.root)
         if not self.files:
             raise IndexStoreError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
-        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-        self.labels = data.folder_labels(self.files, root, self.classes)
-        self.description = f"folder:{root.resolve()} ({len(self.files)} files)"
+        self.classes = data.list_classes(self.root)
+        self.labels = data.folder_labels(self.files, self.root, self.classes)
+        self.description = f"folder:{self.root} ({len(self.files)} files)"
+        self.root_entry = {"kind": "folder", "path": str(self.root)}
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def source(self, position: int) -> str:
-        return str(self.files[position].resolve())
+    def source(self, position: int) -> tuple[str, str | None]:
+        """What the index records for an image: its name and its file relative to the root."""
+        relative = str(self.files[position].relative_to(self.root))
+        return relative, relative
 
     def batches(self, todo: list[int], batch_size: int) -> Iterator[data.DecodedBatch]:
         files = [self.files[p] for p in todo]
@@ -65,12 +69,14 @@ class DatasetSource:
         self.classes = self.set.classes
         self.labels = self.set.labels.tolist()
         self.description = f"{name}:{split} ({len(self.set)} images)"
+        self.root_entry = {"kind": "dataset", "name": name, "split": split,
+                           "data_dir": str(Path(data_dir).resolve()) if data_dir else None}
 
     def __len__(self) -> int:
         return len(self.set)
 
-    def source(self, position: int) -> str:
-        return self.set.sources[position]
+    def source(self, position: int) -> tuple[str, str | None]:
+        return self.set.sources[position], None
 
     def batches(self, todo: list[int], batch_size: int) -> Iterator[data.DecodedBatch]:
         for i in range(0, len(todo), batch_size):
@@ -152,71 +158,94 @@ def _gather(chunks: list[dict], dim: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return positions[order], embeddings[order], sizes[order], skipped
 
 
-def recall_at_1(index, embeddings: np.ndarray, ids: np.ndarray, seed: int = 0) -> float:
-    """Share of sampled gallery vectors whose approximate top-1 is their exact top-1."""
-    rng = np.random.default_rng(seed)
-    sample = embeddings[rng.choice(len(embeddings), min(RECALL_SAMPLE, len(embeddings)), replace=False)]
-    exact = make_faiss("Flat", embeddings.shape[1], embeddings)
-    exact.add_with_ids(embeddings, ids)
-    return float((index.search(sample, 1)[1][:, 0] == exact.search(sample, 1)[1][:, 0]).mean())
+def grow_manifest(manifest: dict, root: dict, class_names: list[str], next_id: int) -> tuple[dict, int, list[int]]:
+    """`manifest` with `root` and the new class names added: (manifest, root index, class index of each name)."""
+    roots, classes = list(manifest.get("roots", [])), list(manifest.get("classes") or [])
+    if root not in roots:
+        roots.append(root)
+    for name in class_names:
+        if name not in classes:
+            classes.append(name)
+    grown = {**manifest, "roots": roots, "classes": classes, "next_id": next_id}
+    return grown, roots.index(root), [classes.index(n) for n in class_names]
 
 
-def _finish(directory: Path, encoder: Encoder, source: Source, chunks: list[dict], seconds: float,
-            manifest: dict, base: GalleryIndex | None, index_key: str) -> dict:
-    dim = encoder.config.embed_dim
-    positions, embeddings, sizes, skipped = _gather(chunks, dim)
+def item_rows(ids, sources: list[tuple[str, str | None]], root: int, labels: list[int | None], sizes) -> list[tuple]:
+    added = now()
+    return [(int(i), name, path, root, label, int(w), int(h), added)
+            for i, (name, path), label, (w, h) in zip(ids, sources, labels, sizes, strict=True)]
+
+
+def _finish(directory: Path, source: Source, chunks: list[dict], seconds: float, manifest: dict,
+            base: GalleryIndex | None, index_key: str | None, recall_target: float) -> dict:
+    positions, embeddings, sizes, skipped = _gather(chunks, manifest["dim"])
     if len(positions) == 0:
         raise IndexStoreError(f"no readable images in {source.description}; nothing to index")
-    first_id = base.manifest["next_id"] if base else 0
+    first_id = manifest.get("next_id", 0)
     ids = first_id + positions
-    if base is None:
-        key = auto_index_key(len(ids), dim) if index_key == "auto" else index_key
-        index = make_faiss(key, dim, embeddings)
-    else:
-        key, index = base.manifest["index_key"], base.faiss_index
-    index.add_with_ids(embeddings, ids)
-    recall = None if key == "Flat" else recall_at_1(index, embeddings, ids)
-    added = now()
-    rows = [(int(i), source.source(int(p)), int(source.labels[int(p)]) if source.labels[int(p)] >= 0 else None,
-             int(w), int(h), added) for i, p, (w, h) in zip(ids, positions, sizes, strict=True)]
-    manifest = {**manifest, "index_key": key, "next_id": int(first_id + len(source)), "recall_at_1": recall}
-    write_version(directory, index, rows, manifest, base)
+    manifest, root, class_index = grow_manifest(manifest, source.root_entry, source.classes, first_id + len(source))
+    labels = [class_index[source.labels[p]] if source.labels[p] >= 0 else None for p in positions]
+    rows = item_rows(ids, [source.source(int(p)) for p in positions], root, labels, sizes)
+    report = commit(directory, base, ids, embeddings, rows, manifest, index_key, recall_target)
     shutil.rmtree(directory / "building", ignore_errors=True)
-    report = {"added": len(ids), "skipped": skipped, "count": index.ntotal, "index_key": key,
-              "embed_seconds": round(seconds, 2), "images_per_s": round(len(ids) / seconds, 1) if seconds else None,
-              "recall_at_1": recall}
     if skipped:
         log.warning("skipped %d unreadable image(s)", skipped)
-    return report
+    return {"added": len(ids), "skipped": skipped, **report, "embed_seconds": round(seconds, 2),
+            "images_per_s": round(len(ids) / seconds, 1) if seconds else None}
 
 
 def build(encoder: Encoder, source: Source, directory: Path, submodel: str = "XL", index_key: str = "auto",
-          batch_size: int = 256, resume: bool = False) -> dict:
-    """Embed a whole source with `submodel` into a new index version at `directory`."""
-    spec = encoder.spec(submodel)
+          batch_size: int = 256, resume: bool = False, recall_target: float = tuning.RECALL_TARGET,
+          wait: float = 0.0) -> dict:
+    """Embed a whole source with `submodel` into a new index version at `directory` (waiting up to `wait`
+    seconds for another writer to finish)."""
+    directory, spec = Path(directory), encoder.spec(submodel)
     job = {"kind": "build", "fingerprint": encoder.fingerprint, "submodel": spec.text, "source": source.description}
-    chunks, seconds = embed_source(encoder, source, Path(directory), job, spec, batch_size, resume)
-    manifest = {"fingerprint": encoder.fingerprint, "submodel": spec.text, "dim": encoder.config.embed_dim,
-                "metric": "inner_product", "source": source.description, "classes": source.classes,
-                "created_at": now()}
-    return _finish(Path(directory), encoder, source, chunks, seconds, manifest, None, index_key)
+    with writer(directory, wait):
+        chunks, seconds = embed_source(encoder, source, directory, job, spec, batch_size, resume)
+        manifest = {"fingerprint": encoder.fingerprint, "submodel": spec.text, "dim": encoder.config.embed_dim,
+                    "metric": "inner_product", "source": source.description, "roots": [], "classes": [],
+                    "next_id": 0, "created_at": now()}
+        return _finish(directory, source, chunks, seconds, manifest, None, index_key, recall_target)
 
 
-def add(encoder: Encoder, source: FolderSource, directory: Path, batch_size: int = 256, resume: bool = False) -> dict:
+def add(encoder: Encoder, source: Source, directory: Path, batch_size: int = 256, resume: bool = False,
+        recall_target: float = tuning.RECALL_TARGET, wait: float = 0.0) -> dict:
     """Embed more images with the index's own submodel and add them under new ids."""
-    base = GalleryIndex.open(directory)
-    base.check_model(encoder.fingerprint)
-    spec = encoder.spec(base.manifest["submodel"])
-    job = {"kind": "add", "fingerprint": encoder.fingerprint, "base": base.version_dir.name,
-           "source": source.description}
-    chunks, seconds = embed_source(encoder, source, Path(directory), job, spec, batch_size, resume)
-    classes = list(base.manifest.get("classes") or [])
-    remap = {}
-    for i, name in enumerate(source.classes):
-        if name not in classes:
-            classes.append(name)
-        remap[i] = classes.index(name)
-    source.labels = [remap.get(label, -1) for label in source.labels]
-    sources = base.manifest.get("source", "")
-    manifest = {**base.manifest, "classes": classes, "source": f"{sources}; {source.description}"}
-    return _finish(Path(directory), encoder, source, chunks, seconds, manifest, base, base.manifest["index_key"])
+    directory = Path(directory)
+    with writer(directory, wait):
+        base = GalleryIndex.open(directory)
+        base.check_model(encoder.fingerprint)
+        spec = encoder.spec(base.manifest["submodel"])
+        job = {"kind": "add", "fingerprint": encoder.fingerprint, "base": base.version_dir.name,
+               "source": source.description}
+        chunks, seconds = embed_source(encoder, source, directory, job, spec, batch_size, resume)
+        manifest = {**base.manifest, "source": f"{base.manifest.get('source', '')}; {source.description}"}
+        return _finish(directory, source, chunks, seconds, manifest, base, None, recall_target)
+
+
+def add_images(encoder: Encoder, directory: Path, images: torch.Tensor, files: list[tuple[bytes, str]],
+               sizes: list[tuple[int, int]], labels: list[str | None], names: list[str | None],
+               wait: float = 0.0) -> list[int]:
+    """Add decoded `images` (their file bytes and suffix kept under `IDX/uploads/`); returns the new ids."""
+    directory = Path(directory)
+    with writer(directory, wait):
+        base = GalleryIndex.open(directory)
+        base.check_model(encoder.fingerprint)
+        embeddings = encoder.encode(images, base.manifest["submodel"])
+        first_id = base.manifest["next_id"]
+        ids = np.arange(first_id, first_id + len(images), dtype=np.int64)
+        manifest, root, class_index = grow_manifest(base.manifest, {"kind": "uploads"},
+                                                    [label for label in labels if label is not None],
+                                                    first_id + len(images))
+        index_of = dict(zip([label for label in labels if label is not None], class_index, strict=True))
+        uploads = directory / "uploads"
+        uploads.mkdir(exist_ok=True)
+        sources = []
+        for item_id, (content, suffix), name in zip(ids, files, names, strict=True):
+            path = f"{item_id}{suffix}"
+            (uploads / path).write_bytes(content)
+            sources.append((name or path, path))
+        rows = item_rows(ids, sources, root, [index_of.get(label) for label in labels], sizes)
+        commit(directory, base, ids, embeddings, rows, manifest)
+    return ids.tolist()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from matvit import checkpoint, evaluate
+from matvit import checkpoint, metrics
 from matvit import spec as specs
 from matvit.extract import Embedder, extract
 from matvit.model import MatViT
@@ -58,13 +58,15 @@ class Encoder:
     def encode(self, images: torch.Tensor, spec: str | Submodel = "XL", batch_size: int = 256,
                desc: str | None = None) -> np.ndarray:
         """uint8 N x C x H x W images to float32 N x dim embeddings."""
-        return evaluate.run_batched(self.embedder(spec), images, batch_size, desc)
+        return metrics.run_batched(self.embedder(spec), images, batch_size, desc)
 
     def named(self) -> list[Submodel]:
         return specs.named(self.config)
 
-    def gflops(self, spec: str | Submodel) -> float:
-        return specs.forward_flops(self.config, self.spec(spec)) / 1e9
+    def gflops(self, spec: str | Submodel, head: bool = False) -> float:
+        """Forward GFLOPs per image of the embedding path (with the classifier head when `head`)."""
+        return specs.forward_flops(self.config, self.spec(spec), head) / 1e9
 
-    def params(self, spec: str | Submodel) -> int:
-        return specs.num_params(self.config, self.spec(spec))
+    def params(self, spec: str | Submodel, head: bool = False) -> int:
+        """Parameters of the embedding path (with the classifier head when `head`)."""
+        return specs.num_params(self.config, self.spec(spec), head)

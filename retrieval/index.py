@@ -1,27 +1,42 @@
-"""The gallery index on disk: FAISS vectors, SQLite metadata and a manifest, saved as atomic versions.
+"""The gallery index on disk: FAISS vectors, SQLite metadata and a manifest, saved as immutable versions.
 
     IDX/
       CURRENT             name of the live version; replaced atomically, so readers never see half a save
-      v000002/            index.faiss, metadata.sqlite, manifest.json
+      LOCK                held (flock) by the one writer at a time; holds its pid
+      v000002/            index.faiss, vectors.npy, ids.npy, deleted.npy, metadata.sqlite, manifest.json
+      uploads/            images added through the API (an indexed root)
       building/           embedded chunks of an unfinished build or add (what --resume continues)
       profile.json        measured cost of submodels on this machine (see `budget`)
+
+A version is never changed after it is written. Readers hold a shared `flock` on the version's
+manifest while they use it; a writer removes an old version only when it can take that lock
+exclusively, and always keeps the version it replaced (a reader may have just read CURRENT).
 
 FAISS indexes come from `index_factory` strings wrapped in IDMap2, so ids are stable. `auto` picks
 exact search for small galleries, following the FAISS wiki's "Guidelines to choose an index":
 `Flat` below 100k vectors (brute force stays in milliseconds), `HNSW32` up to 1M (fast, accurate,
-memory is not yet a concern), and `IVF{4*sqrt(n)},PQ{dim/4}` beyond (K between 4 and 16 sqrt(n) centroids,
-PQ to fit memory).
+memory is not yet a concern), and `IVF{4*sqrt(n)},PQ{dim/4}` beyond (K between 4 and 16 sqrt(n)
+centroids, PQ to fit memory). A non-exact index gets its `efSearch` or `nprobe` tuned to a recall
+target (see `tuning`). Deletions are physical where the FAISS index supports `remove_ids`, else the
+ids are tombstoned and filtered out of every search with an `IDSelector` until a rebuild.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import json
+import logging
 import math
 import os
 import shutil
 import sqlite3
-from dataclasses import dataclass
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
@@ -30,12 +45,30 @@ import numpy as np
 
 from matvit.errors import UserError
 
-FORMAT = 1
+from . import tuning
+
+log = logging.getLogger(__name__)
+
+FORMAT = 2
 FLAT_MAX, HNSW_MAX = 100_000, 1_000_000
+TRAIN_SAMPLE = 100_000  # vectors an IVF quantizer is trained on
+SQL_CHUNK = 500  # ids per `IN (...)` query
 
 
 class IndexStoreError(UserError):
-    """A missing, corrupt or mismatched index directory."""
+    """A missing, corrupt or mismatched index directory, or a bad index operation."""
+
+
+class IndexBusy(IndexStoreError):
+    """Another writer holds the index's lock."""
+
+
+class ItemNotFound(IndexStoreError):
+    """An id the index does not hold, or an item whose image file is gone."""
+
+
+class ItemImageRefused(IndexStoreError):
+    """An item image that may not be served (outside the indexed roots, not a regular file, too large)."""
 
 
 def auto_index_key(count: int, dim: int) -> str:
@@ -47,13 +80,20 @@ def auto_index_key(count: int, dim: int) -> str:
 
 
 def make_faiss(key: str, dim: int, train_vectors: np.ndarray) -> faiss.Index:
-    """An empty IDMap2-wrapped index from a factory string (trained on `train_vectors` when needed)."""
+    """An empty IDMap2-wrapped index from a factory string (trained on a sample of `train_vectors`)."""
     try:
         index = faiss.index_factory(dim, f"IDMap2,{key}", faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise IndexStoreError(f"bad --index-key {key!r}: {str(e).strip().splitlines()[-1]}") from e
     if not index.is_trained:
-        index.train(np.ascontiguousarray(train_vectors, dtype=np.float32))
+        rng = np.random.default_rng(0)
+        sample = train_vectors[np.sort(rng.choice(len(train_vectors), min(TRAIN_SAMPLE, len(train_vectors)),
+                                                  replace=False))]
+        try:
+            index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        except RuntimeError as e:
+            raise IndexStoreError(f"--index-key {key!r} cannot be trained on {len(sample)} vectors: "
+                                  f"{str(e).strip().splitlines()[-1]}") from e
     return index
 
 
@@ -66,47 +106,99 @@ def now() -> str:
 
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS items (
-    id INTEGER PRIMARY KEY, source TEXT NOT NULL, label INTEGER, width INTEGER, height INTEGER,
-    added_at TEXT NOT NULL)"""
+    id INTEGER PRIMARY KEY, source TEXT NOT NULL, path TEXT, root INTEGER, label INTEGER, width INTEGER,
+    height INTEGER, added_at TEXT NOT NULL)"""
+COLUMNS = ("id", "source", "path", "root", "label", "width", "height", "added_at")
 
 
-@dataclass
+def _sqlite_uri(path: Path, read_only: bool) -> str:
+    """A quoted `file:` URI (paths may hold `?`, `#` or `%`)."""
+    return Path(path).resolve().as_uri() + ("?mode=ro&immutable=1" if read_only else "")
+
+
+def _lease(version_dir: Path) -> int | None:
+    """A shared lock on the version's manifest: the mark of a reader using it (None when the version is gone)."""
+    try:
+        fd = os.open(version_dir / "manifest.json", os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:  # a writer is removing it
+        os.close(fd)
+        return None
+    return fd
+
+
+@dataclass(eq=False)
 class GalleryIndex:
-    """The live version of an index directory, opened for search and metadata look-ups."""
+    """One version of an index directory, opened for search and metadata look-ups (read-only)."""
 
     directory: Path
     version_dir: Path
     faiss_index: faiss.Index
     manifest: dict
+    deleted: np.ndarray  # tombstoned ids, filtered out of every search
+    lease: int | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, directory: Path) -> GalleryIndex:
+        """The live version (retrying when a writer replaces it while it is being opened)."""
         directory = Path(directory)
         current = directory / "CURRENT"
-        if not current.is_file():
-            raise IndexStoreError(f"no index at {directory}: build one with `matvit build-index`")
-        version_dir = directory / current.read_text().strip()
+        for _ in range(10):
+            if not current.is_file():
+                raise IndexStoreError(f"no index at {directory}: build one with `matvit build-index`")
+            version_dir = directory / current.read_text().strip()
+            lease = _lease(version_dir)
+            if lease is not None:
+                try:
+                    return cls._load(directory, version_dir, lease)
+                except BaseException:
+                    os.close(lease)
+                    raise
+            if (directory / current.read_text().strip()) == version_dir:
+                break  # CURRENT names a version that is not there: not a race
+            time.sleep(0.01)
+        raise IndexStoreError(f"index {directory} is corrupt: CURRENT names {version_dir.name}, which is missing "
+                              "its manifest.json; rebuild it")
+
+    @classmethod
+    def _load(cls, directory: Path, version_dir: Path, lease: int) -> GalleryIndex:
         try:
             manifest = json.loads((version_dir / "manifest.json").read_text())
-        except FileNotFoundError as e:
-            raise IndexStoreError(f"index {directory} is corrupt: its manifest.json is missing; rebuild it") from e
         except json.JSONDecodeError as e:
             raise IndexStoreError(f"index {directory} is corrupt: manifest.json is not valid JSON ({e})") from e
-        missing = {"format", "fingerprint", "submodel", "dim", "metric", "count", "index_key"} - set(manifest)
+        if not isinstance(manifest.get("format"), int):
+            raise IndexStoreError(f"index {directory} is corrupt: manifest.json lacks format")
+        if manifest["format"] != FORMAT:
+            newer = manifest["format"] > FORMAT
+            raise IndexStoreError(
+                f"index {directory} has format {manifest['format']}; this matvit reads format {FORMAT}: "
+                + ("upgrade matvit" if newer else "rebuild it with `matvit build-index`"))
+        missing = {"fingerprint", "submodel", "dim", "metric", "count", "index_key", "next_id", "roots"} - set(manifest)
         if missing:
             raise IndexStoreError(f"index {directory} is corrupt: manifest.json lacks {', '.join(sorted(missing))}")
         try:
             index = faiss.read_index(str(version_dir / "index.faiss"))
-        except RuntimeError as e:
-            raise IndexStoreError(f"index {directory} is corrupt: cannot read index.faiss") from e
-        if index.ntotal != manifest["count"] or index.d != manifest["dim"]:
+            deleted = np.load(version_dir / "deleted.npy")
+        except (RuntimeError, OSError, ValueError) as e:
+            raise IndexStoreError(f"index {directory} is corrupt: cannot read index.faiss or deleted.npy") from e
+        if index.ntotal - len(deleted) != manifest["count"] or index.d != manifest["dim"]:
             raise IndexStoreError(f"index {directory} is corrupt: index.faiss holds {index.ntotal} vectors "
-                                  f"of dim {index.d}, the manifest says {manifest['count']} of dim {manifest['dim']}")
-        return cls(directory, version_dir, index, manifest)
+                                  f"of dim {index.d} ({len(deleted)} deleted), the manifest says "
+                                  f"{manifest['count']} of dim {manifest['dim']}")
+        return cls(directory, version_dir, index, manifest, deleted, lease)
+
+    def __del__(self) -> None:
+        if self.lease is not None:
+            os.close(self.lease)
+            self.lease = None
 
     @property
     def count(self) -> int:
-        return self.faiss_index.ntotal
+        """Items in the index (deleted ones excluded)."""
+        return self.manifest["count"]
 
     def check_model(self, fingerprint: str) -> None:
         if fingerprint != self.manifest["fingerprint"]:
@@ -114,58 +206,256 @@ class GalleryIndex:
                 f"model fingerprint {fingerprint} does not match the index's {self.manifest['fingerprint']} "
                 f"({self.directory} was built with another checkpoint); use that checkpoint or rebuild the index")
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids), each queries x min(k, count); inner product of L2-normalised vectors."""
-        k = min(k, self.count)
-        return self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    def search(self, queries: np.ndarray, k: int, search_params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each queries x min(k, count), id -1 past the hits; inner product of normalised vectors.
+
+        `search_params` ({"nprobe": n} or {"ef_search": n}) overrides the tuned value of this search only."""
+        k = max(1, min(k, self.count))
+        params = {**self.manifest.get("search_params", {}), **(search_params or {})}
+        faiss_params = tuning.faiss_params(self.faiss_index, params, self.deleted)
+        return self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=faiss_params)
+
+    def _query(self, sql: str, args=()) -> list[sqlite3.Row]:
+        db = sqlite3.connect(_sqlite_uri(self.version_dir / "metadata.sqlite", read_only=True), uri=True)
+        try:
+            db.row_factory = sqlite3.Row
+            return db.execute(sql, args).fetchall()
+        finally:
+            db.close()
 
     def items(self, ids) -> dict[int, dict]:
-        ids = [int(i) for i in ids if 0 <= i < 2**63]  # SQLite integers are signed 64-bit
-        if not ids:
-            return {}
-        with sqlite3.connect(f"file:{self.version_dir / 'metadata.sqlite'}?mode=ro", uri=True) as db:
-            db.row_factory = sqlite3.Row
-            marks = ",".join("?" * len(ids))
-            rows = db.execute(f"SELECT * FROM items WHERE id IN ({marks})", ids).fetchall()
+        """Metadata of the given ids that the index holds."""
+        ids = sorted({int(i) for i in ids if 0 <= i < 2**63})  # SQLite integers are signed 64-bit
         classes = self.manifest.get("classes") or []
         out = {}
-        for row in rows:
-            item = dict(row)
-            label = item["label"]
-            item["label_name"] = classes[label] if label is not None and 0 <= label < len(classes) else None
-            out[item["id"]] = item
+        for start in range(0, len(ids), SQL_CHUNK):
+            chunk = ids[start:start + SQL_CHUNK]
+            for row in self._query(f"SELECT * FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk):
+                item = dict(row)
+                label = item["label"]
+                item["label_name"] = classes[label] if label is not None and 0 <= label < len(classes) else None
+                out[item["id"]] = item
         return out
 
     def item(self, item_id: int) -> dict | None:
         return self.items([item_id]).get(item_id)
 
-    def all_ids(self) -> np.ndarray:
-        return faiss.vector_to_array(self.faiss_index.id_map)
+    def labels(self) -> dict[int, int | None]:
+        """Label of every item, by id (one query, no id list)."""
+        return {row["id"]: row["label"] for row in self._query("SELECT id, label FROM items")}
+
+    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of every item, in id order, memory-mapped."""
+        return (np.load(self.version_dir / "ids.npy", mmap_mode="r"),
+                np.load(self.version_dir / "vectors.npy", mmap_mode="r"))
+
+    def root(self, item: dict) -> dict:
+        return self.manifest["roots"][item["root"]]
+
+    def image_file(self, item: dict, max_bytes: int) -> bytes:
+        """The bytes of a file item's image: only a regular file under its indexed root, at most `max_bytes`."""
+        root = self.root(item)
+        base = (self.directory / "uploads" if root["kind"] == "uploads" else Path(root["path"])).resolve()
+        try:
+            path = (base / item["path"]).resolve(strict=True)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise ItemNotFound(f"the image file of item {item['id']} is no longer at its recorded path") from e
+        if not path.is_relative_to(base):
+            raise ItemImageRefused(f"the image file of item {item['id']} lies outside the indexed folder")
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ItemImageRefused(f"the image of item {item['id']} is not a regular file")
+        if info.st_size > max_bytes:
+            raise ItemImageRefused(f"the image file of item {item['id']} has {info.st_size:,} bytes, over the "
+                                   f"limit of {max_bytes:,}")
+        with open(path, "rb") as f:
+            content = f.read(max_bytes + 1)
+        if len(content) > max_bytes:
+            raise ItemImageRefused(f"the image file of item {item['id']} is over the limit of {max_bytes:,} bytes")
+        return content
+
+    def advice(self) -> str | None:
+        """What an operator should do about this index's kind, if anything."""
+        key = self.manifest["index_key"]
+        if key == "Flat" and self.count >= FLAT_MAX:
+            return (f"this exact (Flat) index holds {self.count:,} vectors, past the {FLAT_MAX:,} where `auto` "
+                    f"chooses {auto_index_key(self.count, self.manifest['dim'])}; re-index from the stored vectors "
+                    f"with `matvit index rebuild --index {self.directory} --index-key auto`")
+        if len(self.deleted) > 0.2 * max(1, self.count):
+            return (f"{len(self.deleted):,} deleted vectors are still filtered at search; "
+                    f"`matvit index rebuild --index {self.directory}` drops them")
+        return None
 
 
-def write_version(directory: Path, faiss_index: faiss.Index, rows: list[tuple], manifest: dict,
-                  base: GalleryIndex | None = None) -> Path:
-    """Save a new version (base's metadata plus `rows`) and switch CURRENT to it atomically."""
+# --- writing -----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def writer(directory: Path, wait: float = 0.0) -> Iterator[None]:
+    """Hold the index's writer lock; `IndexBusy` when another writer keeps it longer than `wait` seconds."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    existing = sorted(p.name for p in directory.glob("v[0-9]*") if p.is_dir() and not p.name.endswith(".tmp"))
+    with open(directory / "LOCK", "a+") as f:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    f.seek(0)
+                    holder = f.read().strip() or "unknown"
+                    raise IndexBusy(f"index {directory} is being written by another process (pid {holder}); "
+                                    "try again when it has finished") from None
+                time.sleep(0.05)
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _versions(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("v[0-9]*") if p.is_dir() and p.name[1:].isdigit())
+
+
+def _prune(directory: Path, keep: set[str]) -> None:
+    """Remove versions outside `keep` that no reader holds."""
+    for name in _versions(directory):
+        if name in keep:
+            continue
+        try:
+            fd = os.open(directory / name / "manifest.json", os.O_RDONLY)
+        except FileNotFoundError:
+            shutil.rmtree(directory / name, ignore_errors=True)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(directory / name, ignore_errors=True)
+        except BlockingIOError:
+            pass  # a reader still uses it; a later write removes it
+        finally:
+            os.close(fd)
+    for tmp in directory.glob("v[0-9]*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_json(path: Path, value) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        json.dump(value, f, indent=2)
+    os.replace(f.name, path)
+
+
+def write_version(directory: Path, faiss_index: faiss.Index, ids: np.ndarray, vectors: np.ndarray, manifest: dict,
+                  base: GalleryIndex | None = None, rows: list[tuple] = (), removed: list[int] = (),
+                  deleted: np.ndarray | None = None) -> Path:
+    """Save a new version (base's metadata plus `rows`, less `removed`) and switch CURRENT to it atomically.
+
+    The caller holds `writer(directory)`. `ids`/`vectors` are every live item's, in id order."""
+    directory = Path(directory)
+    existing = _versions(directory)
     name = f"v{int(existing[-1][1:]) + 1:06d}" if existing else "v000001"
     tmp = directory / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     faiss.write_index(faiss_index, str(tmp / "index.faiss"))
+    np.save(tmp / "ids.npy", np.asarray(ids, dtype=np.int64))
+    np.save(tmp / "vectors.npy", np.asarray(vectors, dtype=np.float32))
+    deleted = np.zeros(0, np.int64) if deleted is None else np.asarray(deleted, dtype=np.int64)
+    np.save(tmp / "deleted.npy", deleted)
     if base is not None:
         shutil.copyfile(base.version_dir / "metadata.sqlite", tmp / "metadata.sqlite")
-    with sqlite3.connect(tmp / "metadata.sqlite") as db:
-        db.execute(SCHEMA)
-        db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?)", rows)
-    db.close()
-    manifest = {"format": FORMAT, **manifest, "count": faiss_index.ntotal, "updated_at": now(),
+    db = sqlite3.connect(_sqlite_uri(tmp / "metadata.sqlite", read_only=False), uri=True)
+    try:
+        with db:
+            db.execute(SCHEMA)
+            db.executemany(f"INSERT INTO items VALUES ({','.join('?' * len(COLUMNS))})", rows)
+            db.executemany("DELETE FROM items WHERE id = ?", [(int(i),) for i in removed])
+    finally:
+        db.close()
+    manifest = {**manifest, "format": FORMAT, "count": len(ids), "updated_at": now(),
                 "versions": versions_of_packages()}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, directory / name)
-    (directory / "CURRENT.tmp").write_text(name)
-    os.replace(directory / "CURRENT.tmp", directory / "CURRENT")
-    for old in existing:
-        shutil.rmtree(directory / old, ignore_errors=True)
+    tmp_current = directory / f"CURRENT.{os.getpid()}.tmp"
+    tmp_current.write_text(name)
+    os.replace(tmp_current, directory / "CURRENT")
+    _prune(directory, {name, base.version_dir.name} if base is not None else {name})
     return directory / name
+
+
+def commit(directory: Path, base: GalleryIndex | None, new_ids: np.ndarray, new_vectors: np.ndarray,
+           rows: list[tuple], manifest: dict, index_key: str | None = None,
+           recall_target: float = tuning.RECALL_TARGET, removed: list[int] = ()) -> dict:
+    """Write a version holding `base`'s items (none when None) less `removed`, plus the new ones.
+
+    With `index_key` the FAISS index is built afresh of that kind (`auto` by size) over every vector;
+    without, `base`'s index is copied and updated. A new or grown approximate index is tuned to
+    `recall_target`. The caller holds `writer(directory)`; returns a report."""
+    dim = manifest["dim"]
+    new_ids = np.asarray(new_ids, dtype=np.int64)
+    new_vectors = np.asarray(new_vectors, dtype=np.float32).reshape(-1, dim)
+    ids, vectors = new_ids, new_vectors
+    if base is not None:
+        old_ids, old_vectors = base.vectors()
+        keep = ~np.isin(old_ids, np.asarray(removed, dtype=np.int64))
+        ids, vectors = np.concatenate([old_ids[keep], new_ids]), np.concatenate([old_vectors[keep], new_vectors])
+    if index_key is not None:
+        key = auto_index_key(len(ids), dim) if index_key == "auto" else index_key
+        index, deleted = make_faiss(key, dim, vectors), np.zeros(0, np.int64)
+        index.add_with_ids(vectors, ids)
+    else:
+        key, index, deleted = base.manifest["index_key"], faiss.clone_index(base.faiss_index), base.deleted
+        if len(removed):
+            deleted = _remove_from(index, np.asarray(removed, dtype=np.int64), deleted)
+        if len(new_ids):
+            index.add_with_ids(new_vectors, new_ids)
+    manifest = {**manifest, "index_key": key}
+    if key == "Flat":
+        manifest.update(search_params={}, recall={"exact": True})
+    elif index_key is not None or len(new_ids):
+        params, recall = tuning.tune(index, ids, vectors, deleted, recall_target)
+        manifest.update(search_params=params, recall=recall)
+    write_version(directory, index, ids, vectors, manifest, base, rows, removed, deleted)
+    return {"count": len(ids), "index_key": key, "search_params": manifest["search_params"],
+            "recall": manifest["recall"]}
+
+
+def _remove_from(index: faiss.Index, ids: np.ndarray, deleted: np.ndarray) -> np.ndarray:
+    """Remove `ids` physically where FAISS can, else tombstone them; returns the tombstones."""
+    try:
+        index.remove_ids(ids)
+        return deleted
+    except RuntimeError:
+        return np.union1d(deleted, ids)
+
+
+def remove(directory: Path, ids: list[int], wait: float = 0.0) -> list[int]:
+    """Delete items by id in one new version; `ItemNotFound` (nothing removed) for an id the index lacks."""
+    ids = sorted({int(i) for i in ids})
+    if not ids:
+        raise IndexStoreError("no ids to remove")
+    with writer(directory, wait):
+        base = GalleryIndex.open(directory)
+        held = base.items(ids)
+        missing = [i for i in ids if i not in held]
+        if missing:
+            raise ItemNotFound(f"no item with id {missing[0]} in the index")
+        commit(directory, base, np.zeros(0, np.int64), np.zeros((0, base.manifest["dim"]), np.float32), [],
+               base.manifest, removed=ids)
+        for item in held.values():  # uploaded files belong to the index; folder files are the user's
+            if base.root(item)["kind"] == "uploads":
+                (directory / "uploads" / item["path"]).unlink(missing_ok=True)
+    return ids
+
+
+def rebuild(directory: Path, index_key: str = "auto", recall_target: float = tuning.RECALL_TARGET,
+            wait: float = 0.0) -> dict:
+    """Re-index the stored vectors with another FAISS kind (no re-embedding); drops tombstones."""
+    with writer(directory, wait):
+        base = GalleryIndex.open(directory)
+        empty = np.zeros((0, base.manifest["dim"]), np.float32)
+        return commit(directory, base, np.zeros(0, np.int64), empty, [], base.manifest, index_key, recall_target)

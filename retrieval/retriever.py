@@ -1,19 +1,32 @@
-"""Query path: decode, pick the submodel (a spec or a budget), encode with its extracted model, search."""
+"""Query path: decode, pick the submodel (a spec or a budget), encode with its extracted model, search.
+
+A `Retriever` follows its index directory: when another process (or its own `add`/`remove`)
+commits a new version, the next request opens it and swaps it in atomically; a request that took
+`retriever.index` once sees one version throughout.
+"""
 
 from __future__ import annotations
 
+import io
+import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from matvit import data
 from matvit import images as imageio
 
 from . import budget as budgets
+from . import build
 from .encoder import Encoder
-from .index import GalleryIndex
+from .index import GalleryIndex, IndexStoreError, ItemNotFound, remove
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,67 +56,176 @@ class Retriever:
     """An index opened with the checkpoint that built it; refuses any other checkpoint."""
 
     def __init__(self, index_dir: Path, checkpoint_dir: Path | None = None, encoder: Encoder | None = None,
-                 max_pixels: int | None = None) -> None:
-        """`max_pixels`: images whose header declares more are refused before decoding."""
-        self.index = GalleryIndex.open(index_dir)
+                 max_pixels: int | None = None, refresh_seconds: float = 0.1) -> None:
+        """`max_pixels`: images whose header declares more are refused before decoding;
+        `refresh_seconds`: how often CURRENT is looked at for a new version."""
+        self.directory = Path(index_dir)
+        self._index = GalleryIndex.open(index_dir)
         self.encoder = encoder or Encoder.load(checkpoint_dir)
-        self.index.check_model(self.encoder.fingerprint)
-        self.profile_path = Path(index_dir) / budgets.PROFILE_FILE
+        self._index.check_model(self.encoder.fingerprint)
+        self.profile_path = self.directory / budgets.PROFILE_FILE
         self.max_pixels = max_pixels
+        self.refresh_seconds = refresh_seconds
+        self._checked = time.monotonic()
+        self._reloading = threading.Lock()
+        self._profile: dict | None = None
+
+    # --- the live index ---------------------------------------------------------------------
+    @property
+    def index(self) -> GalleryIndex:
+        """The newest committed version (looked up at most every `refresh_seconds`)."""
+        if time.monotonic() - self._checked >= self.refresh_seconds:
+            self.refresh()
+        return self._index
+
+    def refresh(self, wait: bool = False) -> None:
+        """Swap in the version CURRENT names, if it is new (one thread loads it; the others go on with the
+        version they have, unless they `wait`, as a writer does for its own version)."""
+        if not self._reloading.acquire(blocking=wait):
+            return
+        try:
+            self._checked = time.monotonic()
+            try:
+                name = (self.directory / "CURRENT").read_text().strip()
+            except OSError:
+                return
+            if name == self._index.version_dir.name:
+                return
+            try:
+                fresh = GalleryIndex.open(self.directory)
+                fresh.check_model(self.encoder.fingerprint)
+            except IndexStoreError as e:
+                log.error("keeping index version %s: %s", self._index.version_dir.name, e)
+                return
+            self._index = fresh
+            log.info("now serving index version %s (%d items)", fresh.version_dir.name, fresh.count)
+        finally:
+            self._reloading.release()
+
+    # --- budgets ----------------------------------------------------------------------------
+    def ensure_profile(self) -> dict:
+        """The stored profile of this model on this machine, measured (and stored) when there is none."""
+        self._profile = budgets.ensure_profile(self.encoder, self.profile_path)
+        return self._profile
 
     def profile_rows(self) -> list[dict]:
-        """The stored profile of this model, or a fresh one of the trained granularities (then stored)."""
-        stored = budgets.load_profile(self.profile_path, self.encoder.fingerprint)
-        if stored is None:
-            stored = budgets.profile(self.encoder, budgets.candidates(self.encoder, "uniform"))
-            budgets.save_profile(stored, self.profile_path)
-        return stored["rows"]
+        """The profile's rows (never measured here: see `ensure_profile`)."""
+        if self._profile is None:
+            self._profile = budgets.load_profile(self.profile_path, self.encoder.fingerprint)
+        if self._profile is None:
+            raise budgets.BudgetError(f"no profile of this model on this machine in {self.directory}; measure one "
+                                      f"with `matvit profile --index {self.directory} --checkpoint ...`")
+        return self._profile["rows"]
 
     def choose(self, submodel: str | None = None, budget: budgets.Budget | None = None) -> Choice:
         if submodel is not None and budget is not None and budget.limit is not None:
             raise budgets.BudgetError("give either a submodel or a budget, not both")
         if budget is not None and budget.limit is not None:
-            row, reason = budgets.choose(self.profile_rows(), budget)
+            rows = self.profile_rows() if budget.ms is not None else self._cost_rows()
+            row, reason = budgets.choose(rows, budget)
             spec = self.encoder.spec(row["spec"])
         else:
             spec = self.encoder.spec(submodel or "XL")
             reason = "requested" if submodel else "default (XL)"
         return Choice(spec.id, spec.text, self.encoder.gflops(spec), self.encoder.params(spec), reason)
 
-    def decode(self, sources: list) -> torch.Tensor:
-        cfg = self.encoder.config
-        return torch.stack([imageio.decode(s, cfg.img_size, cfg.in_chans, self.max_pixels)[0] for s in sources])
+    def _cost_rows(self) -> list[dict]:
+        """Profiled rows when there is a profile, else the trained granularities' computed costs."""
+        try:
+            return self.profile_rows()
+        except budgets.BudgetError:
+            return [{"spec": s.text, "gflops": self.encoder.gflops(s), "params": self.encoder.params(s)}
+                    for s in self.encoder.named()]
 
-    def search_embeddings(self, embeddings: np.ndarray, k: int = 10) -> list[list[dict]]:
+    # --- search -----------------------------------------------------------------------------
+    def decode(self, sources: list) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        cfg = self.encoder.config
+        decoded = [imageio.decode(s, cfg.img_size, cfg.in_chans, self.max_pixels) for s in sources]
+        return torch.stack([image for image, _ in decoded]), [size for _, size in decoded]
+
+    def search_embeddings(self, embeddings: np.ndarray, k: int = 10, search_params: dict | None = None,
+                          index: GalleryIndex | None = None) -> list[list[dict]]:
         """Neighbours of ready-made embeddings (rows of the index's dimension, L2-normalised here)."""
+        index = index or self.index
         embeddings = np.asarray(embeddings, dtype=np.float32)
         embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
-        scores, ids = self.index.search(embeddings, k)
-        meta = self.index.items(np.unique(ids))
+        scores, ids = index.search(embeddings, k, search_params)
+        meta = index.items(ids[ids >= 0])
         out = []
         for row_scores, row_ids in zip(scores, ids, strict=True):
-            hits = []
-            for rank, (score, item_id) in enumerate(zip(row_scores, row_ids, strict=True), start=1):
-                if item_id < 0:
-                    continue
-                item = meta.get(int(item_id), {})
-                hits.append({"rank": rank, "id": int(item_id), "score": float(score), "label": item.get("label_name"),
-                             "metadata": item})
+            hits = [{"rank": rank, "id": int(i), "score": float(s), "label": meta[int(i)]["label_name"],
+                     "metadata": meta[int(i)]}
+                    for rank, (s, i) in enumerate(((s, i) for s, i in zip(row_scores, row_ids, strict=True)
+                                                   if i >= 0 and int(i) in meta), start=1)]
             out.append(hits)
         return out
 
-    def search(self, sources: list, k: int = 10, submodel: str | None = None,
-               budget: budgets.Budget | None = None) -> list[Result]:
+    def search(self, sources: list, k: int = 10, submodel: str | None = None, budget: budgets.Budget | None = None,
+               search_params: dict | None = None) -> list[Result]:
         """Search with images (paths, bytes or uint8 C x H x W tensors)."""
+        index = self.index
         choice = self.choose(submodel, budget)
         t0 = time.perf_counter()
-        batch = sources if isinstance(sources, torch.Tensor) else self.decode(list(sources))
+        batch = sources if isinstance(sources, torch.Tensor) else self.decode(list(sources))[0]
         t1 = time.perf_counter()
         embeddings = self.encoder.encode(batch, choice.spec)
         t2 = time.perf_counter()
-        neighbours = self.search_embeddings(embeddings, k)
+        neighbours = self.search_embeddings(embeddings, k, search_params, index)
         t3 = time.perf_counter()
         timings = {"decode": (t1 - t0) * 1e3, "encode": (t2 - t1) * 1e3, "search": (t3 - t2) * 1e3,
                    "total": (t3 - t0) * 1e3}
         timings = {key: round(v / len(neighbours), 3) for key, v in timings.items()}
         return [Result(hits, choice, timings) for hits in neighbours]
+
+    # --- items ------------------------------------------------------------------------------
+    def add(self, images: list[bytes], labels: list[str | None] | None = None, names: list[str | None] | None = None,
+            wait: float = 30.0) -> list[dict]:
+        """Add image files (all decoded first: one unreadable image adds none); returns the new items."""
+        labels = list(labels) if labels else [None] * len(images)
+        names = list(names) if names else [None] * len(images)
+        if not (len(labels) == len(names) == len(images)):
+            raise IndexStoreError(f"{len(images)} images need as many labels and names (or none), "
+                                  f"got {len(labels)} labels and {len(names)} names")
+        batch, sizes = self.decode(images)
+        files = [(content, _suffix(content)) for content in images]
+        ids = build.add_images(self.encoder, self.directory, batch, files, sizes, labels, names, wait)
+        self.refresh(wait=True)
+        found = self._index.items(ids)
+        return [found[i] for i in ids]
+
+    def remove(self, ids: list[int], wait: float = 30.0) -> list[int]:
+        removed = remove(self.directory, ids, wait)
+        self.refresh(wait=True)
+        return removed
+
+    def item(self, item_id: int) -> dict | None:
+        return self.index.item(item_id)
+
+    def item_image(self, item_id: int, max_bytes: int) -> tuple[bytes, str]:
+        """The gallery image of an item: (bytes, media type)."""
+        index = self.index
+        item = index.item(item_id)
+        if item is None:
+            raise ItemNotFound(f"no item with id {item_id} in the index")
+        root = index.root(item)
+        if root["kind"] == "dataset":
+            pixels = data.source_image(item["source"], root.get("data_dir"))
+            if pixels is None:
+                raise ItemNotFound(f"the dataset image of item {item_id} is not available on this server")
+            return imageio.to_png(pixels), "image/png"
+        content = index.image_file(item, max_bytes)
+        return content, _media_type(content)
+
+
+def _suffix(content: bytes) -> str:
+    with Image.open(io.BytesIO(content)) as img:
+        fmt = (img.format or "png").lower()
+    return {"jpeg": ".jpg", "tiff": ".tif"}.get(fmt, f".{fmt}")
+
+
+def _media_type(content: bytes) -> str:
+    try:
+        with Image.open(io.BytesIO(content)) as img:
+            return Image.MIME.get(img.format or "", "application/octet-stream")
+    except (OSError, ValueError):
+        return "application/octet-stream"
