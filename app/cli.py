@@ -135,19 +135,22 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_grid(args: argparse.Namespace) -> None:
+    from app.bench.plots import grid_png
     from matvit import data
-    from retrieval import evaluate
     from retrieval.budget import candidates
     from retrieval.encoder import Encoder
+    from retrieval.grid import grid
 
     encoder = Encoder.load(args.index_checkpoint)
     cfg = encoder.config
     gallery = data.load(args.dataset, "train", cfg.img_size, cfg.in_chans, args.data_dir)
     queries = data.load(args.dataset, "test", cfg.img_size, cfg.in_chans, args.data_dir)
-    result = evaluate.grid(encoder, gallery, queries, candidates(encoder, args.index_submodels),
-                           candidates(encoder, args.query_submodels))
+    result = grid(encoder, gallery, queries, candidates(encoder, args.index_submodels),
+                  candidates(encoder, args.query_submodels))
     result.update({"dataset": args.dataset, "fingerprint": encoder.fingerprint, **provenance.record()})
-    png = evaluate.write(result, args.out)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    png = grid_png(result, args.out.with_suffix(".png"))
     queries_specs = list(next(iter(result["grid"].values())))
     print("1-NN accuracy (rows: index submodel, columns: query submodel)")
     print(f"{'index / query':<16}" + "".join(f"{q:>10}" for q in queries_specs))
@@ -157,13 +160,20 @@ def cmd_eval_grid(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_consistency(args: argparse.Namespace) -> None:
-    from retrieval.consistency import BenchOptions, run
+    from app.bench.consistency import BenchOptions, run
 
     result = run(BenchOptions(dataset=args.dataset, preset=args.preset, out=args.out, epochs=args.epochs,
                               reuse=args.reuse, cache=args.cache, seed=args.seed, data_dir=args.data_dir))
     for t in result["targets"]:
         print(f"{'met   ' if t['met'] else 'MISSED'} {t['target']}")
     print(f"wrote {args.out / 'consistency.json'}, consistency.md, grid.png, pareto.png")
+
+
+def cmd_bench_index(args: argparse.Namespace) -> None:
+    from app.bench.index_speed import markdown, run
+
+    print(markdown(run(args.checkpoint, args.dataset, args.index, args.out, args.queries)))
+    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -321,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--data-dir", type=Path)
     q.set_defaults(func=cmd_bench_consistency)
+    q = bsub.add_parser("index", help="index build throughput and per-submodel query latency")
+    q.add_argument("--checkpoint", type=Path, required=True)
+    q.add_argument("--dataset", default="fashion-mnist")
+    q.add_argument("--index", type=Path, default=Path("runs/bench-index"), help="where the train split is indexed")
+    q.add_argument("--queries", type=int, default=200, help="single-image queries timed per submodel")
+    q.add_argument("--out", type=Path, required=True, help="path without suffix; .json and .md are written")
+    q.set_defaults(func=cmd_bench_index)
     return parser
 
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import checkpoint, data, evaluate, provenance
+from . import checkpoint, data, metrics, provenance
 from . import spec as specs
 from .config import MatViTConfig, TrainRecipe, get_preset
 from .errors import UserError
@@ -244,10 +244,10 @@ def evaluate_checkpoint(model: MatViT, train_set: data.ImageSet, test_set: data.
     result: dict = {"top1": {}, "knn1": {}}
     for g in model.config.granularities:
         spec = specs.uniform(g, model.config)
-        logits = evaluate.run_batched(lambda x, s=spec: model(x, s), test_set.images, desc=f"top-1 {g}")
-        result["top1"][g] = evaluate.top1(logits, test_set.labels)
+        logits = metrics.run_batched(lambda x, s=spec: model(x, s), test_set.images, desc=f"top-1 {g}")
+        result["top1"][g] = metrics.top1(logits, test_set.labels)
         emb = lambda x, s=spec: model.embed(x, s)  # noqa: E731
-        gallery = evaluate.run_batched(emb, train_set.images, desc=f"gallery {g}")
-        queries = evaluate.run_batched(emb, test_set.images, desc=f"queries {g}")
-        result["knn1"][g] = evaluate.knn1(gallery, train_set.labels, queries, test_set.labels)
+        gallery = metrics.run_batched(emb, train_set.images, desc=f"gallery {g}")
+        queries = metrics.run_batched(emb, test_set.images, desc=f"queries {g}")
+        result["knn1"][g] = metrics.knn1(gallery, train_set.labels, queries, test_set.labels)
     return result

@@ -1,10 +1,14 @@
-"""The cross-consistency benchmark on digits: the claim itself, and the documented JSON layout."""
+"""The cross-consistency benchmark: the claim itself on digits, the documented JSON layout, the five
+targets on hand-made results, and which cached trainings `--reuse` may take."""
 
-import dataclasses
+import copy
 import json
 
-from matvit.config import get_preset
-from retrieval.consistency import BenchOptions, _run_matches, pareto_front, run
+import pytest
+
+from app.bench.consistency import BenchOptions, _run_matches, run, targets
+from app.bench.plots import pareto_front
+from matvit.train import TrainOptions
 
 
 def test_matvit_shares_a_space_and_baselines_do_not(tmp_path):
@@ -22,20 +26,99 @@ def test_matvit_shares_a_space_and_baselines_do_not(tmp_path):
     for family in ("matvit", "baseline"):
         assert list(saved[family]["grid"]) == ["S", "M", "L", "XL"]
         assert set(saved[family]["grid"]["XL"]["S"]) == {"knn1", "top5", "map10", "agree_xl"}
+        assert "min(10" in saved[family]["map10_definition"]
     assert len(saved["mixnmatch"]) == 35  # C(4+3, 3) monotone specs at depth 4
     assert {"spec", "params", "gflops", "latency_ms_b1", "knn1"} <= set(saved["mixnmatch"][0])
     assert set(saved["train_seconds"]["baseline"]) == {"S", "M", "L", "XL"}
-    assert len(saved["targets"]) == 5
+    assert saved["targets"] == targets(saved)
     for name in ("consistency.md", "grid.png", "pareto.png"):
         assert (tmp_path / name).stat().st_size > 0
 
+    logged = []
     reused = run(BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, epochs=6, reuse=True,
-                              cache=tmp_path / "runs", latency_repeats=2), log=lambda s: None)
+                              cache=tmp_path / "runs", latency_repeats=2), log=logged.append)
+    assert sum(line.startswith("reusing") for line in logged) == 5 and not any("training" in x for x in logged)
     assert reused["matvit"]["grid"] == result["matvit"]["grid"]
-    opts = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, reuse=True)
-    recipe = dataclasses.replace(get_preset("matvit-tiny-digits").recipe, epochs=6)
-    assert _run_matches(tmp_path / "runs" / "matvit", opts, None, recipe)
-    assert not _run_matches(tmp_path / "runs" / "matvit", opts, None, dataclasses.replace(recipe, lr=recipe.lr / 2))
+    # The options the benchmark trains with, as written by the real training into config.json.
+    assert _run_matches(tmp_path / "runs" / "matvit", TrainOptions("matvit-tiny-digits", "digits", tmp_path, epochs=6))
+    assert not _run_matches(tmp_path / "runs" / "matvit",
+                            TrainOptions("matvit-tiny-digits", "digits", tmp_path, epochs=6, mode="sample"))
+
+
+def _fake_run(path, opts: TrainOptions, logged_epochs: int | None = None, finished: bool = True):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"train": opts.to_dict()}))
+    (path / "train_log.jsonl").write_text("{}\n" * (opts.recipe.epochs if logged_epochs is None else logged_epochs))
+    if finished:
+        (path / "eval.json").write_text("{}")
+
+
+BENCH = {"preset": "matvit-tiny-digits", "dataset": "digits", "epochs": 3, "seed": 0}
+
+
+@pytest.mark.parametrize("cached", [
+    {"mode": "sample"}, {"distill": "logits"}, {"mixnmatch_prob": 0.5}, {"weights": [1.0, 1.0, 1.0, 2.0]},
+    {"lr": 5e-4}, {"batch_size": 64}, {"epochs": 4}, {"seed": 1}, {"baseline": "S"}, {"dataset": "fashion-mnist"},
+])
+def test_reuse_refuses_a_run_trained_with_any_other_option(tmp_path, cached):
+    _fake_run(tmp_path / "run", TrainOptions(**{**BENCH, **cached}, out=tmp_path / "run"))
+    assert not _run_matches(tmp_path / "run", TrainOptions(**BENCH, out=tmp_path / "run"))
+
+
+def test_reuse_takes_a_finished_run_with_the_same_options_wherever_it_was_written(tmp_path):
+    _fake_run(tmp_path / "a", TrainOptions(**BENCH, out=tmp_path / "elsewhere"))
+    assert _run_matches(tmp_path / "a", TrainOptions(**BENCH, out=tmp_path / "a"))
+    _fake_run(tmp_path / "b", TrainOptions(**BENCH, out=tmp_path / "b"), finished=False)
+    assert not _run_matches(tmp_path / "b", TrainOptions(**BENCH, out=tmp_path / "b"))
+    _fake_run(tmp_path / "c", TrainOptions(**BENCH, out=tmp_path / "c"), logged_epochs=2)
+    assert not _run_matches(tmp_path / "c", TrainOptions(**BENCH, out=tmp_path / "c"))
+    assert not _run_matches(tmp_path / "missing", TrainOptions(**BENCH, out=tmp_path / "missing"))
+
+
+def _cells(diagonal: dict, off: dict) -> dict:
+    names = list(diagonal)
+    return {"grid": {i: {q: {"knn1": diagonal[i] if i == q else off[f"{i}/{q}"]} for q in names} for i in names}}
+
+
+def _passing() -> dict:
+    """Two granularities and one Mix'n'Match spec that meet all five targets, each with a small margin."""
+    return {
+        "classes": 10,
+        "matvit": _cells({"S": 0.80, "XL": 0.90}, {"S/XL": 0.89, "XL/S": 0.79}),
+        "baseline": _cells({"S": 0.79, "XL": 0.905}, {"S/XL": 0.12, "XL/S": 0.08}),
+        "mixnmatch": [{"spec": "S", "gflops": 1.0, "knn1": 0.79}, {"spec": "S,XL", "gflops": 1.5, "knn1": 0.85},
+                      {"spec": "XL", "gflops": 2.0, "knn1": 0.90}],
+    }
+
+
+def _set(r: dict, path: str, value: float) -> dict:
+    r = copy.deepcopy(r)
+    *keys, last = path.split(".")
+    node = r
+    for key in keys:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[last] = value
+    return r
+
+
+def test_targets_all_met_on_a_passing_result():
+    got = targets(_passing())
+    assert [t["met"] for t in got] == [True] * 5
+    assert got[1]["matvit_xl_s"] == 0.79 and got[1]["baseline_s_s"] == 0.79
+    assert got[3]["chance"] == pytest.approx(0.1) and got[3]["max"] == 0.12
+    assert got[4]["worst"] == pytest.approx(0.0) and got[4]["points"] == 3
+
+
+@pytest.mark.parametrize("missed, path, value", [
+    (0, "baseline.grid.XL.XL.knn1", 0.915),  # MatViT XL 1.5 points below its baseline
+    (1, "baseline.grid.S.S.knn1", 0.795),  # baseline S on itself beats MatViT's XL index queried with S
+    (2, "matvit.grid.S.XL.knn1", 0.87),  # index S / query XL 3 points below XL's diagonal
+    (3, "baseline.grid.S.XL.knn1", 0.25),  # baselines share a space: 15 points above chance
+    (4, "mixnmatch.1.knn1", 0.835),  # the mix 1 point below the segment joining S and XL (0.845)
+])
+def test_each_target_misses_when_its_numbers_do(missed, path, value):
+    got = targets(_set(_passing(), path, value))
+    assert [t["met"] for t in got] == [i != missed for i in range(5)]
 
 
 def test_pareto_front():

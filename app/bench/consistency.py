@@ -10,23 +10,20 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from matvit import data, metrics, provenance
+from matvit import spec as specs
+from matvit.config import GRANULARITY_NAMES, get_preset
+from matvit.train import Trainer, TrainOptions
+from retrieval.budget import measure
+from retrieval.encoder import Encoder
+from retrieval.grid import grid_from_embeddings
 
-from matvit import data, evaluate, provenance  # noqa: E402
-from matvit import spec as specs  # noqa: E402
-from matvit.config import GRANULARITY_NAMES, TrainRecipe, get_preset  # noqa: E402
-from matvit.train import Trainer, TrainOptions  # noqa: E402
-
-from .budget import measure  # noqa: E402
-from .encoder import Encoder  # noqa: E402
-from .evaluate import grid_from_embeddings, heatmap  # noqa: E402
+from .plots import consistency_grids_png, pareto_png
 
 
 @dataclass
@@ -42,17 +39,21 @@ class BenchOptions:
     latency_repeats: int = 15
 
 
-def _run_matches(run: Path, opts: BenchOptions, baseline: str | None, recipe: TrainRecipe) -> bool:
-    """True when `run` is a finished training of this model with this data, recipe and seed."""
+def _comparable(train: dict) -> dict:
+    """A run's `TrainOptions.to_dict()` as JSON would give it back, without the output directory."""
+    return {k: v for k, v in json.loads(json.dumps(train)).items() if k != "out"}
+
+
+def _run_matches(run: Path, train_opts: TrainOptions) -> bool:
+    """True when `run` is a finished training with exactly these options (every one but `out`)."""
     try:
         train = json.loads((run / "config.json").read_text())["train"]
         finished = (run / "eval.json").is_file()
         log_epochs = len((run / "train_log.jsonl").read_text().splitlines())
     except (FileNotFoundError, KeyError, json.JSONDecodeError):
         return False
-    same = (train["preset"], train["dataset"], train["seed"], train.get("baseline")) == (
-        opts.preset, opts.dataset, opts.seed, baseline)
-    return finished and same and train.get("recipe") == asdict(recipe) and log_epochs == recipe.epochs
+    same = _comparable(train) == _comparable(train_opts.to_dict())
+    return finished and same and log_epochs == train_opts.recipe.epochs
 
 
 def train_or_reuse(opts: BenchOptions, baseline: str | None, log=print) -> tuple[Encoder, float]:
@@ -62,7 +63,7 @@ def train_or_reuse(opts: BenchOptions, baseline: str | None, log=print) -> tuple
     run = Path(opts.cache or Path("runs") / "consistency" / f"{opts.preset}-{slug}") / name
     train_opts = TrainOptions(preset=opts.preset, dataset=opts.dataset, out=run, data_dir=opts.data_dir,
                               epochs=opts.epochs, baseline=baseline, seed=opts.seed)
-    if opts.reuse and _run_matches(run, opts, baseline, train_opts.recipe):
+    if opts.reuse and _run_matches(run, train_opts):
         log(f"reusing {run}")
     else:
         log(f"training {name} ({train_opts.recipe.epochs} epochs) into {run}")
@@ -95,7 +96,7 @@ def run(opts: BenchOptions, log=print) -> dict:
     mixnmatch = []
     for spec in specs.monotone(cfg):
         emb = mq[spec.text] if spec.text in mq else matvit.encode(queries.images, spec)
-        knn1 = evaluate.knn1(xl_index, gallery.labels, emb, queries.labels)
+        knn1 = metrics.knn1(xl_index, gallery.labels, emb, queries.labels)
         mixnmatch.append({"spec": spec.text, **measure(matvit, spec, opts.latency_repeats), "knn1": knn1})
     costs = {"matvit": {s.text: measure(matvit, s, opts.latency_repeats) for s in named},
              "baseline": {g: measure(enc, g, opts.latency_repeats) for g, (enc, _) in baselines.items()}}
@@ -112,8 +113,8 @@ def run(opts: BenchOptions, log=print) -> dict:
     result["targets"] = targets(result)
     (out / "consistency.json").write_text(json.dumps(result, indent=2))
     (out / "consistency.md").write_text(markdown(result))
-    plot_grids(result, out / "grid.png")
-    plot_pareto(result, out / "pareto.png")
+    consistency_grids_png(result, out / "grid.png")
+    pareto_png(result, out / "pareto.png")
     return result
 
 
@@ -192,45 +193,3 @@ def _fmt(v) -> str:
     if isinstance(v, dict):
         return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) + "}"
     return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-def plot_grids(r: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
-    heatmap(r["matvit"], axes[0], "MatViT: 1-NN accuracy")
-    heatmap(r["baseline"], axes[1], "Independent baselines: 1-NN accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Points no other point beats on both lower cost and higher accuracy, by cost."""
-    front, best = [], -1.0
-    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
-        if y > best:
-            front.append((x, y))
-            best = y
-    return front
-
-
-def plot_pareto(r: dict, path: Path) -> None:
-    m = r["matvit"]["grid"]
-    pts = [(row["gflops"], row["knn1"]) for row in r["mixnmatch"]]
-    fig, ax = plt.subplots(figsize=(7, 4.8))
-    ax.scatter(*zip(*pts, strict=True), s=14, color="tab:blue", alpha=0.6, label="Mix'n'Match (XL index)")
-    ax.plot(*zip(*pareto_front(pts), strict=True), color="tab:blue", lw=1, label="Pareto frontier")
-    flops = {row["spec"]: row["gflops"] for row in r["mixnmatch"]}
-    trained = [(flops[g], m["XL"][g]["knn1"], g) for g in m if g in flops]
-    ax.plot([t[0] for t in trained], [t[1] for t in trained], "r*-", ms=12, lw=1,
-            label="trained granularities (XL index)")
-    for x, y, g in trained:
-        ax.annotate(g, (x, y), textcoords="offset points", xytext=(5, -12))
-    base = [(r["cost"]["baseline"][g]["gflops"], r["baseline"]["grid"][g][g]["knn1"]) for g in r["baseline"]["grid"]]
-    ax.scatter(*zip(*base, strict=True), marker="s", color="tab:gray", label="baselines (own index)")
-    ax.set_xlabel("query encoder GFLOPs per image")
-    ax.set_ylabel("1-NN accuracy")
-    ax.set_title(f"{r['dataset']}: query encoders against one XL index")
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

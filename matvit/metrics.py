@@ -1,4 +1,4 @@
-"""Evaluation: batched embedding, classification accuracy and k-NN retrieval metrics."""
+"""Batched embedding, classification accuracy and k-NN retrieval metrics."""
 
 from __future__ import annotations
 
@@ -34,14 +34,23 @@ def search(gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
-def knn_metrics(neighbour_labels: np.ndarray, query_labels: np.ndarray) -> dict[str, float]:
-    """1-NN accuracy, top-5 accuracy (a correct label among 5 neighbours) and mAP@k (k = columns)."""
-    query_labels = np.asarray(query_labels)
+def map_definition(k: int) -> str:
+    """The mAP@k that `knn_metrics` computes, in words (recorded beside the numbers)."""
+    return (f"AP@{k} = sum over ranks i <= {k} of precision@i * rel(i), divided by min({k}, number of gallery items "
+            f"with the query's label) (0 when there are none); mAP@{k} is its mean over queries")
+
+
+def knn_metrics(neighbour_labels: np.ndarray, query_labels, gallery_labels) -> dict[str, float]:
+    """1-NN accuracy, top-5 accuracy (a correct label among 5 neighbours) and mAP@k (k = columns of
+    `neighbour_labels`, the labels of each query's ranked neighbours; see `map_definition`)."""
+    query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)
     hits = neighbour_labels == query_labels[:, None]
     k = hits.shape[1]
     precision = np.cumsum(hits, axis=1) / np.arange(1, k + 1)
-    relevant = hits.sum(1)
-    ap = np.where(relevant > 0, (precision * hits).sum(1) / np.maximum(relevant, 1), 0.0)
+    count = dict(zip(*(a.tolist() for a in np.unique(gallery_labels, return_counts=True)), strict=True))
+    relevant = np.array([count.get(q, 0) for q in query_labels.tolist()], dtype=np.int64)
+    denominator = np.minimum(k, relevant)
+    ap = np.where(denominator > 0, (precision * hits).sum(1) / np.maximum(denominator, 1), 0.0)
     return {
         "knn1": float(hits[:, 0].mean()),
         "top5": float(hits[:, :5].any(1).mean()),

@@ -1,6 +1,6 @@
-"""Index-build throughput and per-submodel query latency, written to docs/results/<name>.{json,md}.
+"""The index benchmark: build throughput and per-submodel query latency, written to <out>.{json,md}.
 
-    python scripts/bench_index.py --checkpoint runs/fmnist --dataset fashion-mnist --out docs/results/index-fmnist
+    matvit bench index --checkpoint runs/fmnist --dataset fashion-mnist --out docs/results/index-fmnist
 
 In one run it measures: building the index from the in-memory train split, building it from the
 test split saved as PNG files (decoded in DataLoader workers), the pure XL forward throughput on
@@ -9,17 +9,16 @@ the same machine, and the latency of single-image queries with each named submod
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from matvit import data, provenance
 from matvit import spec as specs
+from matvit.images import to_png
 from retrieval import build
 from retrieval.encoder import Encoder
 from retrieval.retriever import Retriever
@@ -38,50 +37,43 @@ def query_latency(retriever: Retriever, files: list[Path], spec: str) -> dict:
     return {key: round(float(np.median([t[key] for t in timings])), 3) for key in timings[0]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--index", type=Path, default=Path("runs/bench-index"))
-    parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--out", type=Path, required=True, help="path without suffix")
-    args = parser.parse_args()
-
-    encoder = Encoder.load(args.checkpoint)
+def run(checkpoint: Path, dataset: str, index: Path, out: Path, queries: int = 200) -> dict:
+    """Build `index` from the train split, time everything, write `out`.json and `out`.md; returns the report."""
+    encoder = Encoder.load(checkpoint)
     cfg = encoder.config
-    train = build.DatasetSource(args.dataset, "train", cfg.img_size, cfg.in_chans)
-    test = data.load(args.dataset, "test", cfg.img_size, cfg.in_chans)
-    report = {"dataset": args.dataset, "checkpoint": str(args.checkpoint), "fingerprint": encoder.fingerprint,
-              **provenance.record(["python", "scripts/bench_index.py", "--checkpoint", str(args.checkpoint),
-                                   "--dataset", args.dataset, "--out", str(args.out)])}
+    train = build.DatasetSource(dataset, "train", cfg.img_size, cfg.in_chans)
+    test = data.load(dataset, "test", cfg.img_size, cfg.in_chans)
+    report = {"dataset": dataset, "checkpoint": str(checkpoint), "fingerprint": encoder.fingerprint, "queries": queries,
+              **provenance.record()}
 
     sample = train.set.images[:10000]
     report["xl_forward"] = {"images": len(sample), "images_per_s": round(forward_throughput(encoder, sample), 1)}
-    report["build_in_memory"] = build.build(encoder, train, args.index)
+    report["build_in_memory"] = build.build(encoder, train, index)
 
     with tempfile.TemporaryDirectory() as tmp:
         files = []
         for i, (img, label) in enumerate(zip(test.images, test.labels.tolist(), strict=True)):
             path = Path(tmp) / "gallery" / test.classes[label] / f"{i:05d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img.permute(1, 2, 0).squeeze(-1).numpy()).save(path)
+            path.write_bytes(to_png(img))
             files.append(path)
         folder = build.FolderSource(Path(tmp) / "gallery", cfg.img_size, cfg.in_chans, workers=2)
         report["build_from_png_files"] = build.build(encoder, folder, Path(tmp) / "index")
-        retriever = Retriever(args.index, encoder=encoder)
+        retriever = Retriever(index, encoder=encoder)
         report["query_latency_ms"] = {}
         for spec in specs.named(cfg):
-            row = query_latency(retriever, files[: args.queries], spec.text)
+            row = query_latency(retriever, files[:queries], spec.text)
             report["query_latency_ms"][spec.text] = {**row, "gflops": round(encoder.gflops(spec), 5),
                                                       "params": encoder.params(spec)}
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(report, args.queries))
-    print(markdown(report, args.queries))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(markdown(report))
+    return report
 
 
-def markdown(r: dict, queries: int) -> str:
+def markdown(r: dict) -> str:
     mem, png = r["build_in_memory"], r["build_from_png_files"]
     lines = [
         f"# Index build and query latency: {r['dataset']}",
@@ -98,7 +90,7 @@ def markdown(r: dict, queries: int) -> str:
         f"| build-index, PNG files decoded in 2 workers ({png['index_key']}) | {png['added']} | "
         f"{png['images_per_s']:,.0f} |",
         "",
-        f"Single-image queries against the {mem['count']}-image XL index (median of {queries}, ms):",
+        f"Single-image queries against the {mem['count']}-image XL index (median of {r['queries']}, ms):",
         "",
         "| query submodel | GFLOPs | params | decode | encode | search | total |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -107,7 +99,3 @@ def markdown(r: dict, queries: int) -> str:
         lines.append(f"| {spec} | {t['gflops']:.4f} | {t['params']:,} | {t['decode']:.2f} | {t['encode']:.2f} | "
                      f"{t['search']:.2f} | {t['total']:.2f} |")
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,1 @@
+"""Benchmarks (`matvit bench ...`): cross-consistency against baselines, index build and query speed, their plots."""
