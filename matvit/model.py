@@ -8,6 +8,7 @@ smaller granularities as its first k neurons; a forward at width k computes with
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,12 @@ class NestedMlp(Mlp):
         x = F.linear(x, self.fc2.weight[:, :k], self.fc2.bias)
         return self.drop2(x)
 
+    @classmethod
+    def exact(cls, hidden: int, **kwargs) -> NestedMlp:
+        """An FFN of exactly `hidden` neurons. timm's blocks pass `hidden_features=int(dim * mlp_ratio)`, which
+        float rounding can leave one short (`int(44 * (120 / 44)) == 119`); this replaces it."""
+        return cls(**{**kwargs, "hidden_features": hidden})
+
 
 class MatViT(VisionTransformer):
     """A timm ViT whose blocks run at the per-layer FFN widths of a `Submodel`.
@@ -42,7 +49,7 @@ class MatViT(VisionTransformer):
     """
 
     def __init__(self, config: MatViTConfig) -> None:
-        super().__init__(**config.timm_kwargs(), mlp_layer=NestedMlp)
+        super().__init__(**config.timm_kwargs(), mlp_layer=functools.partial(NestedMlp.exact, config.mlp_hidden))
         self.config = config
         self._spec_lock = threading.RLock()
 
@@ -51,16 +58,18 @@ class MatViT(VisionTransformer):
 
     @contextmanager
     def submodel(self, spec: str | Submodel | None) -> Iterator[None]:
-        """Run the blocks at `spec`'s widths inside the `with` (calls are serialised)."""
-        widths = self.spec(spec).widths if spec is not None else (None,) * self.config.depth
+        """Run the blocks at `spec`'s widths inside the `with`; None keeps the widths of an enclosing `with`
+        (all neurons outside any). Leaving restores the widths found on entry. Other threads wait."""
+        widths = None if spec is None else self.spec(spec).widths
         with self._spec_lock:
-            for block, w in zip(self.blocks, widths, strict=True):
-                block.mlp.width = w
+            outer = [block.mlp.width for block in self.blocks]
             try:
+                for block, w in zip(self.blocks, widths or outer, strict=True):
+                    block.mlp.width = w
                 yield
             finally:
-                for block in self.blocks:
-                    block.mlp.width = None
+                for block, w in zip(self.blocks, outer, strict=True):
+                    block.mlp.width = w
 
     def features_and_logits(
         self, x: torch.Tensor, spec: str | Submodel | None = None
@@ -71,6 +80,7 @@ class MatViT(VisionTransformer):
         return feats, self.head(feats)
 
     def forward(self, x: torch.Tensor, spec: str | Submodel | None = None) -> torch.Tensor:
+        """Logits at `spec`; None runs the enclosing `submodel` context's widths, else XL."""
         return self.features_and_logits(x, spec)[1]
 
     def embed(self, images: torch.Tensor, spec: str | Submodel = "XL") -> torch.Tensor:

@@ -4,8 +4,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from matvit import spec as specs
-from matvit.config import get_preset
-from matvit.model import MatViT
+from matvit.config import MatViTConfig, get_preset
+from matvit.extract import extract
+from matvit.model import MatViT, NestedMlp
 
 
 def masked_forward(model: MatViT, x: torch.Tensor, spec) -> torch.Tensor:
@@ -66,3 +67,49 @@ def test_submodel_context_restores_full_width():
     with model.submodel("S"):
         assert all(b.mlp.width == 16 for b in model.blocks)
     assert all(b.mlp.width is None for b in model.blocks)
+
+
+def test_forward_without_spec_runs_the_enclosing_submodel():
+    model = _model()
+    x = torch.randn(3, 1, 8, 8)
+    with model.submodel("S"):
+        inside = model(x)
+        inside_embed = model.features_and_logits(x)[0]
+    torch.testing.assert_close(inside, model(x, "S"), rtol=0, atol=0)
+    torch.testing.assert_close(inside_embed, model.features_and_logits(x, "S")[0], rtol=0, atol=0)
+    assert all(b.mlp.width is None for b in model.blocks)
+    torch.testing.assert_close(model(x), model(x, "XL"), rtol=0, atol=0)
+
+
+def test_nested_submodel_contexts_restore_the_outer_widths():
+    model = _model()
+    x = torch.randn(3, 1, 8, 8)
+    mix = specs.parse("S,M,L,XL", model.config)
+    with model.submodel(mix):
+        with model.submodel("M"):
+            assert [b.mlp.width for b in model.blocks] == [32] * 4
+            torch.testing.assert_close(model(x), model(x, "M"), rtol=0, atol=0)
+        assert [b.mlp.width for b in model.blocks] == list(mix.widths)
+        torch.testing.assert_close(model(x, "S"), model(x, specs.uniform("S", model.config)), rtol=0, atol=0)
+        assert [b.mlp.width for b in model.blocks] == list(mix.widths)
+        after_inner = model(x)
+    torch.testing.assert_close(after_inner, model(x, mix), rtol=0, atol=0)
+    assert all(b.mlp.width is None for b in model.blocks)
+
+
+def test_ffn_width_is_exact_when_mlp_hidden_is_not_a_multiple_of_embed_dim():
+    config = MatViTConfig(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=44, depth=2, num_heads=4,
+                          mlp_hidden=120)
+    assert int(config.embed_dim * (config.mlp_hidden / config.embed_dim)) != config.mlp_hidden  # timm's rounding
+    torch.manual_seed(0)
+    model = MatViT(config).eval()
+    assert isinstance(model, VisionTransformer)
+    assert all(isinstance(b.mlp, NestedMlp) and b.mlp.fc1.out_features == 120 for b in model.blocks)
+    assert all(b.mlp.fc2.in_features == 120 for b in model.blocks)
+    assert config.granularities == {"S": 15, "M": 30, "L": 60, "XL": 120}
+    x = torch.randn(2, 1, 8, 8)
+    for text in ("XL", "S,L"):
+        standalone = extract(model, text)
+        assert [b.mlp.fc1.out_features for b in standalone.blocks] == list(model.spec(text).widths)
+        with torch.no_grad():
+            torch.testing.assert_close(standalone(x), model(x, text))
