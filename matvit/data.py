@@ -104,19 +104,29 @@ def list_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in imageio.IMAGE_SUFFIXES and p.is_file())
 
 
-def folder_split(root: Path, split: str) -> tuple[list[Path], list[str]]:
-    """Files of `split` and the class names. Uses `root/train` and `root/test` when both exist,
-    else a stable 90/10 split of the whole tree by a hash of each relative path."""
-    if (root / "train").is_dir() and (root / "test").is_dir():
+def list_classes(root: Path) -> list[str]:
+    """Class names of a class-per-sub-folder tree: its sub-folders, sorted."""
+    return sorted(p.name for p in Path(root).iterdir() if p.is_dir())
+
+
+def folder_split(root: Path, split: str) -> tuple[list[Path], Path, list[str]]:
+    """Files of `split`, the folder their class sub-folders are in, and the class names.
+
+    When `root/train` or `root/test` exists, those are the splits (a missing one is empty) and the classes are
+    the sub-folders of either; else a stable 90/10 split of the whole tree by a hash of each relative path.
+    """
+    splits = [root / s for s in ("train", "test") if (root / s).is_dir()]
+    if splits:
         base = root / split
-        files = list_images(base)
-        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+        files = list_images(base) if base.is_dir() else []
+        classes = sorted({c for folder in splits for c in list_classes(folder)})
     else:
         base = root
-        in_test = [zlib.crc32(str(p.relative_to(root)).encode()) % 10 == 0 for p in list_images(root)]
-        files = [p for p, t in zip(list_images(root), in_test, strict=True) if t == (split == "test")]
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    return files, classes
+        everything = list_images(root)
+        in_test = [zlib.crc32(str(p.relative_to(root)).encode()) % 10 == 0 for p in everything]
+        files = [p for p, t in zip(everything, in_test, strict=True) if t == (split == "test")]
+        classes = list_classes(root)
+    return files, base, classes
 
 
 def folder_labels(files: list[Path], base: Path, classes: list[str]) -> list[int]:
@@ -184,7 +194,9 @@ def load_folder(root: Path, split: str, img_size: int, in_chans: int, workers: i
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"image folder not found: {root}")
-    files, classes = folder_split(root, split)
+    files, base, classes = folder_split(root, split)
+    if not base.is_dir():
+        raise DatasetError(f"no {split}/ folder in {root}: a tree split into train/ and test/ needs both")
     if not files:
         raise DatasetError(f"no images ({', '.join(sorted(imageio.IMAGE_SUFFIXES))}) for split {split!r} in {root}")
     kept, images, bad = decode_files(files, img_size, in_chans, workers, desc=f"decoding {split}")
@@ -192,22 +204,21 @@ def load_folder(root: Path, split: str, img_size: int, in_chans: int, workers: i
         log.warning("skipped: %s", err)
     if bad:
         log.warning("skipped %d unreadable image(s) of %d in %s", len(bad), len(files), root)
-    base = root / split if (root / split).is_dir() and (root / "test").is_dir() else root
     labels = folder_labels([files[i] for i in kept], base, classes)
     return ImageSet(images, torch.as_tensor(labels, dtype=torch.int64), classes,
                     [str(files[i]) for i in kept], skipped=len(bad))
 
 
 @functools.lru_cache(maxsize=4)
-def _native(name: str, split: str) -> ImageSet:
+def _native(name: str, split: str, data_dir: str | None = None) -> ImageSet:
     if name == "digits":
         return load_digits(split)
-    return load_fashion_mnist(split, None)
+    return load_fashion_mnist(split, data_dir and Path(data_dir))
 
 
-def source_image(source: str) -> torch.Tensor | None:
+def source_image(source: str, data_dir: str | None = None) -> torch.Tensor | None:
     """The native-size uint8 C x H x W image of a dataset source as the loaders above record it
-    (`digits:17`, `fashion-mnist:train:5`); None for anything else (such as a file path)."""
+    (`digits:17`, `fashion-mnist:train:5`, read from `data_dir` when given); None for anything else."""
     parts = source.split(":")
     if parts[0] == "digits" and len(parts) == 2:
         for split in ("train", "test"):
@@ -215,7 +226,7 @@ def source_image(source: str) -> torch.Tensor | None:
             if source in ds.sources:
                 return ds.images[ds.sources.index(source)]
     if parts[0] == "fashion-mnist" and len(parts) == 3 and parts[1] in ("train", "test") and parts[2].isdigit():
-        ds = _native("fashion-mnist", parts[1])
+        ds = _native("fashion-mnist", parts[1], data_dir)
         return ds.images[int(parts[2])] if int(parts[2]) < len(ds) else None
     return None
 

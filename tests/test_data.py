@@ -62,6 +62,36 @@ def test_folder_with_train_and_test_subfolders(tmp_path):
     assert len(ds) == 8 and ds.skipped == 2 and all("/test/" in s for s in ds.sources)
 
 
+@pytest.mark.parametrize("present", ["train", "test"])
+def test_folder_with_only_one_split_folder(tmp_path, present):
+    write_odd_images(tmp_path / present)
+    (tmp_path / present / "fox").mkdir()
+    ds = data.load(f"folder:{tmp_path}", present, 16, 3)
+    assert ds.classes == ["cat", "dog", "fox"]
+    assert len(ds) == 8 and all(f"/{present}/" in s for s in ds.sources)
+    assert sorted(set(ds.labels.tolist())) == [0, 1]
+    missing = "test" if present == "train" else "train"
+    with pytest.raises(data.DatasetError, match=f"no {missing}/ folder in {tmp_path}"):
+        data.load(f"folder:{tmp_path}", missing, 16, 3)
+
+
+def test_split_classes_come_from_both_split_folders(tmp_path):
+    for split in ("train", "test"):
+        write_odd_images(tmp_path / split)
+    (tmp_path / "test" / "eel").mkdir()
+    (tmp_path / "test" / "eel" / "a.png").write_bytes((tmp_path / "test" / "cat" / "grey.png").read_bytes())
+    train, test = (data.load(f"folder:{tmp_path}", split, 16, 3) for split in ("train", "test"))
+    assert train.classes == test.classes == ["cat", "dog", "eel"]
+    assert dict(zip([s.rsplit("/", 1)[-1] for s in test.sources], test.labels.tolist(), strict=True))["a.png"] == 2
+
+
+def test_list_classes_is_the_sorted_sub_folders(tmp_path):
+    for name in ("zebra", "ant", "Moth"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "readme.txt").write_text("not a class")
+    assert data.list_classes(tmp_path) == ["Moth", "ant", "zebra"]
+
+
 def test_rgba_is_composited_on_white():
     img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     assert images.prepare(img, 4, 3).min() == 255
