@@ -1,4 +1,5 @@
-"""Checkpoints: `model.safetensors` plus `config.json` in a directory, and the weights' fingerprint."""
+"""Checkpoints: `model.safetensors` plus `config.json` in a directory (the published model), the weights'
+fingerprint, and the training checkpoint a run resumes from."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from safetensors.torch import load_file, save_file
 from .config import MatViTConfig
 from .errors import UserError
 from .model import MatViT
+
+TRAINING_FILE = "training.pt"
 
 
 class CheckpointError(UserError):
@@ -63,3 +66,21 @@ def load(directory: Path) -> tuple[MatViT, dict]:
     except RuntimeError as e:
         raise CheckpointError(f"{weights} does not match its config.json: {str(e).splitlines()[0]}") from e
     return model.eval(), meta
+
+
+def save_training(directory: Path, state: dict) -> None:
+    """Write the whole training state (weights, optimizer, ..., see `train.Trainer.save`) as one file, atomically."""
+    tmp = Path(directory) / f"{TRAINING_FILE}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, Path(directory) / TRAINING_FILE)
+
+
+def load_training(directory: Path) -> dict | None:
+    """The training state saved in `directory`; None when there is none."""
+    path = Path(directory) / TRAINING_FILE
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # torch raises several types for a damaged file
+        raise CheckpointError(f"cannot read the training checkpoint {path}: {str(e).splitlines()[0]}") from e

@@ -3,6 +3,7 @@
 `sum` mode: every granularity sees the same batch, each loss gets its own backward (gradients
 accumulate, activation memory stays that of one forward) and one optimizer step follows.
 `sample` mode: one granularity per step, drawn with the given probabilities.
+Distillation: every pass but the largest granularity also learns from the largest's output on the batch.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -28,8 +29,7 @@ from .config import MatViTConfig, TrainRecipe, get_preset
 from .errors import UserError
 from .images import to_input
 from .model import MatViT
-
-STATE_FILE = "train_state.pt"
+from .spec import Submodel
 
 
 @dataclass
@@ -79,6 +79,28 @@ class TrainOptions:
         return d
 
 
+def option_differences(saved: dict, given: dict) -> list[str]:
+    """`name (saved X, given Y)` for every option (`TrainOptions.to_dict()`, `out` aside) that differs; a recipe
+    field is named `recipe.<field>` unless the option of the same name already differs."""
+    def flat(options: dict) -> dict:
+        top = {k: v for k, v in options.items() if k not in ("out", "recipe")}
+        return top | {f"recipe.{k}": v for k, v in options.get("recipe", {}).items()}
+
+    a, b = flat(saved), flat(given)
+    keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    return [f"{k} (saved {a.get(k)!r}, given {b.get(k)!r})" for k in keys
+            if not (k.startswith("recipe.") and k.removeprefix("recipe.") in keys)]
+
+
+class Pass(NamedTuple):
+    """One forward and backward of a training step: a granularity (None for a Mix'n'Match submodel), its spec,
+    and the weight of its loss."""
+
+    granularity: str | None
+    spec: Submodel
+    weight: float
+
+
 def augment(images: torch.Tensor, kind: str) -> torch.Tensor:
     """Per image: `crop` pads by size/8 and crops back at a random offset; `crop-flip` also flips
     half of the images left-right; `none` leaves them as they are."""
@@ -105,7 +127,8 @@ def lr_lambda(total_steps: int, warmup_steps: int):
 
 
 class Trainer:
-    """One training run writing `model.safetensors`, `config.json`, `train_log.jsonl`, `eval.json`."""
+    """One training run writing `model.safetensors`, `config.json`, `train_log.jsonl`, `eval.json`, and the
+    training checkpoint it resumes from (`checkpoint.TRAINING_FILE`)."""
 
     def __init__(self, opts: TrainOptions) -> None:
         self.opts, self.recipe, self.out = opts, opts.recipe, Path(opts.out)
@@ -142,22 +165,34 @@ class Trainer:
 
     # --- persistence -------------------------------------------------------------------------
     def save(self) -> None:
+        """Write the training checkpoint (one atomic file with everything a resume needs), then the published
+        checkpoint (`model.safetensors` + `config.json`). Only torch's global RNG needs saving: an epoch's
+        Python draws come from a `random.Random` seeded by the seed and the epoch, and numpy draws nothing."""
+        checkpoint.save_training(self.out, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": {"torch": torch.get_rng_state()},
+            "epoch": self.epoch, "seconds": self.seconds, "options": self.opts.to_dict(),
+        })
         checkpoint.save(self.model, self.out, classes=self.train_set.classes, dataset=self.opts.dataset,
                         preset=self.opts.preset, baseline=self.opts.baseline, train=self.opts.to_dict())
-        state = {"epoch": self.epoch, "seconds": self.seconds, "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict()}
-        torch.save(state, self.out / f"{STATE_FILE}.tmp")
-        (self.out / f"{STATE_FILE}.tmp").replace(self.out / STATE_FILE)
 
-    def restore(self) -> None:
-        state = torch.load(self.out / STATE_FILE, weights_only=False)
-        self.model.load_state_dict(load_file(self.out / "model.safetensors"), strict=True)
+    def restore(self) -> bool:
+        """Continue from the training checkpoint in `out` (False when there is none); a checkpoint saved with
+        other options is refused."""
+        state = checkpoint.load_training(self.out)
+        if state is None:
+            return False
+        if differences := option_differences(state["options"], self.opts.to_dict()):
+            raise UserError(f"cannot resume {self.out}: its run had other options: {'; '.join(differences)}")
+        self.model.load_state_dict(state["model"], strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
         self.epoch, self.seconds = state["epoch"], state["seconds"]
         log = self.out / "train_log.jsonl"
         lines = log.read_text().splitlines()[: self.epoch] if log.exists() else []
         log.write_text("".join(line + "\n" for line in lines))
+        return True
 
     # --- training ----------------------------------------------------------------------------
     def _loss(self, x, y, spec, teacher):
@@ -170,53 +205,75 @@ class Trainer:
             loss = loss + (1 - F.cosine_similarity(feats, teacher[0], dim=-1)).mean()
         return loss, feats, logits
 
+    def passes(self, rng: random.Random) -> list[Pass]:
+        """The passes of one optimizer step. `sum`: every granularity, largest first, each loss weighted by
+        `--weights`; `sample`: one granularity drawn with the weights as probabilities. Then, with probability
+        `--mixnmatch-prob`, a random monotone Mix'n'Match submodel weighted by the mean weight."""
+        cfg = self.model.config
+        if self.opts.mode == "sum":
+            plan = [Pass(g, specs.uniform(g, cfg), self.weights[g]) for g in reversed(self.granularities)]
+        else:
+            g = rng.choices(self.granularities, weights=[self.weights[g] for g in self.granularities])[0]
+            plan = [Pass(g, specs.uniform(g, cfg), 1.0)]
+        if rng.random() < self.opts.mixnmatch_prob:
+            plan.append(Pass(None, specs.random_monotone(cfg, rng), float(np.mean(list(self.weights.values())))))
+        return plan
+
+    def accumulate(self, x: torch.Tensor, labels: torch.Tensor,
+                   plan: list[Pass]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Zero the gradients, then forward and backward every pass of `plan`; returns each pass's loss and
+        logits, detached. The distillation teacher is the largest granularity's pass when it ran first, else
+        a forward of the largest granularity without gradients."""
+        largest = self.granularities[-1]
+        self.optimizer.zero_grad(set_to_none=True)
+        teacher, results = None, []
+        for p in plan:
+            student = p.granularity != largest
+            if student and teacher is None and self.opts.distill != "none":
+                with torch.no_grad():
+                    teacher = self.model.features_and_logits(x, specs.uniform(largest, self.model.config))
+            loss, feats, logits = self._loss(x, labels, p.spec, teacher if student else None)
+            (p.weight * loss).backward()
+            if not student:
+                teacher = (feats.detach(), logits.detach())
+            results.append((loss.detach(), logits.detach()))
+        return results
+
     def train_epoch(self) -> dict:
-        cfg, rng_seed = self.model.config, self.opts.seed * 1000 + self.epoch
+        rng_seed = self.opts.seed * 1000 + self.epoch
         torch.manual_seed(rng_seed)
         rng = random.Random(rng_seed)
         loader = DataLoader(self.train_set, batch_size=self.recipe.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(rng_seed))
-        largest = self.granularities[-1]
         sums = {g: [0.0, 0, 0] for g in self.granularities}  # loss sum, correct, seen
         self.model.train()
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.recipe.epochs}", unit="batch", leave=False)
         for images, labels in bar:
-            x = to_input(augment(images, self.recipe.augment))
-            if self.opts.mode == "sum":
-                steps = [(g, specs.uniform(g, cfg), self.weights[g]) for g in reversed(self.granularities)]
-            else:
-                g = rng.choices(self.granularities, weights=[self.weights[g] for g in self.granularities])[0]
-                steps = [(g, specs.uniform(g, cfg), 1.0)]
-            if rng.random() < self.opts.mixnmatch_prob:
-                steps.append((None, specs.random_monotone(cfg, rng), float(np.mean(list(self.weights.values())))))
-            self.optimizer.zero_grad(set_to_none=True)
-            teacher = None
-            for g, spec, weight in steps:
-                use_teacher = teacher if g != largest and self.opts.distill != "none" else None
-                loss, feats, logits = self._loss(x, labels, spec, use_teacher)
-                (weight * loss).backward()
-                if g == largest:
-                    teacher = (feats.detach(), logits.detach())
-                if g is not None:
-                    s = sums[g]
+            plan = self.passes(rng)
+            results = self.accumulate(to_input(augment(images, self.recipe.augment)), labels, plan)
+            for p, (loss, logits) in zip(plan, results, strict=True):
+                if p.granularity is not None:
+                    s = sums[p.granularity]
                     s[0] += loss.item() * len(labels)
                     s[1] += int((logits.argmax(1) == labels).sum())
                     s[2] += len(labels)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{results[-1][0].item():.3f}")
         seen = {g: s for g, s in sums.items() if s[2]}
         return {"loss": {g: s[0] / s[2] for g, s in seen.items()}, "acc": {g: s[1] / s[2] for g, s in seen.items()}}
 
     def run(self, resume: bool = False, log=print) -> dict:
         """Train (from the last finished epoch when `resume`), then evaluate; returns eval.json's dict."""
         self.out.mkdir(parents=True, exist_ok=True)
-        if resume and (self.out / STATE_FILE).exists():
-            self.restore()
+        if resume and self.restore():
             log(f"resuming {self.out} after epoch {self.epoch}/{self.recipe.epochs}")
-        elif (self.out / "train_log.jsonl").exists():
-            (self.out / "train_log.jsonl").unlink()
+        else:
+            if resume:
+                log(f"no training checkpoint in {self.out}; starting from the first epoch")
+            (self.out / "train_log.jsonl").unlink(missing_ok=True)
+        first = self.epoch
         while self.epoch < self.recipe.epochs:
             start = time.perf_counter()
             stats = self.train_epoch()
@@ -229,7 +286,7 @@ class Trainer:
             self.save()
             log(" ".join([f"epoch {self.epoch}/{self.recipe.epochs}"] + [
                 f"{g}: loss {stats['loss'][g]:.3f} acc {stats['acc'][g]:.3f}" for g in stats["loss"]]))
-        if self.epoch == 0:
+        if self.epoch == first:  # nothing trained here (no epochs, or a finished run resumed): publish it as is
             self.save()
         result = evaluate_checkpoint(self.model, self.train_set, self.test_set)
         result["train_seconds"] = round(self.seconds, 1)

@@ -16,11 +16,18 @@ from matvit.train import Trainer, TrainOptions  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def trained_dir(tmp_path_factory):
-    """A checkpoint directory of `matvit-tiny-digits` after 8 epochs."""
+def trainer(tmp_path_factory) -> Trainer:
+    """A finished run of `matvit-tiny-digits`, 8 epochs; its model is the one in memory at the end."""
     out = tmp_path_factory.mktemp("digits-run")
-    Trainer(TrainOptions(preset="matvit-tiny-digits", dataset="digits", out=out, epochs=8)).run(log=lambda s: None)
-    return out
+    trainer = Trainer(TrainOptions(preset="matvit-tiny-digits", dataset="digits", out=out, epochs=8))
+    trainer.run(log=lambda s: None)
+    return trainer
+
+
+@pytest.fixture(scope="session")
+def trained_dir(trainer):
+    """The checkpoint directory of that run."""
+    return trainer.out
 
 
 @pytest.fixture(scope="session")
