@@ -16,6 +16,7 @@ import streamlit as st
 
 from matvit import data
 from matvit.errors import UserError
+from matvit.images import to_hwc
 from retrieval.budget import Budget
 from retrieval.retriever import Retriever
 
@@ -31,7 +32,10 @@ def parse_args() -> argparse.Namespace:
 
 @st.cache_resource
 def load_retriever(index: str, checkpoint: str) -> Retriever:
-    return Retriever(Path(index), Path(checkpoint))
+    """The retriever, with a latency profile of this model on this machine (measured once if none is stored)."""
+    retriever = Retriever(Path(index), Path(checkpoint))
+    retriever.ensure_profile()
+    return retriever
 
 
 @st.cache_resource
@@ -47,7 +51,7 @@ def picture(source: str) -> np.ndarray | str:
     pixels = data.source_image(source)
     if pixels is None:
         return source
-    return pixels.permute(1, 2, 0).squeeze(-1).numpy()
+    return to_hwc(pixels)
 
 
 def show_results(result, true_label: str | None, columns: int = 5) -> None:
@@ -119,7 +123,7 @@ def main() -> None:
             return
         left, right = st.columns([1, 4])
         with left:
-            shown = source if isinstance(source, bytes) else source[0].permute(1, 2, 0).squeeze(-1).numpy()
+            shown = source if isinstance(source, bytes) else to_hwc(source[0])
             st.image(shown, caption=f"query{'' if true_label is None else f' ({true_label})'}", width=128)
         with right:
             st.subheader("Results")

@@ -40,9 +40,10 @@ def _save_test_image(path: Path) -> None:
     from PIL import Image
 
     from matvit import data
+    from matvit.images import to_hwc
 
     test = data.load("digits", "test", 8, 1)
-    Image.fromarray(test.images[0, 0].numpy()).resize((64, 64), Image.Resampling.NEAREST).save(path)
+    Image.fromarray(to_hwc(test.images[0])).resize((64, 64), Image.Resampling.NEAREST).save(path)
     print(f"\nquery: {path} (a test-split digit, true label {int(test.labels[0])})")
 
 

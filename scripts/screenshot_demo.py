@@ -20,6 +20,7 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import sync_playwright
 
 from matvit import checkpoint, data
+from matvit.images import to_hwc
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -54,7 +55,7 @@ def main() -> None:
                 time.sleep(0.5)
         with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
             query = Path(tmp) / f"{test.classes[int(test.labels[args.query])]}.png"
-            Image.fromarray(test.images[args.query].permute(1, 2, 0).squeeze(-1).numpy()).resize((112, 112)).save(query)
+            Image.fromarray(to_hwc(test.images[args.query])).resize((112, 112)).save(query)
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
             page = browser.new_page(viewport={"width": 1500, "height": 1100})
             page.goto(url, timeout=60_000)

@@ -1,15 +1,21 @@
 """The Streamlit demo: AppTest in process, and a real headless Chromium against the served page."""
 
+import io
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from app.demo import picture
 from matvit import data
+from matvit.images import to_hwc, to_png
 from retrieval import build
 from retrieval.encoder import Encoder
 from retrieval.retriever import Retriever
@@ -37,6 +43,18 @@ def result_marks(at) -> list[tuple[str, str]]:
     """(label, mark) of every result tile on the page."""
     tiles = [m.value for m in at.markdown if m.value.startswith("#")]
     return [(t.split("`")[1], t.split("`")[2].split()[0]) for t in tiles]
+
+
+def test_images_become_hwc_arrays_and_png_files():
+    grey = torch.randint(0, 256, (1, 5, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    rgb = torch.randint(0, 256, (3, 5, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    assert to_hwc(grey).shape == (5, 7) and to_hwc(rgb).shape == (5, 7, 3) and to_hwc(rgb).dtype == np.uint8
+    assert to_hwc(rgb)[2, 3].tolist() == rgb[:, 2, 3].tolist()
+    for image in (grey, rgb):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(to_png(image)))), to_hwc(image))
+    digits = data.load("digits", "train", 8, 1)
+    assert np.array_equal(picture(digits.sources[0]), digits.images[0, 0].numpy())  # native 8 x 8 digit
+    assert picture("cat/photo.jpg") == "cat/photo.jpg"
 
 
 def test_demo_random_query_shows_results_and_s_vs_xl(demo_env):
