@@ -19,6 +19,23 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def _recall_target(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recall-target", type=float, default=0.95,
+                        help="recall@10 an approximate index's nprobe / efSearch is tuned to")
+
+
+def _wait(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait", type=float, default=0.0,
+                        help="seconds to wait for another writer of the index to finish (default: fail at once)")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from matvit.train import Trainer, TrainOptions
 
@@ -62,7 +79,7 @@ def cmd_build_index(args: argparse.Namespace) -> None:
         raise UserError("give exactly one of --images PATH or --dataset NAME")
     encoder = Encoder.load(args.checkpoint)
     report = build.build(encoder, _source(args, encoder), args.out, args.submodel, args.index_key,
-                         args.batch_size, args.resume)
+                         args.batch_size, args.resume, args.recall_target, args.wait)
     print(json.dumps(report, indent=2))
 
 
@@ -72,16 +89,28 @@ def cmd_index_add(args: argparse.Namespace) -> None:
 
     encoder = Encoder.load(args.checkpoint)
     source = build.FolderSource(args.images, encoder.config.img_size, encoder.config.in_chans, args.workers)
-    print(json.dumps(build.add(encoder, source, args.index, args.batch_size, args.resume), indent=2))
+    report = build.add(encoder, source, args.index, args.batch_size, args.resume, args.recall_target, args.wait)
+    print(json.dumps(report, indent=2))
+
+
+def cmd_index_remove(args: argparse.Namespace) -> None:
+    from retrieval.index import remove
+
+    print(json.dumps({"removed": remove(args.index, args.ids, args.wait)}))
+
+
+def cmd_index_rebuild(args: argparse.Namespace) -> None:
+    from retrieval.index import rebuild
+
+    print(json.dumps(rebuild(args.index, args.index_key, args.recall_target, args.wait), indent=2))
 
 
 def cmd_index_info(args: argparse.Namespace) -> None:
     from retrieval.index import GalleryIndex
 
     index = GalleryIndex.open(args.index)
-    building = args.index / "building"
-    info = {**index.manifest, "version": index.version_dir.name, "vectors": index.count,
-            "unfinished_build": building.is_dir()}
+    info = {**index.manifest, "version": index.version_dir.name, "deleted_pending_rebuild": len(index.deleted),
+            "unfinished_build": (args.index / "building").is_dir(), "advice": index.advice()}
     print(json.dumps(info, indent=2))
 
 
@@ -95,7 +124,11 @@ def cmd_search(args: argparse.Namespace) -> None:
     from retrieval.retriever import Retriever
 
     retriever = Retriever(args.index, args.checkpoint)
-    result = retriever.search([args.image], k=args.k, submodel=args.submodel, budget=_budget(args))[0]
+    if args.budget_ms is not None:
+        retriever.ensure_profile()
+    params = {k: v for k, v in (("nprobe", args.nprobe), ("ef_search", args.ef_search)) if v is not None}
+    result = retriever.search([args.image], k=args.k, submodel=args.submodel, budget=_budget(args),
+                              search_params=params)[0]
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return
@@ -253,9 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2, help="decoding processes")
     p.add_argument("--resume", action="store_true", help="finish an interrupted build without re-embedding")
+    _recall_target(p)
+    _wait(p)
     p.set_defaults(func=cmd_build_index)
 
-    p = sub.add_parser("index", help="add images to an index, or show what an index holds")
+    p = sub.add_parser("index", help="add, remove or re-index items, or show what an index holds")
     isub = p.add_subparsers(dest="index_command", required=True)
     q = isub.add_parser("add", help="embed more images into an existing index")
     q.add_argument("--index", type=Path, required=True)
@@ -264,7 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=256)
     q.add_argument("--workers", type=int, default=2)
     q.add_argument("--resume", action="store_true")
+    _recall_target(q)
+    _wait(q)
     q.set_defaults(func=cmd_index_add)
+    q = isub.add_parser("remove", help="delete items by id (ids are never reused)")
+    q.add_argument("--index", type=Path, required=True)
+    q.add_argument("--ids", type=_ints, required=True, help="comma-separated item ids")
+    _wait(q)
+    q.set_defaults(func=cmd_index_remove)
+    q = isub.add_parser("rebuild", help="re-index the stored vectors with another FAISS kind (no re-embedding)")
+    q.add_argument("--index", type=Path, required=True)
+    q.add_argument("--index-key", default="auto", help="auto, Flat, HNSW32, IVF1024,PQ32, ... (FAISS factory)")
+    _recall_target(q)
+    _wait(q)
+    q.set_defaults(func=cmd_index_rebuild)
     q = isub.add_parser("info", help="print the manifest and counts")
     q.add_argument("--index", type=Path, required=True)
     q.set_defaults(func=cmd_index_info)
@@ -279,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--budget-ms", type=float, help="latency budget at batch 1 on this machine")
     group.add_argument("--budget-gflops", type=float)
     group.add_argument("--budget-params", type=float)
+    p.add_argument("--nprobe", type=int, help="IVF lists to visit (default: the value tuned at build)")
+    p.add_argument("--ef-search", type=int, help="HNSW search breadth (default: the value tuned at build)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_search)
 
