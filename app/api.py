@@ -1,66 +1,134 @@
-"""The REST API (FastAPI). It validates requests and calls `retrieval.Retriever`; it holds no model logic.
+"""The REST API (FastAPI). It validates requests and calls `retrieval.Retriever`; it holds no model or index logic.
 
-Errors are JSON `{"error": {"code", "message"}}`; user input never causes a 500. Inference runs in
-worker threads (never on the event loop), at most `inference_slots` at a time.
+Errors are JSON `{"error": {"code", "message", "request_id"}}`: user input never causes a 500, and an
+unexpected failure is a JSON 500 whose traceback is logged once. Every response carries `X-Request-ID`.
+Limits live in `Settings`; a request body is refused (413) as soon as it passes its route's byte limit,
+whatever its content type or transfer encoding. Inference and index writes run in worker threads,
+never on the event loop; at most `inference_slots` requests encode at a time (writes take no slot).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
-import mimetypes
+import hmac
+import logging
 import os
+import re
 import threading
 import time
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args, get_origin
 
 import torch
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Security, UploadFile
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from PIL import Image
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+from starlette.datastructures import FormData, Headers, MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from matvit import data
 from matvit.errors import UserError
 from matvit.images import ImageError, ImageTooLarge
-from retrieval.budget import Budget, BudgetError
+from retrieval.budget import Budget
 from retrieval.encoder import Encoder
+from retrieval.index import IndexBusy, ItemImageRefused, ItemNotFound
 from retrieval.retriever import Retriever
+
+log = logging.getLogger(__name__)
+
+PART_HEADER_BYTES = 1024  # a multipart part's boundary and headers
+OTHER_FIELDS_BYTES = 64 * 1024  # the fields of a body besides its images (options, an embedding)
 
 
 @dataclass
 class Settings:
+    """Everything an operator sets, including every limit a request is held to."""
+
     index: Path
     checkpoint: Path
     api_key: str | None = None
-    max_upload_bytes: int = 10 * 1024 * 1024
-    max_pixels: int = 40_000_000
-    max_batch: int = 32
+    metrics_need_key: bool = False  # /metrics behind the API key too (health endpoints always stay open)
+    max_upload_bytes: int = 10 * 1024 * 1024  # one image file in a request
+    max_pixels: int = 40_000_000  # one image, from its header, before decoding
+    max_batch: int = 32  # images in a batch search or an item add
+    max_field_bytes: int = 4096  # a text field of a multipart form (an option, a label, a name)
+    max_item_image_bytes: int = 32 * 1024 * 1024  # a gallery image file the server sends back
     inference_slots: int = 2
     encoder_cache: int = 8
+    write_wait: float = 30.0  # seconds an add or delete waits for another writer of the index before 409
+
+    def images_per_request(self, path: str) -> int:
+        """How many image files a request to `path` may carry."""
+        return {"/v1/search": 1, "/v1/search/batch": self.max_batch, "/v1/items": self.max_batch}.get(path, 0)
+
+    def body_limit(self, path: str) -> int:
+        """Bytes a request body to `path` may hold: its images base64-encoded (JSON is the larger form), a
+        label and a name per image, part headers, and the other fields."""
+        per_image = -(-self.max_upload_bytes * 4 // 3) + 2 * self.max_field_bytes + PART_HEADER_BYTES
+        return self.images_per_request(path) * per_image + OTHER_FIELDS_BYTES
 
 
-class ApiError(Exception):
+class ApiError(HTTPException):
+    """An error answered as `{"error": {"code", "message", "request_id"}}`."""
+
     def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        super().__init__(status, message)
+        self.code = code
 
 
-# --- request and response models ---------------------------------------------------------------
+USER_ERRORS: list[tuple[type[UserError], int, str]] = [  # first match wins: subclasses before their bases
+    (IndexBusy, 409, "index_busy"), (ItemNotFound, 404, "not_found"), (ItemImageRefused, 403, "image_refused"),
+    (ImageTooLarge, 413, "too_many_pixels"), (ImageError, 415, "not_an_image"), (UserError, 400, "bad_request")]
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+REQUEST_ID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no spaces
+
+
+def error_response(scope: Scope, status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    request_id = scope.get("state", {}).get("request_id")
+    return JSONResponse({"error": {"code": code, "message": message, "request_id": request_id}}, status,
+                        headers=headers)
+
+
+# --- request models ------------------------------------------------------------------------------
+def _from_base64(text: Any) -> bytes:
+    if not isinstance(text, str):
+        raise ValueError("expected a base64 string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError("not valid base64") from e
+
+
+Base64File = Annotated[bytes, BeforeValidator(_from_base64),
+                       WithJsonSchema({"type": "string", "contentEncoding": "base64"})]
+Text = Annotated[Annotated[str, Field(max_length=256)] | None, BeforeValidator(lambda v: v or None)]  # "": none
+
+
 class SearchOptions(BaseModel):
     """How to search: how many neighbours, and at most one way to pick the query submodel."""
 
     k: int = Field(10, ge=1, le=1000, description="neighbours to return")
-    submodel: str | None = Field(None, description="spec text, e.g. `S` or `S,S,M,M,L,XL`", examples=["S"])
+    submodel: str | None = Field(None, max_length=256, description="spec text, e.g. `S` or `S,S,M,M,L,XL`",
+                                 examples=["S"])
     budget_ms: float | None = Field(None, gt=0, description="latency budget at batch 1 on this server")
     budget_gflops: float | None = Field(None, gt=0, description="forward GFLOPs budget per image")
 
@@ -71,11 +139,20 @@ class SearchOptions(BaseModel):
         return self
 
 
+class SearchForm(SearchOptions):
+    """A multipart query: one image file (several go to /v1/search/batch)."""
+
+    file: UploadFile = Field(description="the query image")
+
+    def uploads(self) -> list:
+        return [self.file]
+
+
 class SearchJson(SearchOptions):
     """A JSON query: a base64-encoded image, or a ready-made embedding."""
 
-    image_b64: str | None = Field(None, description="the query image's file bytes, base64-encoded")
-    embedding: list[float] | None = Field(None, description="a query embedding of the index's dimension")
+    image_b64: Base64File | None = Field(None, description="the query image's file bytes, base64-encoded")
+    embedding: list[FiniteFloat] | None = Field(None, description="a query embedding of the index's dimension")
 
     @model_validator(mode="after")
     def one_query(self) -> SearchJson:
@@ -83,12 +160,93 @@ class SearchJson(SearchOptions):
             raise ValueError("give exactly one of image_b64 or embedding")
         return self
 
-    model_config = {"json_schema_extra": {"examples": [{"image_b64": "iVBORw0KGgo...", "k": 5, "submodel": "S"},
-                                                       {"embedding": [0.1, 0.0, 0.3], "k": 3}]}}
+    def uploads(self) -> list:
+        return [] if self.image_b64 is None else [self.image_b64]
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"image_b64": "iVBORw0KGgo...", "k": 5, "submodel": "S"}, {"embedding": [0.1, 0.0, 0.3], "k": 3}]})
+
+
+class BatchForm(SearchOptions):
+    files: list[UploadFile] = Field(min_length=1, description="the query images")
+
+    def uploads(self) -> list:
+        return self.files
 
 
 class BatchJson(SearchOptions):
-    images_b64: list[str] = Field(..., min_length=1, description="base64-encoded image files")
+    images_b64: list[Base64File] = Field(min_length=1, description="base64-encoded image files")
+
+    def uploads(self) -> list:
+        return self.images_b64
+
+
+class ItemFields(BaseModel):
+    """Optional class names and display names of new gallery items, one per image when given."""
+
+    labels: list[Text] | None = Field(None, description="class name per image (new names add classes)")
+    names: list[Text] | None = Field(None, description="display name (`source`) per image")
+
+    @model_validator(mode="after")
+    def one_per_image(self) -> ItemFields:
+        count = len(self.uploads())
+        for field, values in (("labels", self.labels), ("names", self.names)):
+            if values is not None and len(values) != count:
+                raise ValueError(f"{count} images need {count} {field}, got {len(values)}")
+        return self
+
+    def uploads(self) -> list:
+        raise NotImplementedError
+
+
+class ItemsForm(ItemFields):
+    files: list[UploadFile] = Field(min_length=1, description="the images to add")
+
+    def uploads(self) -> list:
+        return self.files
+
+
+class ItemsJson(ItemFields):
+    images_b64: list[Base64File] = Field(min_length=1, description="base64-encoded image files to add")
+
+    def uploads(self) -> list:
+        return self.images_b64
+
+
+def request_body(json_model: type[BaseModel], form_model: type[BaseModel]) -> dict:
+    """The OpenAPI request body of a route taking JSON or a multipart form, from the models that validate them."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": json_model.model_json_schema()},
+        "multipart/form-data": {"schema": form_model.model_json_schema()}}}}
+
+
+def _is_list(annotation: Any) -> bool:
+    return get_origin(annotation) is list or any(get_origin(a) is list for a in get_args(annotation))
+
+
+def form_values(form: FormData, model: type[BaseModel]) -> dict:
+    """The form's values for `model`: every value of a list field, else the one value (several values of a
+    single field stay a list, for validation to refuse)."""
+    values = {}
+    for name, field in model.model_fields.items():
+        given = form.getlist(name)
+        if given:
+            values[name] = given if _is_list(field.annotation) or len(given) > 1 else given[0]
+    return values
+
+
+# --- response models -----------------------------------------------------------------------------
+class Item(BaseModel):
+    """A gallery item's metadata; `source` names it relative to its indexed root, never as a server path."""
+
+    model_config = ConfigDict(extra="allow")
+    id: int
+    source: str
+    label: int | None = None
+    label_name: str | None = None
+    width: int | None = None
+    height: int | None = None
+    added_at: str | None = None
 
 
 class Neighbour(BaseModel):
@@ -96,7 +254,7 @@ class Neighbour(BaseModel):
     id: int
     score: float
     label: str | None
-    metadata: dict[str, Any]
+    metadata: Item
 
 
 class SubmodelUsed(BaseModel):
@@ -117,16 +275,24 @@ class SearchResponse(BaseModel):
     submodel: SubmodelUsed | None = Field(None, description="None for embedding queries")
     timings_ms: Timings
 
-    model_config = {"json_schema_extra": {"examples": [{
+    model_config = ConfigDict(json_schema_extra={"examples": [{
         "results": [{"rank": 1, "id": 5012, "score": 0.97, "label": "ankle-boot",
                      "metadata": {"id": 5012, "source": "fashion-mnist:train:5012", "label": 9, "width": 28,
                                   "height": 28, "added_at": "2026-11-22T11:26:00+00:00", "label_name": "ankle-boot"}}],
         "submodel": {"id": "S", "spec": "S", "gflops": 0.0178},
-        "timings_ms": {"decode": 0.5, "encode": 3.6, "search": 5.1, "total": 9.2}}]}}
+        "timings_ms": {"decode": 0.5, "encode": 3.6, "search": 5.1, "total": 9.2}}]})
 
 
 class BatchResponse(BaseModel):
     responses: list[SearchResponse]
+
+
+class ItemsAdded(BaseModel):
+    items: list[Item]
+
+
+class ItemsDeleted(BaseModel):
+    deleted: list[int]
 
 
 class IndexInfo(BaseModel):
@@ -135,10 +301,11 @@ class IndexInfo(BaseModel):
     index_key: str
     model_fingerprint: str
     submodel: str
+    version: str
 
-    model_config = {"json_schema_extra": {"examples": [{
+    model_config = ConfigDict(json_schema_extra={"examples": [{
         "count": 60000, "dimension": 128, "index_key": "Flat", "model_fingerprint": "3f1c0a9b2d4e5f60",
-        "submodel": "XL"}]}}
+        "submodel": "XL", "version": "v000003"}]})
 
 
 class SubmodelRow(BaseModel):
@@ -150,49 +317,29 @@ class SubmodelRow(BaseModel):
     latency_ms_b32: float | None = None
     knn1: float | None = None
 
-    model_config = {"json_schema_extra": {"examples": [{
+    model_config = ConfigDict(json_schema_extra={"examples": [{
         "id": "S-S-M-M-L-XL", "spec": "S,S,M,M,L,XL", "params": 706442, "gflops": 0.0245, "latency_ms_b1": 2.9,
-        "latency_ms_b32": 21.4, "knn1": 0.851}]}}
+        "latency_ms_b32": 21.4, "knn1": 0.851}]})
 
 
 class ErrorDetail(BaseModel):
     code: str
     message: str
+    request_id: str | None = None
 
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
 
-    model_config = {"json_schema_extra": {"examples": [{
-        "error": {"code": "bad_request",
-                  "message": "unknown granularity 'XXL' in submodel spec; allowed: S, M, L, XL"}}]}}
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "error": {"code": "bad_request", "message": "unknown granularity 'XXL' in submodel spec; allowed: S, M, L, XL",
+                  "request_id": "5f0c3a8e9b1d4c2a8e7f6a5b4c3d2e1f"}}]})
 
 
-ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 415, 422, 503)}
-MULTIPART_DOC = {
-    "requestBody": {"content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-            "file": {"type": "string", "format": "binary", "description": "the query image"},
-            "k": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
-            "submodel": {"type": "string", "example": "S"},
-            "budget_ms": {"type": "number", "exclusiveMinimum": 0},
-            "budget_gflops": {"type": "number", "exclusiveMinimum": 0}}}},
-        "application/json": {"schema": SearchJson.model_json_schema(ref_template="#/components/schemas/{model}")},
-    }, "required": True},
-}
-BATCH_DOC = {
-    "requestBody": {"content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
-            "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-            "k": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
-            "submodel": {"type": "string"}, "budget_ms": {"type": "number", "exclusiveMinimum": 0},
-            "budget_gflops": {"type": "number", "exclusiveMinimum": 0}}}},
-        "application/json": {"schema": BatchJson.model_json_schema(ref_template="#/components/schemas/{model}")},
-    }, "required": True},
-}
+ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 415, 422, 500, 503)}
 
 
-# --- the service --------------------------------------------------------------------------------
+# --- the service ---------------------------------------------------------------------------------
 class Service:
     """The loaded retriever, its readiness, the inference gate and the metrics."""
 
@@ -206,55 +353,138 @@ class Service:
                                 registry=self.registry)
         self.latency = Histogram("matvit_request_seconds", "HTTP request latency", ["endpoint"],
                                  registry=self.registry)
-        self.queries = Counter("matvit_queries_total", "query images encoded", ["submodel"], registry=self.registry)
+        self.queries = Counter("matvit_queries_total", "query images encoded, by granularity (else mixnmatch)",
+                               ["submodel"], registry=self.registry)
         self.encode_latency = Histogram("matvit_encode_seconds", "query encoding latency per request",
                                         ["submodel"], registry=self.registry)
 
     def load(self) -> None:
+        """Open the checkpoint and index, then measure the submodels' cost here unless a profile exists
+        (so no request ever profiles); ready only when both are done."""
         try:
             encoder = Encoder.load(self.settings.checkpoint, cache_size=self.settings.encoder_cache)
-            self.retriever = Retriever(self.settings.index, encoder=encoder, max_pixels=self.settings.max_pixels)
+            retriever = Retriever(self.settings.index, encoder=encoder, max_pixels=self.settings.max_pixels)
+            retriever.ensure_profile()
         except (UserError, OSError) as e:
             self.load_error = str(e)
+            log.error("cannot serve: %s", e)
+            return
+        self.retriever = retriever
 
     def ready(self) -> Retriever:
         if self.retriever is None:
             raise ApiError(503, "not_ready", self.load_error or "the model and index are still loading")
         return self.retriever
 
-    def search(self, sources: list[bytes], options: SearchOptions) -> list[SearchResponse]:
+    def observe(self, scope: Scope, status: int, seconds: float) -> None:
+        """Count a finished request (labels from a bounded set: route templates, known methods)."""
+        route = scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        method = scope.get("method", "")
+        self.latency.labels(endpoint).observe(seconds)
+        self.requests.labels(endpoint, method if method in METHODS else "other", str(status)).inc()
+
+    def search(self, images: list[bytes], options: SearchOptions) -> list[SearchResponse]:
         retriever = self.ready()
         budget = Budget(ms=options.budget_ms, gflops=options.budget_gflops)
         with self.slots:
-            results = retriever.search(sources, k=options.k, submodel=options.submodel, budget=budget)
-        spec = results[0].submodel.spec
-        self.queries.labels(spec).inc(len(sources))
-        self.encode_latency.labels(spec).observe(results[0].timings_ms["encode"] * len(sources) / 1e3)
-        return [SearchResponse(results=r.neighbours, submodel=SubmodelUsed(id=r.submodel.id, spec=spec,
-                                                                           gflops=r.submodel.gflops),
+            results = retriever.search(images, k=options.k, submodel=options.submodel, budget=budget)
+        choice = results[0].submodel
+        label = choice.spec if choice.spec in {s.text for s in retriever.encoder.named()} else "mixnmatch"
+        self.queries.labels(label).inc(len(images))
+        self.encode_latency.labels(label).observe(results[0].timings_ms["encode"] * len(images) / 1e3)
+        return [SearchResponse(results=r.neighbours, submodel=SubmodelUsed(id=choice.id, spec=choice.spec,
+                                                                           gflops=choice.gflops),
                                timings_ms=Timings(**r.timings_ms)) for r in results]
 
     def search_embedding(self, embedding: list[float], k: int) -> SearchResponse:
         retriever = self.ready()
-        dim = retriever.index.manifest["dim"]
+        index = retriever.index
+        dim = index.manifest["dim"]
         if len(embedding) != dim:
             raise ApiError(400, "bad_embedding", f"the embedding has {len(embedding)} values; the index needs {dim}")
         start = time.perf_counter()
-        hits = retriever.search_embeddings([embedding], k)[0]
+        hits = retriever.search_embeddings([embedding], k, index=index)[0]
         ms = (time.perf_counter() - start) * 1e3
         return SearchResponse(results=hits, timings_ms=Timings(decode=0, encode=0, search=ms, total=ms))
 
 
-def require_key(request: Request) -> None:
+# --- ASGI layers ---------------------------------------------------------------------------------
+class RequestContext:
+    """The outermost layer: gives each request an id (the client's `X-Request-ID` when sane), sent back on
+    every response; turns an unexpected exception into a JSON 500 and logs its traceback once; counts requests."""
+
+    def __init__(self, app: ASGIApp, service: Service) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = Headers(scope=scope).get("x-request-id")
+        request_id = given if given and REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status: int | None = None
+        start = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("request %s (%s %s) failed", request_id, scope.get("method"), scope.get("path"))
+            if status is None:
+                response = error_response(scope, 500, "internal", f"internal server error (request id {request_id})")
+                await response(scope, receive, send_with_id)
+        finally:
+            self.service.observe(scope, status or 500, time.perf_counter() - start)
+
+
+class BodyLimit:
+    """Refuses (413) a request body over its route's `Settings.body_limit` as it arrives, declared or
+    chunked, before anything parses it: reading it raises once the count passes the limit."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.settings.body_limit(scope["path"])
+        declared = Headers(scope=scope).get("content-length", "")
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            if not (declared.isdigit() and int(declared) > limit):
+                message = await receive()
+                received += len(message.get("body", b""))
+                if received <= limit:
+                    return message
+            raise ApiError(413, "too_large", f"request body over the limit of {limit:,} bytes for {scope['path']}")
+
+        await self.app(scope, receive_limited, send)
+
+
+# --- authentication ------------------------------------------------------------------------------
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the server's API key")
+bearer = HTTPBearer(auto_error=False, description="the server's API key as a bearer token")
+
+
+def require_key(request: Request, key: Annotated[str | None, Security(api_key_header)],
+                token: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> None:
     """The API key check (X-API-Key or a bearer token), when the server has a key."""
     expected = request.app.state.service.settings.api_key
     if expected is None:
         return
-    given = request.headers.get("x-api-key")
-    auth = request.headers.get("authorization", "")
-    if given is None and auth.lower().startswith("bearer "):
-        given = auth[7:]
-    if given != expected:
+    given = key if key is not None else token.credentials if token is not None else ""
+    if not hmac.compare_digest(given.encode("latin-1"), expected.encode()):  # header text is latin-1 decoded
         raise ApiError(401, "unauthorized", "missing or wrong API key (send it as X-API-Key)")
 
 
@@ -262,13 +492,7 @@ Protected = Annotated[None, Depends(require_key)]
 ItemId = Annotated[int, PathParam(ge=0, le=2**63 - 1, description="a gallery item's id", examples=[0])]
 
 
-def _b64(text: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ApiError(400, "bad_base64", "image_b64 is not valid base64") from e
-
-
+# --- the application -----------------------------------------------------------------------------
 def create_app(settings: Settings, load_in_background: bool = True) -> FastAPI:
     service = Service(settings)
 
@@ -287,83 +511,70 @@ def create_app(settings: Settings, load_in_background: bool = True) -> FastAPI:
                     "whichever nested submodel fits the budget.",
     )
     app.state.service = service
+    app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(RequestContext, service=service)  # added last: the outermost
 
-    def error(status: int, code: str, message: str) -> JSONResponse:
-        return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError):
-        return error(exc.status, exc.code, exc.message)
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        code = exc.code if isinstance(exc, ApiError) else HTTP_CODES.get(exc.status_code, "http_error")
+        return error_response(request.scope, exc.status_code, code, str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error(422, "validation_error", f"{where}: {first['msg']}" if where else first["msg"])
+        return error_response(request.scope, 422, "validation_error", f"{where}: {first['msg']}" if where
+                              else first["msg"])
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error(exc.status_code, code, str(exc.detail))
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, exc: UserError):
+        status, code = next((s, c) for kind, s, c in USER_ERRORS if isinstance(exc, kind))
+        return error_response(request.scope, status, code, str(exc))
 
-    @app.middleware("http")
-    async def metrics(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = route.path if route is not None else "unmatched"
-        service.latency.labels(endpoint).observe(time.perf_counter() - start)
-        service.requests.labels(endpoint, request.method, str(response.status_code)).inc()
-        return response
+    async def open_form(request: Request) -> FormData:
+        """The multipart form, refused past the route's file count before the extra files are read."""
+        allowed = settings.images_per_request(request.url.path)
+        try:
+            return await request.form(max_files=allowed, max_fields=2 * allowed + 8,
+                                      max_part_size=settings.max_field_bytes)
+        except ApiError:
+            raise  # the body limit
+        except HTTPException as e:  # Starlette's answer to a malformed form or one with too many parts
+            if not str(e.detail).startswith("Too many files"):
+                raise ApiError(400, "bad_form", str(e.detail)) from e
+            if request.url.path == "/v1/search":
+                raise ApiError(422, "validation_error", "file: one query image per search; send several as "
+                                                        "`files` to /v1/search/batch") from e
+            raise ApiError(413, "too_many", f"more than {allowed} files in one request") from e
 
-    async def read_upload(upload: Any) -> bytes:
-        if not hasattr(upload, "read"):
-            raise ApiError(422, "validation_error", "file: expected an uploaded file")
-        content = await upload.read(settings.max_upload_bytes + 1)
-        if len(content) > settings.max_upload_bytes:
-            raise ApiError(413, "too_large", f"upload over the limit of {settings.max_upload_bytes:,} bytes")
-        return content
-
-    def check_images(images: list[bytes]) -> None:
+    def check_images(request: Request, images: list[bytes]) -> list[bytes]:
+        """The one check of image files against the limits: how many, and how large each."""
+        allowed = settings.images_per_request(request.url.path)
+        if len(images) > allowed:
+            raise ApiError(413, "too_many", f"{len(images)} images in one request; the limit is {allowed}")
         for content in images:
             if len(content) > settings.max_upload_bytes:
                 raise ApiError(413, "too_large", f"image over the limit of {settings.max_upload_bytes:,} bytes")
-        if len(images) > settings.max_batch:
-            raise ApiError(413, "too_many", f"{len(images)} images in one request; the limit is {settings.max_batch}")
+        return images
 
-    async def run_search(images: list[bytes], options: SearchOptions) -> list[SearchResponse]:
-        check_images(images)
+    async def parse_body(request: Request, json_model: type[BaseModel],
+                         form_model: type[BaseModel]) -> tuple[Any, list[bytes]]:
+        """The body validated by `json_model` (JSON) or `form_model` (multipart), and its image files."""
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         try:
-            return await run_in_threadpool(service.search, images, options)
-        except ImageTooLarge as e:
-            raise ApiError(413, "too_many_pixels", str(e)) from e
-        except ImageError as e:
-            raise ApiError(415, "not_an_image", str(e)) from e
-        except (BudgetError, UserError) as e:
-            raise ApiError(400, "bad_request", str(e)) from e
-
-    async def parse(request: Request, model: type[BaseModel], file_field: str) -> tuple[BaseModel, list[bytes]]:
-        """Multipart form (files) or JSON body, validated by the same pydantic model."""
-        content_type = request.headers.get("content-type", "")
-        length = int(request.headers.get("content-length") or 0)
-        if length > settings.max_upload_bytes * max(1, settings.max_batch if file_field == "files" else 1):
-            raise ApiError(413, "too_large", f"request body of {length:,} bytes is over the limit")
-        try:
-            if content_type.startswith("multipart/form-data"):
-                form = await request.form()
-                fields = {k: v for k, v in form.items() if k not in ("file", "files") and isinstance(v, str)}
-                uploads = form.getlist(file_field)
-                if not uploads:
-                    raise ApiError(422, "validation_error", f"{file_field}: field required")
-                options = SearchOptions.model_validate(fields)
-                return options, [await read_upload(u) for u in uploads]
-            if content_type.startswith("application/json"):
+            if media == "application/json":
+                body = json_model.model_validate_json(await request.body())
+                return body, check_images(request, body.uploads())
+            if media == "multipart/form-data":
+                form = await open_form(request)
                 try:
-                    body = await request.json()
-                except ValueError as e:
-                    raise ApiError(400, "bad_json", "the request body is not valid JSON") from e
-                return model.model_validate(body), []
+                    body = form_model.model_validate(form_values(form, form_model))
+                    return body, check_images(request, [await upload.read() for upload in body.uploads()])
+                finally:
+                    await form.close()
         except ValidationError as e:
+            if any(err["type"] == "json_invalid" for err in e.errors()):
+                raise ApiError(400, "bad_json", "the request body is not valid JSON") from e
             raise RequestValidationError(e.errors()) from e
         raise ApiError(415, "unsupported_media_type", "send multipart/form-data or application/json")
 
@@ -372,22 +583,25 @@ def create_app(settings: Settings, load_in_background: bool = True) -> FastAPI:
     def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], summary="Model and index are loaded (503 until then)",
+    @app.get("/readyz", tags=["health"], summary="Model, index and cost profile are loaded (503 until then)",
              responses={503: {"model": ErrorBody}})
     def readyz() -> dict:
         service.ready()
         return {"status": "ready"}
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse,
+             dependencies=[Depends(require_key)] if settings.metrics_need_key else None,
+             responses={401: {"model": ErrorBody}} if settings.metrics_need_key else None)
     def metrics_text() -> Response:
         return Response(generate_latest(service.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/index", tags=["index"], summary="What the index holds", response_model=IndexInfo,
              responses=ERRORS)
     def index_info(_: Protected) -> IndexInfo:
-        m = service.ready().index.manifest
-        return IndexInfo(count=m["count"], dimension=m["dim"], index_key=m["index_key"],
-                         model_fingerprint=m["fingerprint"], submodel=m["submodel"])
+        index = service.ready().index
+        m = index.manifest
+        return IndexInfo(count=index.count, dimension=m["dim"], index_key=m["index_key"],
+                         model_fingerprint=m["fingerprint"], submodel=m["submodel"], version=index.version_dir.name)
 
     @app.get("/v1/submodels", tags=["index"], response_model=list[SubmodelRow], responses=ERRORS,
              summary="Named and profiled submodels with their cost on this server")
@@ -405,46 +619,49 @@ def create_app(settings: Settings, load_in_background: bool = True) -> FastAPI:
         return out
 
     @app.post("/v1/search", tags=["search"], response_model=SearchResponse, responses=ERRORS,
-              openapi_extra=MULTIPART_DOC, summary="Nearest gallery items of one query image or embedding")
+              openapi_extra=request_body(SearchJson, SearchForm),
+              summary="Nearest gallery items of one query image or embedding")
     async def search(request: Request, _: Protected) -> SearchResponse:
-        options, images = await parse(request, SearchJson, "file")
-        if isinstance(options, SearchJson):
-            if options.embedding is not None:
-                service.ready()
-                return await run_in_threadpool(service.search_embedding, options.embedding, options.k)
-            images = [_b64(options.image_b64)]
-        return (await run_search(images, options))[0]
+        service.ready()
+        body, images = await parse_body(request, SearchJson, SearchForm)
+        if getattr(body, "embedding", None) is not None:
+            return await run_in_threadpool(service.search_embedding, body.embedding, body.k)
+        return (await run_in_threadpool(service.search, images, body))[0]
 
     @app.post("/v1/search/batch", tags=["search"], response_model=BatchResponse, responses=ERRORS,
-              openapi_extra=BATCH_DOC, summary="Several query images in one request, one result list each")
+              openapi_extra=request_body(BatchJson, BatchForm),
+              summary="Several query images in one request, one result list each")
     async def search_batch(request: Request, _: Protected) -> BatchResponse:
-        options, images = await parse(request, BatchJson, "files")
-        if isinstance(options, BatchJson):
-            images = [_b64(text) for text in options.images_b64]
-        return BatchResponse(responses=await run_search(images, options))
+        service.ready()
+        body, images = await parse_body(request, BatchJson, BatchForm)
+        return BatchResponse(responses=await run_in_threadpool(service.search, images, body))
 
-    def item_or_404(item_id: int) -> dict:
-        item = service.ready().index.item(item_id)
-        if item is None:
-            raise ApiError(404, "not_found", f"no item with id {item_id} in the index")
-        return item
+    @app.post("/v1/items", tags=["items"], status_code=201, response_model=ItemsAdded, responses=ERRORS,
+              openapi_extra=request_body(ItemsJson, ItemsForm),
+              summary="Add images to the gallery (embedded with the index's submodel; one new index version)")
+    async def add_items(request: Request, _: Protected) -> ItemsAdded:
+        retriever = service.ready()
+        body, images = await parse_body(request, ItemsJson, ItemsForm)
+        items = await run_in_threadpool(retriever.add, images, body.labels, body.names, settings.write_wait)
+        return ItemsAdded(items=items)
 
-    @app.get("/v1/items/{item_id}", tags=["items"], summary="Metadata of a gallery item", responses=ERRORS)
+    @app.get("/v1/items/{item_id}", tags=["items"], response_model=Item, summary="Metadata of a gallery item",
+             responses=ERRORS)
     def item(item_id: ItemId, _: Protected) -> dict:
-        return item_or_404(item_id)
+        found = service.ready().item(item_id)
+        if found is None:
+            raise ApiError(404, "not_found", f"no item with id {item_id} in the index")
+        return found
+
+    @app.delete("/v1/items/{item_id}", tags=["items"], response_model=ItemsDeleted, responses=ERRORS,
+                summary="Remove a gallery item (one new index version; ids are never reused)")
+    def delete_item(item_id: ItemId, _: Protected) -> ItemsDeleted:
+        return ItemsDeleted(deleted=service.ready().remove([item_id], wait=settings.write_wait))
 
     @app.get("/v1/items/{item_id}/image", tags=["items"], responses={**ERRORS, 200: {"content": {"image/*": {}}}},
-             summary="The gallery image's bytes (only from the path the index recorded)")
+             summary="The gallery image's bytes (only a regular file under an indexed root, within the size limit)")
     def item_image(item_id: ItemId, _: Protected) -> Response:
-        source = item_or_404(item_id)["source"]
-        pixels = data.source_image(source)
-        if pixels is not None:
-            buffer = io.BytesIO()
-            Image.fromarray(pixels.permute(1, 2, 0).squeeze(-1).numpy()).save(buffer, format="PNG")
-            return Response(buffer.getvalue(), media_type="image/png")
-        path = Path(source)
-        if not path.is_file():
-            raise ApiError(404, "not_found", f"the image file of item {item_id} is no longer at its recorded path")
-        return Response(path.read_bytes(), media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+        content, media_type = service.ready().item_image(item_id, settings.max_item_image_bytes)
+        return Response(content, media_type=media_type)
 
     return app
