@@ -221,8 +221,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+    if args.metrics_need_key and api_key is None:
+        raise UserError("--metrics-need-key needs an API key (--api-key-env)")
     settings = Settings(index=args.index, checkpoint=args.checkpoint, api_key=api_key,
-                        max_upload_bytes=args.max_upload_mb * 1024 * 1024, max_pixels=args.max_pixels)
+                        metrics_need_key=args.metrics_need_key, max_upload_bytes=args.max_upload_mb * 1024 * 1024,
+                        max_pixels=args.max_pixels, max_batch=args.max_batch,
+                        max_item_image_bytes=args.max_item_image_mb * 1024 * 1024, write_wait=args.write_wait)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
 
 
@@ -357,8 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-env", help="name of the environment variable holding the API key")
-    p.add_argument("--max-upload-mb", type=int, default=10)
-    p.add_argument("--max-pixels", type=int, default=40_000_000)
+    p.add_argument("--metrics-need-key", action="store_true", help="put /metrics behind the API key too")
+    p.add_argument("--max-upload-mb", type=int, default=10, help="largest image file in a request")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, from its header")
+    p.add_argument("--max-batch", type=int, default=32, help="most images in a batch search or an item add")
+    p.add_argument("--max-item-image-mb", type=int, default=32, help="largest gallery image file served back")
+    p.add_argument("--write-wait", type=float, default=30.0,
+                   help="seconds an item add or delete waits for another writer of the index before 409")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="the Streamlit demo (query, compare S with XL, benchmark plots)")
