@@ -36,6 +36,7 @@ def test_no_server_errors(app):
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)  # runs the app's lifespan: loads the service
     assert app.state.service.retriever is not None
     operations = [result.ok() for result in schema.get_all_operations()]
+    operations.sort(key=lambda op: op.method.upper() == "DELETE")  # deletes last: the other item calls find items
     assert len(operations) >= 11
     seen: Counter = Counter()  # (operation, status code) -> cases
     for operation in operations:
