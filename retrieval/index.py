@@ -27,7 +27,6 @@ import contextlib
 import datetime as dt
 import fcntl
 import json
-import logging
 import math
 import os
 import shutil
@@ -46,8 +45,6 @@ import numpy as np
 from matvit.errors import UserError
 
 from . import tuning
-
-log = logging.getLogger(__name__)
 
 FORMAT = 2
 FLAT_MAX, HNSW_MAX = 100_000, 1_000_000
