@@ -18,7 +18,7 @@ import numpy as np
 from matvit import data, metrics, provenance
 from matvit import spec as specs
 from matvit.config import GRANULARITY_NAMES, get_preset
-from matvit.train import Trainer, TrainOptions
+from matvit.train import Trainer, TrainOptions, option_differences
 from retrieval.budget import measure
 from retrieval.encoder import Encoder
 from retrieval.grid import grid_from_embeddings
@@ -39,11 +39,6 @@ class BenchOptions:
     latency_repeats: int = 15
 
 
-def _comparable(train: dict) -> dict:
-    """A run's `TrainOptions.to_dict()` as JSON would give it back, without the output directory."""
-    return {k: v for k, v in json.loads(json.dumps(train)).items() if k != "out"}
-
-
 def _run_matches(run: Path, train_opts: TrainOptions) -> bool:
     """True when `run` is a finished training with exactly these options (every one but `out`)."""
     try:
@@ -52,7 +47,7 @@ def _run_matches(run: Path, train_opts: TrainOptions) -> bool:
         log_epochs = len((run / "train_log.jsonl").read_text().splitlines())
     except (FileNotFoundError, KeyError, json.JSONDecodeError):
         return False
-    same = _comparable(train) == _comparable(train_opts.to_dict())
+    same = not option_differences(train, json.loads(json.dumps(train_opts.to_dict())))  # as JSON gives it back
     return finished and same and log_epochs == train_opts.recipe.epochs
 
 
