@@ -36,15 +36,33 @@ def _wait(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for another writer of the index to finish (default: fail at once)")
 
 
+def _runtime(parser: argparse.ArgumentParser) -> None:
+    from matvit.runtime import DEVICES, PRECISIONS
+
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when present, else MPS, else CPU")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                        help="autocast precision of forwards and losses (fp16 adds a gradient scaler)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding streamed images")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
+    from matvit import runtime
     from matvit.train import Trainer, TrainOptions
 
     opts = TrainOptions(
         preset=args.preset, dataset=args.dataset, out=args.out, data_dir=args.data_dir, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, mode=args.mode, weights=args.weights, distill=args.distill,
-        mixnmatch_prob=args.mixnmatch_prob, baseline=args.baseline, seed=args.seed,
+        mixnmatch_prob=args.mixnmatch_prob, baseline=args.baseline, init=args.init and str(args.init),
+        seed=args.seed,
     )
-    result = Trainer(opts).run(resume=args.resume)
+    rt = runtime.start(args.device, args.precision, args.compile)
+    try:
+        result = Trainer(opts, rt, workers=args.workers).run(resume=args.resume)
+    finally:
+        rt.close()
+    if result is None:  # not the main process of a torchrun group
+        return
     print(f"{'granularity':<12}{'top-1':>8}{'1-NN':>8}")
     for g in result["top1"]:
         print(f"{g:<12}{result['top1'][g]:>8.4f}{result['knn1'][g]:>8.4f}")
@@ -251,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a MatViT (or a baseline ViT) and evaluate every granularity")
     p.add_argument("--preset", required=True, choices=list(PRESETS))
-    p.add_argument("--dataset", required=True, help="digits, fashion-mnist or folder:PATH")
+    p.add_argument("--dataset", required=True, help="digits, fashion-mnist, folder:PATH, csv:FILE or wds:PATTERN")
     p.add_argument("--data-dir", type=Path, help="where the Fashion-MNIST IDX files are")
     p.add_argument("--out", type=Path, required=True, help="output directory (checkpoint, logs, eval.json)")
     p.add_argument("--epochs", type=int, help="default: the preset's recipe")
@@ -267,8 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probability per step of also training a random monotone Mix'n'Match submodel")
     p.add_argument("--baseline", choices=["S", "M", "L", "XL"],
                    help="train an independent plain ViT with this granularity's FFN width")
+    p.add_argument("--init", type=Path, help="start from these weights (model.safetensors of the same preset)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--seed", type=int, default=0)
+    _runtime(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="extract a submodel as a standalone, smaller timm ViT")

@@ -4,11 +4,15 @@
 accumulate, activation memory stays that of one forward) and one optimizer step follows.
 `sample` mode: one granularity per step, drawn with the given probabilities.
 Distillation: every pass but the largest granularity also learns from the largest's output on the batch.
+
+Runs on any device and precision, alone or as one of torchrun's processes (`runtime`): the batch size is the
+global batch, split evenly across processes; only the main process logs, writes and evaluates.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import random
@@ -20,15 +24,16 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-from . import checkpoint, data, metrics, provenance
+from . import checkpoint, metrics, provenance, sources
 from . import spec as specs
 from .config import MatViTConfig, TrainRecipe, get_preset
 from .errors import UserError
 from .images import to_input
 from .model import MatViT
+from .runtime import Runtime
 from .spec import Submodel
 
 
@@ -48,6 +53,7 @@ class TrainOptions:
     distill: str = "none"  # none | logits | embedding | both
     mixnmatch_prob: float = 0.0
     baseline: str | None = None  # train a plain ViT with this granularity's FFN width
+    init: str | None = None  # start from these weights (a MatViT safetensors file of the same shape)
     seed: int = 0
     recipe: TrainRecipe = field(init=False)
 
@@ -126,60 +132,84 @@ def lr_lambda(total_steps: int, warmup_steps: int):
     return f
 
 
+class FeaturesAndLogits(torch.nn.Module):
+    """`MatViT.features_and_logits` as a module's forward, so that DDP and torch.compile see every pass."""
+
+    def __init__(self, model: MatViT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, spec: Submodel) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.features_and_logits(x, spec)
+
+
 class Trainer:
     """One training run writing `model.safetensors`, `config.json`, `train_log.jsonl`, `eval.json`, and the
-    training checkpoint it resumes from (`checkpoint.TRAINING_FILE`)."""
+    training checkpoint it resumes from (`checkpoint.TRAINING_FILE`). `workers` decode streamed data."""
 
-    def __init__(self, opts: TrainOptions) -> None:
+    def __init__(self, opts: TrainOptions, runtime: Runtime | None = None, workers: int = 2) -> None:
         self.opts, self.recipe, self.out = opts, opts.recipe, Path(opts.out)
+        self.runtime = runtime or Runtime(torch.device("cpu"))
+        self.workers = workers
         size_cfg = get_preset(opts.preset).model
-        load = lambda split: data.load(opts.dataset, split, size_cfg.img_size, size_cfg.in_chans, opts.data_dir)  # noqa: E731
+        load = lambda split: sources.open_source(opts.dataset, split, size_cfg.img_size, size_cfg.in_chans,  # noqa: E731
+                                                 opts.data_dir)
         self.train_set, self.test_set = load("train"), load("test")
-        self.train_set = self._labelled(self.train_set)
-        self.test_set = self._labelled(self.test_set)
+        world = self.runtime.world
+        if self.recipe.batch_size % world:
+            raise UserError(f"the batch size {self.recipe.batch_size} does not split evenly across {world} processes")
+        self.steps_per_epoch = len(self.train_set) // self.recipe.batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{opts.dataset} has {len(self.train_set)} training images, fewer than one batch of "
+                            f"{self.recipe.batch_size}: lower --batch-size")
         torch.manual_seed(opts.seed)
         self.model = MatViT(opts.model_config(len(self.train_set.classes)))
+        if opts.init:
+            self._load_init(Path(opts.init))
         self.granularities = list(self.model.config.granularities)
         weights = opts.weights or [1.0] * len(self.granularities)
         if len(weights) != len(self.granularities):
             raise UserError(f"--weights needs {len(self.granularities)} values ({', '.join(self.granularities)})")
         self.weights = dict(zip(self.granularities, weights, strict=True))
+        self.step_module = self.runtime.wrap(FeaturesAndLogits(self.model))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.recipe.lr,
                                            weight_decay=self.recipe.weight_decay)
-        steps_per_epoch = math.ceil(len(self.train_set) / self.recipe.batch_size)
+        self.scaler = self.runtime.grad_scaler()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(
-            steps_per_epoch * self.recipe.epochs, max(1, int(steps_per_epoch * self.recipe.warmup_epochs))))
+            self.steps_per_epoch * self.recipe.epochs, max(1, int(self.steps_per_epoch * self.recipe.warmup_epochs))))
         self.epoch = 0
         self.seconds = 0.0
         self.provenance = provenance.record()  # the code and command that start the run
 
-    @staticmethod
-    def _labelled(ds: data.ImageSet) -> data.ImageSet:
-        keep = ds.labels >= 0
-        if not keep.all():
-            ds = data.ImageSet(ds.images[keep], ds.labels[keep], ds.classes,
-                               [s for s, k in zip(ds.sources, keep.tolist(), strict=True) if k], ds.skipped)
-        if len(ds) == 0:
-            raise data.DatasetError("no labelled images: put each class's images in a sub-folder of its own")
-        return ds
+    def _load_init(self, path: Path) -> None:
+        if not path.is_file():
+            raise UserError(f"no initial weights at {path}")
+        try:
+            self.model.load_state_dict(load_file(path), strict=True)
+        except RuntimeError as e:
+            raise UserError(f"{path} does not fit --preset {self.opts.preset}: {str(e).splitlines()[0]}") from e
 
     # --- persistence -------------------------------------------------------------------------
     def save(self) -> None:
         """Write the training checkpoint (one atomic file with everything a resume needs), then the published
-        checkpoint (`model.safetensors` + `config.json`). Only torch's global RNG needs saving: an epoch's
-        Python draws come from a `random.Random` seeded by the seed and the epoch, and numpy draws nothing."""
-        checkpoint.save_training(self.out, {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "rng": {"torch": torch.get_rng_state()},
-            "epoch": self.epoch, "seconds": self.seconds, "options": self.opts.to_dict(),
-        })
-        checkpoint.save(self.model, self.out, classes=self.train_set.classes, dataset=self.opts.dataset,
-                        preset=self.opts.preset, baseline=self.opts.baseline, train=self.opts.to_dict())
+        checkpoint (`model.safetensors` + `config.json`); the main process writes, the others wait. Only torch's
+        global RNG needs saving: an epoch's Python draws come from a `random.Random` seeded by the seed and
+        the epoch, and numpy draws nothing."""
+        if self.runtime.main:
+            checkpoint.save_training(self.out, {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": {"torch": torch.get_rng_state()},
+                "epoch": self.epoch, "seconds": self.seconds, "options": self.opts.to_dict(),
+            })
+            checkpoint.save(self.model, self.out, classes=self.train_set.classes, dataset=self.opts.dataset,
+                            preset=self.opts.preset, baseline=self.opts.baseline, train=self.opts.to_dict())
+        self.runtime.barrier()
 
     def restore(self) -> bool:
         """Continue from the training checkpoint in `out` (False when there is none); a checkpoint saved with
-        other options is refused."""
-        state = checkpoint.load_training(self.out)
+        other options is refused. The main process reads it and sends it to the others."""
+        state = self.runtime.broadcast(checkpoint.load_training(self.out) if self.runtime.main else None)
         if state is None:
             return False
         if differences := option_differences(state["options"], self.opts.to_dict()):
@@ -187,22 +217,26 @@ class Trainer:
         self.model.load_state_dict(state["model"], strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         self.epoch, self.seconds = state["epoch"], state["seconds"]
-        log = self.out / "train_log.jsonl"
-        lines = log.read_text().splitlines()[: self.epoch] if log.exists() else []
-        log.write_text("".join(line + "\n" for line in lines))
+        if self.runtime.main:
+            log = self.out / "train_log.jsonl"
+            lines = log.read_text().splitlines()[: self.epoch] if log.exists() else []
+            log.write_text("".join(line + "\n" for line in lines))
         return True
 
     # --- training ----------------------------------------------------------------------------
     def _loss(self, x, y, spec, teacher):
-        feats, logits = self.model.features_and_logits(x, spec)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.recipe.label_smoothing)
-        if teacher is not None and self.opts.distill in ("logits", "both"):
-            loss = loss + F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher[1], -1),
-                                   log_target=True, reduction="batchmean")
-        if teacher is not None and self.opts.distill in ("embedding", "both"):
-            loss = loss + (1 - F.cosine_similarity(feats, teacher[0], dim=-1)).mean()
+        with self.runtime.autocast():
+            feats, logits = self.step_module(x, spec)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.recipe.label_smoothing)
+            if teacher is not None and self.opts.distill in ("logits", "both"):
+                loss = loss + F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher[1], -1),
+                                       log_target=True, reduction="batchmean")
+            if teacher is not None and self.opts.distill in ("embedding", "both"):
+                loss = loss + (1 - F.cosine_similarity(feats, teacher[0], dim=-1)).mean()
         return loss, feats, logits
 
     def passes(self, rng: random.Random) -> list[Pass]:
@@ -222,89 +256,124 @@ class Trainer:
     def accumulate(self, x: torch.Tensor, labels: torch.Tensor,
                    plan: list[Pass]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Zero the gradients, then forward and backward every pass of `plan`; returns each pass's loss and
-        logits, detached. The distillation teacher is the largest granularity's pass when it ran first, else
-        a forward of the largest granularity without gradients."""
+        logits, detached. Across processes, only the last backward all-reduces (the others run in `no_sync`),
+        so a step costs one all-reduce whatever the number of passes. The distillation teacher is the largest
+        granularity's pass when it ran first, else a forward of the largest granularity without gradients."""
         largest = self.granularities[-1]
         self.optimizer.zero_grad(set_to_none=True)
         teacher, results = None, []
-        for p in plan:
+        for i, p in enumerate(plan):
             student = p.granularity != largest
             if student and teacher is None and self.opts.distill != "none":
-                with torch.no_grad():
-                    teacher = self.model.features_and_logits(x, specs.uniform(largest, self.model.config))
-            loss, feats, logits = self._loss(x, labels, p.spec, teacher if student else None)
-            (p.weight * loss).backward()
+                with torch.no_grad(), self.runtime.autocast():
+                    teacher = self.step_module(x, specs.uniform(largest, self.model.config))
+            with self.runtime.no_sync(self.step_module, skip=i < len(plan) - 1):
+                loss, feats, logits = self._loss(x, labels, p.spec, teacher if student else None)
+                self.scaler.scale(p.weight * loss).backward()
             if not student:
                 teacher = (feats.detach(), logits.detach())
-            results.append((loss.detach(), logits.detach()))
+            results.append((loss.detach().float(), logits.detach().float()))
         return results
 
     def train_epoch(self) -> dict:
+        rt = self.runtime
         rng_seed = self.opts.seed * 1000 + self.epoch
-        torch.manual_seed(rng_seed)
-        rng = random.Random(rng_seed)
-        loader = DataLoader(self.train_set, batch_size=self.recipe.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(rng_seed))
-        sums = {g: [0.0, 0, 0] for g in self.granularities}  # loss sum, correct, seen
+        torch.manual_seed(rng_seed + 100_003 * rt.rank)  # augmentation differs across processes
+        rng = random.Random(rng_seed)  # the passes do not: every process runs the same plan
+        loader = self.train_set.loader(self.recipe.batch_size // rt.world, epoch=self.epoch, seed=self.opts.seed,
+                                       shuffle=True, drop_last=True, rank=rt.rank, world=rt.world,
+                                       workers=self.workers)
+        sums = torch.zeros(len(self.granularities), 3, dtype=torch.float64)  # loss sum, correct, seen
         self.model.train()
-        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.recipe.epochs}", unit="batch", leave=False)
-        for images, labels in bar:
+        bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.recipe.epochs}", unit="batch", leave=False,
+                   total=self.steps_per_epoch, disable=not rt.main or None)
+        for images, labels in itertools.islice(bar, self.steps_per_epoch):
             plan = self.passes(rng)
-            results = self.accumulate(to_input(augment(images, self.recipe.augment)), labels, plan)
+            x = to_input(augment(images, self.recipe.augment)).to(rt.device, non_blocking=True)
+            y = labels.to(rt.device, non_blocking=True)
+            results = self.accumulate(x, y, plan)
             for p, (loss, logits) in zip(plan, results, strict=True):
                 if p.granularity is not None:
-                    s = sums[p.granularity]
-                    s[0] += loss.item() * len(labels)
-                    s[1] += int((logits.argmax(1) == labels).sum())
-                    s[2] += len(labels)
+                    row = sums[self.granularities.index(p.granularity)]
+                    row += torch.tensor([loss.item() * len(y), int((logits.argmax(1) == y).sum()), len(y)])
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.scheduler.step()
             bar.set_postfix(loss=f"{results[-1][0].item():.3f}")
-        seen = {g: s for g, s in sums.items() if s[2]}
+        sums = rt.all_sum(sums)
+        seen = {g: s.tolist() for g, s in zip(self.granularities, sums, strict=True) if s[2]}
         return {"loss": {g: s[0] / s[2] for g, s in seen.items()}, "acc": {g: s[1] / s[2] for g, s in seen.items()}}
 
-    def run(self, resume: bool = False, log=print) -> dict:
-        """Train (from the last finished epoch when `resume`), then evaluate; returns eval.json's dict."""
-        self.out.mkdir(parents=True, exist_ok=True)
+    def run(self, resume: bool = False, log=print) -> dict | None:
+        """Train (from the last finished epoch when `resume`), then evaluate; returns eval.json's dict on the
+        main process and None on the others, which leave the group once training ends."""
+        rt = self.runtime
+        log = log if rt.main else (lambda s: None)
+        if rt.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        rt.barrier()
         if resume and self.restore():
             log(f"resuming {self.out} after epoch {self.epoch}/{self.recipe.epochs}")
         else:
             if resume:
                 log(f"no training checkpoint in {self.out}; starting from the first epoch")
-            (self.out / "train_log.jsonl").unlink(missing_ok=True)
+            if rt.main:
+                (self.out / "train_log.jsonl").unlink(missing_ok=True)
         first = self.epoch
         while self.epoch < self.recipe.epochs:
             start = time.perf_counter()
             stats = self.train_epoch()
             self.seconds += time.perf_counter() - start
             self.epoch += 1
-            line = {"epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0], "seconds": round(self.seconds, 1),
-                    **stats}
-            with open(self.out / "train_log.jsonl", "a") as f:
-                f.write(json.dumps(line) + "\n")
+            if rt.main:
+                line = {"epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0], "seconds": round(self.seconds, 1),
+                        "processes": rt.world, **stats}
+                with open(self.out / "train_log.jsonl", "a") as f:
+                    f.write(json.dumps(line) + "\n")
             self.save()
             log(" ".join([f"epoch {self.epoch}/{self.recipe.epochs}"] + [
                 f"{g}: loss {stats['loss'][g]:.3f} acc {stats['acc'][g]:.3f}" for g in stats["loss"]]))
         if self.epoch == first:  # nothing trained here (no epochs, or a finished run resumed): publish it as is
             self.save()
-        result = evaluate_checkpoint(self.model, self.train_set, self.test_set)
+        if not rt.main:
+            return None
+        with rt.autocast():
+            result = evaluate_checkpoint(self.model, self.train_set, self.test_set, rt.device, self.workers)
         result["train_seconds"] = round(self.seconds, 1)
-        result.update(self.provenance)
+        result.update(device=str(rt.device), precision=rt.precision, processes=rt.world, **self.provenance)
         (self.out / "eval.json").write_text(json.dumps(result, indent=2))
         return result
 
 
-def evaluate_checkpoint(model: MatViT, train_set: data.ImageSet, test_set: data.ImageSet) -> dict:
+@torch.inference_mode()
+def embed_source(model: MatViT, source: sources.Source, spec: Submodel, device: torch.device | str = "cpu",
+                 workers: int = 0, batch_size: int = 256,
+                 desc: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Embeddings (L2-normalised), logits and labels of every image of `source`, in order, streamed."""
+    emb, logits, labels = [], [], []
+    for images, y in tqdm(source.loader(batch_size, workers=workers), desc=desc, unit="batch", leave=False,
+                          disable=desc is None or None):
+        if len(y):
+            feats, out = model.features_and_logits(to_input(images).to(device), spec)
+            emb.append(F.normalize(feats.float(), dim=-1).cpu().numpy())
+            logits.append(out.float().cpu().numpy())
+            labels.append(y.numpy())
+    if not emb:
+        raise UserError("no readable images to evaluate")
+    return np.concatenate(emb), np.concatenate(logits), np.concatenate(labels)
+
+
+def evaluate_checkpoint(model: MatViT, train_set: sources.Source, test_set: sources.Source,
+                        device: torch.device | str = "cpu", workers: int = 0) -> dict:
     """Top-1 on the test split and 1-NN with the train split as gallery, per trained granularity."""
     model.eval()
     result: dict = {"top1": {}, "knn1": {}}
     for g in model.config.granularities:
         spec = specs.uniform(g, model.config)
-        logits = metrics.run_batched(lambda x, s=spec: model(x, s), test_set.images, desc=f"top-1 {g}")
-        result["top1"][g] = metrics.top1(logits, test_set.labels)
-        emb = lambda x, s=spec: model.embed(x, s)  # noqa: E731
-        gallery = metrics.run_batched(emb, train_set.images, desc=f"gallery {g}")
-        queries = metrics.run_batched(emb, test_set.images, desc=f"queries {g}")
-        result["knn1"][g] = metrics.knn1(gallery, train_set.labels, queries, test_set.labels)
+        gallery, _, gallery_labels = embed_source(model, train_set, spec, device, workers, desc=f"gallery {g}")
+        queries, logits, query_labels = embed_source(model, test_set, spec, device, workers, desc=f"queries {g}")
+        result["top1"][g] = metrics.top1(logits, query_labels)
+        result["knn1"][g] = metrics.knn1(gallery, gallery_labels, queries, query_labels)
     return result

@@ -1,0 +1,5 @@
+"""`python -m matvit ...` (and `torchrun ... -m matvit train ...`) is the `matvit` command."""
+
+from app.cli import main
+
+main()
