@@ -44,6 +44,8 @@ def _runtime(parser: argparse.ArgumentParser) -> None:
                         help="autocast precision of forwards and losses (fp16 adds a gradient scaler)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding streamed images")
+    parser.add_argument("--in-memory", action="store_true",
+                        help="decode a folder: dataset whole into memory once instead of streaming it each epoch")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -58,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
     rt = runtime.start(args.device, args.precision, args.compile)
     try:
-        result = Trainer(opts, rt, workers=args.workers).run(resume=args.resume)
+        result = Trainer(opts, rt, workers=args.workers, in_memory=args.in_memory).run(resume=args.resume)
     finally:
         rt.close()
     if result is None:  # not the main process of a torchrun group

@@ -148,12 +148,13 @@ def csv_files(manifest: Path, split: str, img_size: int, in_chans: int) -> Label
     return LabelledFiles(files, [index[row["label"]] for row in rows], classes, img_size, in_chans)
 
 
-def open_source(name: str, split: str, img_size: int, in_chans: int, data_dir: Path | None = None) -> Source:
+def open_source(name: str, split: str, img_size: int, in_chans: int, data_dir: Path | None = None,
+                in_memory: bool = False) -> Source:
     """The labelled images of a dataset's split: `digits` and `fashion-mnist` in memory, `folder:PATH`,
-    `csv:FILE` and `wds:PATTERN` streamed."""
+    `csv:FILE` and `wds:PATTERN` streamed (`folder:PATH` decoded whole into memory when `in_memory`)."""
     if split not in ("train", "test"):
         raise DatasetError(f"unknown split {split!r}; use train or test")
-    if name in ("digits", "fashion-mnist"):
+    if name in ("digits", "fashion-mnist") or (in_memory and name.startswith("folder:")):
         return InMemory(data.load(name, split, img_size, in_chans, data_dir))
     kind, _, where = name.partition(":")
     if kind == "folder" and where:

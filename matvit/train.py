@@ -145,15 +145,17 @@ class FeaturesAndLogits(torch.nn.Module):
 
 class Trainer:
     """One training run writing `model.safetensors`, `config.json`, `train_log.jsonl`, `eval.json`, and the
-    training checkpoint it resumes from (`checkpoint.TRAINING_FILE`). `workers` decode streamed data."""
+    training checkpoint it resumes from (`checkpoint.TRAINING_FILE`). `workers` processes decode streamed data;
+    `in_memory` decodes a `folder:` dataset whole instead."""
 
-    def __init__(self, opts: TrainOptions, runtime: Runtime | None = None, workers: int = 2) -> None:
+    def __init__(self, opts: TrainOptions, runtime: Runtime | None = None, workers: int = 2,
+                 in_memory: bool = False) -> None:
         self.opts, self.recipe, self.out = opts, opts.recipe, Path(opts.out)
         self.runtime = runtime or Runtime(torch.device("cpu"))
         self.workers = workers
         size_cfg = get_preset(opts.preset).model
         load = lambda split: sources.open_source(opts.dataset, split, size_cfg.img_size, size_cfg.in_chans,  # noqa: E731
-                                                 opts.data_dir)
+                                                 opts.data_dir, in_memory)
         self.train_set, self.test_set = load("train"), load("test")
         world = self.runtime.world
         if self.recipe.batch_size % world:
