@@ -71,6 +71,31 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.out) / 'eval.json'}")
 
 
+def cmd_induce(args: argparse.Namespace) -> None:
+    from matvit import runtime
+    from matvit.induce import InduceOptions, induce
+
+    opts = InduceOptions(source=args.source, preset=args.preset, dataset=args.dataset, out=args.out,
+                         data_dir=args.data_dir, importance=args.importance,
+                         importance_batches=args.importance_batches, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    rt = runtime.start(args.device, args.precision, args.compile)
+    try:
+        result = induce(opts, rt, workers=args.workers, in_memory=args.in_memory, resume=args.resume)
+    finally:
+        rt.close()
+    if result is None:  # not the main process of a torchrun group
+        return
+    shares = result["induce"]["mean_after"]
+    print(f"{'granularity':<12}{'share':>8}{'top-1':>8}{'1-NN':>8}")
+    for g in result["eval"]["top1"]:
+        share = f"{shares[g]:>8.3f}" if g in shares else f"{1:>8.3f}"
+        print(f"{g:<12}{share}{result['eval']['top1'][g]:>8.4f}{result['eval']['knn1'][g]:>8.4f}")
+    print(f"share: mean fraction of each block's FFN importance ({result['induce']['scored_with']}) in the "
+          f"granularity's neurons")
+    print(f"wrote {Path(args.out) / 'induce.json'}, {Path(args.out) / 'eval.json'} and the MatViT checkpoint")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from matvit import checkpoint
     from matvit.extract import export
@@ -229,6 +254,16 @@ def cmd_bench_index(args: argparse.Namespace) -> None:
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
 
 
+def cmd_bench_induce(args: argparse.Namespace) -> None:
+    from app.bench.induce import Bench, InduceBenchOptions
+
+    opts = InduceBenchOptions(dataset=args.dataset, preset=args.preset, out=args.out, epochs=args.epochs,
+                              dense_epochs=args.dense_epochs, importances=tuple(args.importances.split(",")),
+                              cache=args.cache, seed=args.seed, data_dir=args.data_dir, reference=args.reference)
+    result = Bench(opts).run()
+    print(f"wrote {args.out / 'induce.json'}, induce.md, induce.png ({len(result['steps'])} steps)")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import os
 
@@ -292,6 +327,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _runtime(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("induce", help="make a MatViT of a plain timm ViT: reorder FFN neurons, then train jointly")
+    p.add_argument("--from", dest="source", required=True,
+                   help="a state dict (.safetensors, or .pth/.bin/.pt as timm writes them), a checkpoint directory, "
+                        "or timm:NAME (timm's pretrained weights; needs the Hugging Face hub or its cache)")
+    p.add_argument("--preset", required=True, choices=list(PRESETS), help="the MatViT shape the checkpoint must have")
+    p.add_argument("--dataset", required=True, help="digits, fashion-mnist, folder:PATH, csv:FILE or wds:PATTERN")
+    p.add_argument("--data-dir", type=Path, help="where the Fashion-MNIST IDX files are")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output directory (induced.safetensors, induce.json, then the MatViT checkpoint)")
+    p.add_argument("--importance", choices=["weight", "taylor", "none"], default="taylor",
+                   help="neuron order: weight (fc1 row norm x fc2 column norm), taylor (|activation x gradient| "
+                        "over a few batches), none (keep the order)")
+    p.add_argument("--importance-batches", type=int, default=16,
+                   help="training batches for the taylor score and a re-initialised head")
+    p.add_argument("--epochs", type=int, default=2, help="joint fine-tuning epochs; 0: reorder only, then evaluate")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="default: the preset's recipe")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--seed", type=int, default=0)
+    _runtime(p)
+    p.set_defaults(func=cmd_induce)
 
     p = sub.add_parser("export", help="extract a submodel as a standalone, smaller timm ViT")
     p.add_argument("--checkpoint", type=Path, required=True)
@@ -419,6 +476,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--queries", type=int, default=200, help="single-image queries timed per submodel")
     q.add_argument("--out", type=Path, required=True, help="path without suffix; .json and .md are written")
     q.set_defaults(func=cmd_bench_index)
+    q = bsub.add_parser("induce", help="MatViTs induced from a dense ViT against one trained from scratch")
+    q.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, folder:PATH or digits")
+    q.add_argument("--preset", default="matvit-small-fmnist", choices=list(PRESETS))
+    q.add_argument("--epochs", type=int, default=2, help="joint epochs of the induced and from-scratch MatViTs")
+    q.add_argument("--dense-epochs", type=int, default=5, help="training epochs of the dense XL-width ViT")
+    q.add_argument("--importances", default="taylor,weight,none", help="importance scores to compare")
+    q.add_argument("--out", type=Path, default=Path("docs/results/induce-fmnist"))
+    q.add_argument("--cache", type=Path, help="training runs (default runs/induce/PRESET-DATASET)")
+    q.add_argument("--reference", type=Path,
+                   help="consistency.json whose baselines decide the targets (default: the committed one of the "
+                        "same preset and dataset under docs/results)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--data-dir", type=Path)
+    q.set_defaults(func=cmd_bench_induce)
     return parser
 
 
