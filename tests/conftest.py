@@ -11,8 +11,21 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from matvit import checkpoint  # noqa: E402
+from matvit import checkpoint, data  # noqa: E402
 from matvit.train import Trainer, TrainOptions  # noqa: E402
+
+
+@pytest.fixture
+def small_digits(monkeypatch):
+    """Digits cut to 96 train and 48 test images, so that a whole run takes a few seconds."""
+    original = data.load
+
+    def load(name, split, *args, **kwargs):
+        ds = original(name, split, *args, **kwargs)
+        n = 96 if split == "train" else 48
+        return data.ImageSet(ds.images[:n], ds.labels[:n], ds.classes, ds.sources[:n])
+
+    monkeypatch.setattr(data, "load", load)
 
 
 @pytest.fixture(scope="session")

@@ -10,25 +10,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from matvit import checkpoint, data
+from matvit import checkpoint
 from matvit.errors import UserError
 from matvit.images import to_input
 from matvit.train import Trainer, TrainOptions, augment
 
 QUIET = dict(log=lambda s: None)
-
-
-@pytest.fixture
-def small_digits(monkeypatch):
-    """Digits cut to 96 train and 48 test images, so that a whole run takes a few seconds."""
-    original = data.load
-
-    def load(name, split, *args, **kwargs):
-        ds = original(name, split, *args, **kwargs)
-        n = 96 if split == "train" else 48
-        return data.ImageSet(ds.images[:n], ds.labels[:n], ds.classes, ds.sources[:n])
-
-    monkeypatch.setattr(data, "load", load)
 
 
 def _options(out, **kwargs) -> TrainOptions:
