@@ -37,7 +37,7 @@ def save(model: MatViT, directory: Path, **meta) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / "model.safetensors.tmp"
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, directory / "model.safetensors")
     config = {"model": model.config.to_dict(), "fingerprint": fingerprint(model), **meta}
     (directory / "config.json.tmp").write_text(json.dumps(config, indent=2))
@@ -81,6 +81,6 @@ def load_training(directory: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)  # a GPU run's state loads anywhere
     except Exception as e:  # torch raises several types for a damaged file
         raise CheckpointError(f"cannot read the training checkpoint {path}: {str(e).splitlines()[0]}") from e

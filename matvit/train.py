@@ -166,7 +166,7 @@ class Trainer:
                             f"{self.recipe.batch_size}: lower --batch-size")
         torch.manual_seed(opts.seed)
         self.model = MatViT(opts.model_config(len(self.train_set.classes)))
-        if opts.init:
+        if opts.init and self.runtime.main:  # DDP starts every process from the main process's weights
             self._load_init(Path(opts.init))
         self.granularities = list(self.model.config.granularities)
         weights = opts.weights or [1.0] * len(self.granularities)
