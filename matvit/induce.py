@@ -269,9 +269,9 @@ def _batches(source: sources.Source, batch_size: int, batches: int, seed: int, w
 
 
 def fit_head(model: MatViT, source: sources.Source, batch_size: int, batches: int, seed: int,
-             device: torch.device | str = "cpu", workers: int = 0, steps: int = HEAD_STEPS) -> float:
+             device: torch.device | str = "cpu", workers: int = 0, steps: int = HEAD_STEPS) -> tuple[float, float]:
     """Fit the classifier head alone (a linear probe on the frozen XL features of `batches` training batches, full
-    batch AdamW for `steps` steps); returns its training accuracy."""
+    batch AdamW for `steps` steps); returns its accuracy on those images before and after."""
     model.eval()
     feats, labels = [], []
     with torch.no_grad():
@@ -279,6 +279,9 @@ def fit_head(model: MatViT, source: sources.Source, batch_size: int, batches: in
             feats.append(model.features_and_logits(to_input(images).to(device), "XL")[0])
             labels.append(y.to(device))
     x, y = torch.cat(feats), torch.cat(labels)
+    accuracy = lambda: float((model.head(x).argmax(1) == y).float().mean())  # noqa: E731
+    with torch.no_grad():
+        before = accuracy()
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-2, weight_decay=1e-4)
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
@@ -286,7 +289,7 @@ def fit_head(model: MatViT, source: sources.Source, batch_size: int, batches: in
         optimizer.step()
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
-        return float((model.head(x).argmax(1) == y).float().mean())
+        return before, accuracy()
 
 
 def weight_scores(model: MatViT) -> list[torch.Tensor]:
@@ -361,7 +364,7 @@ def prepare(opts: InduceOptions, device: torch.device | str = "cpu", workers: in
     if reinit:
         head_acc = fit_head(model, *args)
         notes.append(f"head fitted alone on frozen XL features of {opts.importance_batches} batches "
-                     f"(training accuracy {head_acc:.4f})")
+                     f"(accuracy on them {head_acc[0]:.4f} before, {head_acc[1]:.4f} after)")
         log(notes[-1])
     scored_with = "weight" if opts.importance == "none" else opts.importance
     scores = weight_scores(model) if scored_with == "weight" else taylor_scores(model, *args)
@@ -376,7 +379,8 @@ def prepare(opts: InduceOptions, device: torch.device | str = "cpu", workers: in
     os.replace(tmp, out / INDUCED_FILE)
     summary = {
         "options": opts.to_dict(), "source": plain.origin, "notes": notes, "head_reinitialised": reinit,
-        "head_fit_accuracy": head_acc, "importance": opts.importance, "scored_with": scored_with,
+        "head_fit_accuracy": head_acc and {"before": head_acc[0], "after": head_acc[1]},
+        "importance": opts.importance, "scored_with": scored_with,
         "uniform_shares": {g: round(w / config.mlp_hidden, 4) for g, w in granularities.items()
                            if w < config.mlp_hidden},
         "blocks": blocks,
