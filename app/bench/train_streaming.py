@@ -1,0 +1,340 @@
+"""Training memory and time by data path: CIFAR-10 decoded whole into memory (`folder:` with `--in-memory`),
+streamed from its JPEG folder (`folder:`), and streamed from WebDataset shards (`wds:`), at two training-set sizes.
+
+Every training runs `python -m matvit train` in a fresh process; a sampler reads /proc every half second for the
+resident memory of the whole process tree (the trainer and its DataLoader workers): the sum of their RSS, which
+counts pages the forked workers share with the trainer once per process, and the sum of their PSS, which shares
+them out. The trainer's own peak RSS comes from the kernel when it exits (`os.wait4`'s rusage). Each finished run
+is cached (`CACHE/results/NAME.json`), so an interrupted benchmark continues where it stopped.
+
+    python -m app.bench.train_streaming --cifar /data/cifar10 --out docs/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from matvit import data, provenance
+from matvit.errors import UserError
+from matvit.shards import META_FILE, write_shards
+
+NAME = "train-streaming"
+KINDS = {"memory": "folder:, decoded whole into memory (--in-memory)", "folder": "folder:, streamed",
+         "wds": "wds: shards, streamed"}
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+@dataclass
+class Run:
+    """One training: how its data is read (`KINDS`) and how many training images it has."""
+
+    kind: str
+    train_images: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{self.train_images // 1000}k"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cifar", type=Path, required=True,
+                        help="CIFAR-10 as JPEG folders: train/<class>/*.jpg and test/<class>/*.jpg")
+    parser.add_argument("--out", type=Path, default=Path("docs/results"), help=f"where {NAME}.json/.md/.png go")
+    parser.add_argument("--cache", type=Path, default=Path(f"runs/{NAME}"),
+                        help="subset folder, shards, trainings and per-run results (reused when present)")
+    parser.add_argument("--preset", default="matvit-small-cifar")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader processes of each training")
+    parser.add_argument("--subset", type=int, default=10_000, help="training images of the smaller runs")
+    parser.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--runs", default="memory-10k,wds-10k,memory-50k,wds-50k,folder-50k,folder-10k",
+                        help="which trainings, in order: KIND-SIZE with KIND one of memory, folder, wds")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of each training (OMP_NUM_THREADS); its DataLoader workers share the cores")
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between memory samples")
+
+
+def parse_runs(text: str, full: int, subset: int) -> list[Run]:
+    runs = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        kind, _, size = item.partition("-")
+        sizes = {f"{full // 1000}k": full, f"{subset // 1000}k": subset}
+        if kind not in KINDS or size not in sizes:
+            raise UserError(f"unknown run {item!r}: use KIND-SIZE, KIND one of {', '.join(KINDS)} and SIZE one of "
+                            f"{', '.join(sizes)}")
+        runs.append(Run(kind, sizes[size]))
+    return runs
+
+
+# --- data ------------------------------------------------------------------------------------------------------
+
+def subset_folder(cifar: Path, out: Path, n: int) -> Path:
+    """`out` with the first n / classes training images of each class and every test image, as symbolic links."""
+    classes = data.list_classes(cifar / "train")
+    done = out / ".complete"
+    if done.is_file() and done.read_text() == str(n):
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    for split, keep in (("train", n // len(classes)), ("test", None)):
+        for c in classes:
+            (out / split / c).mkdir(parents=True)
+            for f in data.list_images(cifar / split / c)[:keep]:
+                (out / split / c / f.name).symlink_to(f.resolve())
+    done.write_text(str(n))
+    return out
+
+
+def shards_for(folder: Path, out: Path, max_count: int, log=print) -> dict:
+    """The shards of `folder` in `out`, written unless a finished set (its dataset.json) is there."""
+    meta_file = out / META_FILE
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("max_count") == max_count and meta.get("dataset") == f"folder:{folder}":
+            return meta
+    log(f"writing shards of {folder} into {out}")
+    start = time.perf_counter()
+    meta = write_shards(f"folder:{folder}", out, max_count=max_count, overwrite=True)
+    meta.update(max_count=max_count, seconds=round(time.perf_counter() - start, 1),
+                bytes=sum(p.stat().st_size for p in out.glob("*.tar")))
+    meta_file.write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+# --- measuring ------------------------------------------------------------------------------------------------
+
+def descendants(root: int) -> list[int]:
+    """`root` and every process below it, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        ppid = int(text.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def memory_kb(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of a process in KiB; PSS is RSS when smaps_rollup cannot be read; (0, 0) once it is gone."""
+    try:
+        rows = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+        return int(rows["Rss"].split()[0]), int(rows["Pss"].split()[0])
+    except (OSError, KeyError, ValueError):
+        try:
+            rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_KB
+            return rss, rss
+        except (OSError, ValueError, IndexError):
+            return 0, 0
+
+
+class TreeSampler(threading.Thread):
+    """Samples the summed RSS and PSS of a process tree until stopped; keeps the peaks."""
+
+    def __init__(self, pid: int, interval: float) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.interval, self.stopped = pid, interval, threading.Event()
+        self.peak_rss = self.peak_pss = self.peak_processes = self.samples = 0
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            tree = descendants(self.pid)
+            usage = [memory_kb(p) for p in tree]
+            self.peak_rss = max(self.peak_rss, sum(r for r, _ in usage))
+            self.peak_pss = max(self.peak_pss, sum(p for _, p in usage))
+            self.peak_processes = max(self.peak_processes, len(tree))
+            self.samples += 1
+            self.stopped.wait(self.interval)
+
+
+def train(run: Run, dataset: str, args: argparse.Namespace, log=print) -> dict:
+    """One training in a fresh `python -m matvit train` process, measured; returns its result row."""
+    out = args.cache / "train" / run.name
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "matvit", "train", "--preset", args.preset, "--dataset", dataset,
+               "--out", str(out), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+               "--workers", str(args.workers), "--device", "cpu", "--seed", "0"]
+    command += ["--in-memory"] if run.kind == "memory" else []
+    log(f"{run.name}: {' '.join(command)}")
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    with open(args.cache / "logs" / f"{run.name}.log", "w") as output:
+        env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(args.threads),
+               "MKL_NUM_THREADS": str(args.threads)}
+        proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+        sampler = TreeSampler(proc.pid, args.interval)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    sampler.stopped.set()
+    sampler.join()
+    eval_file = out / "eval.json"
+    if proc.returncode or not eval_file.is_file():
+        raise UserError(f"{run.name} failed (exit code {proc.returncode}); see {args.cache / 'logs' / run.name}.log")
+    result = json.loads(eval_file.read_text())
+    return {"name": run.name, **asdict(run), "data": KINDS[run.kind], "dataset": dataset,
+            "command": " ".join(["python", "-m", "matvit", *command[3:]]),
+            "epochs": args.epochs, "batch_size": args.batch_size, "workers": args.workers, "threads": args.threads,
+            "preset": args.preset,
+            "steps": run.train_images // args.batch_size * args.epochs,
+            "wall_seconds": round(wall, 1), "train_seconds": result["train_seconds"],
+            "peak_tree_rss_mb": round(sampler.peak_rss / 1024, 1),
+            "peak_tree_pss_mb": round(sampler.peak_pss / 1024, 1),
+            "peak_main_rss_mb": round(usage.ru_maxrss / 1024, 1), "peak_processes": sampler.peak_processes,
+            "memory_samples": sampler.samples, "top1": result["top1"], "knn1": result["knn1"]}
+
+
+def _same_setting(row: dict, run: Run, args: argparse.Namespace) -> bool:
+    keys = ("kind", "train_images", "epochs", "batch_size", "workers", "threads", "preset")
+    given = (run.kind, run.train_images, args.epochs, args.batch_size, args.workers, args.threads, args.preset)
+    return tuple(row.get(k) for k in keys) == given
+
+
+def run(args: argparse.Namespace, log=print) -> dict:
+    """Prepare the data, train (or reuse) every run, write NAME.json/.md/.png into `args.out`; returns the JSON."""
+    origin = provenance.record()
+    cifar = args.cifar.expanduser().resolve()
+    if not (cifar / "train").is_dir() or not (cifar / "test").is_dir():
+        raise UserError(f"--cifar {cifar}: expected train/<class>/ and test/<class>/ image folders in it")
+    full = sum(len(data.list_images(cifar / "train" / c)) for c in data.list_classes(cifar / "train"))
+    runs = parse_runs(args.runs, full, args.subset)
+    args.cache = args.cache.resolve()
+    for sub in ("results", "logs", "train"):
+        (args.cache / sub).mkdir(parents=True, exist_ok=True)
+    folders = {full: cifar}
+    if any(r.train_images == args.subset for r in runs):
+        folders[args.subset] = subset_folder(cifar, args.cache / f"cifar-{args.subset // 1000}k", args.subset)
+    shards = {n: shards_for(folder, args.cache / f"shards-{n // 1000}k", args.max_count, log)
+              for n, folder in folders.items() if any(r.kind == "wds" and r.train_images == n for r in runs)}
+    rows = []
+    for r in runs:
+        cached = args.cache / "results" / f"{r.name}.json"
+        if cached.is_file() and _same_setting(row := json.loads(cached.read_text()), r, args):
+            log(f"{r.name}: reusing {cached}")
+        else:
+            shard_dir = args.cache / f"shards-{r.train_images // 1000}k"
+            dataset = f"wds:{shard_dir}" if r.kind == "wds" else f"folder:{folders[r.train_images]}"
+            row = train(r, dataset, args, log)
+            cached.write_text(json.dumps(row, indent=2))
+        log(f"{r.name}: peak tree PSS {row['peak_tree_pss_mb']:.0f} MB, trainer peak RSS "
+            f"{row['peak_main_rss_mb']:.0f} MB, wall {row['wall_seconds'] / 60:.1f} min")
+        rows.append(row)
+    result = {**origin, "preset": args.preset, "epochs": args.epochs, "batch_size": args.batch_size,
+              "workers": args.workers, "threads": args.threads, "max_count": args.max_count,
+              "shards": {f"{n // 1000}k": {k: m.get(k) for k in ("counts", "shards", "seconds", "bytes")}
+                         for n, m in shards.items()},
+              "runs": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{NAME}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{NAME}.md").write_text(markdown(result))
+    bars_png(result, out / f"{NAME}.png")
+    return result
+
+
+# --- reporting ------------------------------------------------------------------------------------------------
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = [f"# Training memory and time: in memory, streamed folder, streamed WebDataset shards ({r['preset']})",
+             "", f"Command: `{r['command']}`  ", f"Commit: `{r['commit']}`  ",
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}  ",
+             f"Each run: `python -m matvit train` in a fresh process, {r['epochs']} epoch(s), batch {r['batch_size']}, "
+             f"{r['workers']} DataLoader workers, {r['threads']} torch thread(s) (OMP_NUM_THREADS), CPU, then the "
+             "evaluation every training ends with (test top-1, and 1-NN over the whole training split as gallery, "
+             "for each of the four granularities).", "",
+             "| run | data | training images | peak PSS, tree (MB) | peak RSS, tree (MB) | trainer peak RSS (MB) | "
+             "processes | training (min) | s / step | wall (min) | XL top-1 | XL 1-NN | S 1-NN |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in r["runs"]:
+        lines.append(f"| {row['name']} | {row['data']} | {row['train_images']:,} | {row['peak_tree_pss_mb']:,.0f} | "
+                     f"{row['peak_tree_rss_mb']:,.0f} | {row['peak_main_rss_mb']:,.0f} | {row['peak_processes']} | "
+                     f"{row['train_seconds'] / 60:.1f} | {row['train_seconds'] / max(1, row['steps']):.2f} | "
+                     f"{row['wall_seconds'] / 60:.1f} | {row['top1']['XL']:.4f} | {row['knn1']['XL']:.4f} | "
+                     f"{row['knn1']['S']:.4f} |")
+    lines += ["", "Peak PSS, tree: the summed proportional set size of the trainer and its DataLoader workers (pages "
+              "they share counted once); peak RSS, tree: their summed resident sets (shared pages counted in every "
+              "process); both sampled every 0.5 s. Trainer peak RSS: the kernel's high-water mark of the main "
+              "process. Training: the epoch loop alone; wall: the whole process (start-up, loading or decoding, "
+              "training, evaluation)."]
+    by = {row["name"]: row for row in r["runs"]}
+    growth = []
+    for kind in KINDS:
+        sizes = sorted((row for row in r["runs"] if row["kind"] == kind), key=lambda row: row["train_images"])
+        if len(sizes) == 2:
+            small, big = sizes
+            growth.append(f"- {KINDS[kind]}: {small['train_images']:,} -> {big['train_images']:,} training images: "
+                          f"tree PSS {small['peak_tree_pss_mb']:,.0f} -> {big['peak_tree_pss_mb']:,.0f} MB "
+                          f"({big['peak_tree_pss_mb'] - small['peak_tree_pss_mb']:+,.0f}), trainer RSS "
+                          f"{small['peak_main_rss_mb']:,.0f} -> {big['peak_main_rss_mb']:,.0f} MB "
+                          f"({big['peak_main_rss_mb'] - small['peak_main_rss_mb']:+,.0f})")
+    if growth:
+        lines += ["", "## Memory as the training set grows", "", *growth]
+    for n, s in r.get("shards", {}).items():
+        if s.get("seconds") is not None:
+            lines += ["", f"Shards ({n}): {sum(s['counts'].values()):,} samples in {sum(s['shards'].values())} tar "
+                      f"files of at most {r['max_count']:,} samples, {s['bytes'] / 2**20:,.0f} MB, written in "
+                      f"{s['seconds']:.0f} s (JPEG bytes copied, not re-encoded)."]
+    if by:
+        lines += ["", f"![memory and time]({NAME}.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def bars_png(r: dict, path: Path) -> None:
+    """Peak memory and time per run, as grouped bars."""
+    rows = r["runs"]
+    names = [row["name"] for row in rows]
+    x = list(range(len(rows)))
+    fig = Figure(figsize=(11, 4.5), layout="tight")
+    mem, secs = fig.subplots(1, 2)
+    for offset, key, label in ((-0.2, "peak_tree_pss_mb", "process tree, PSS"),
+                               (0.2, "peak_main_rss_mb", "trainer process, RSS")):
+        mem.bar([i + offset for i in x], [row[key] for row in rows], width=0.4, label=label)
+    mem.set_ylabel("peak memory (MB)")
+    mem.set_title("Peak memory")
+    for offset, key, label in ((-0.2, "train_seconds", "training epoch loop"), (0.2, "wall_seconds", "whole run")):
+        secs.bar([i + offset for i in x], [row[key] / 60 for row in rows], width=0.4, label=label)
+    secs.set_ylabel("minutes")
+    secs.set_title("Time")
+    for ax in (mem, secs):
+        ax.set_xticks(x, names, rotation=30)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{r['preset']}, {r['epochs']} epoch(s), batch {r['batch_size']}, {r['workers']} workers")
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app.bench.train_streaming", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    provenance.set_command(["python", "-m", "app.bench.train_streaming", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        result = run(args)
+    except UserError as e:
+        print(f"train-streaming: error: {e}", file=sys.stderr)
+        return 2
+    print(markdown(result))
+    print(f"wrote {args.out / NAME}.json, .md and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
