@@ -13,12 +13,12 @@ the shards give each split's count (their `successes`).
 `test-*.tar`, `dataset.json`), or a pattern with `{split}` where `train` or `test` goes, with braces and
 wildcards (`/data/{split}/{00000..00099}.tar`, `/data/{split}-*.tar`); names that match no file are left out.
 
-Training streams never end and never need to: every rank's DataLoader worker reads its own shards, one round
-after another (a round is an epoch- and seed-shuffled shard order, dealt to the ranks' workers so that each
-shard is read once per round when there are at least as many shards as readers, else each reader takes one),
-through a shuffle buffer, and stops after its share of the epoch's steps (webdataset's `with_epoch`). Every
-rank so yields exactly len(source) // (batch size x world) full batches, however unevenly the shards split,
-and DDP ranks stay in lockstep. Evaluation reads every shard once, in order, without shuffling.
+Training streams never end and never need to: every DataLoader worker of every rank (a reader) reads its own
+shards, one round after another (a round is an epoch- and seed-shuffled shard order dealt out to the readers:
+each shard once when there are at least as many shards as readers, else one shard a reader), each round through
+a shuffle buffer of samples, and stops after its share of the epoch's steps (webdataset's `with_epoch`). Every
+rank so yields exactly len(source) // (batch size x world) full batches however unevenly the shards split, and
+DDP ranks stay in lockstep. Evaluation reads every shard once, in order, without shuffling.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
+from webdataset.shardlists import expand_urls
 
 from . import data, sources
 from . import images as imageio
@@ -51,9 +51,9 @@ SPLITS = ("train", "test")
 
 
 def expand(pattern: str) -> list[str]:
-    """Existing files named by a brace pattern with optional wildcards, in the pattern's order."""
+    """Existing local files named by a brace pattern with optional wildcards, in the pattern's order."""
     found: dict[str, None] = {}
-    for name in braceexpand.braceexpand(str(Path(pattern).expanduser())):
+    for name in expand_urls(str(Path(pattern).expanduser())):
         matches = sorted(glob.glob(name)) if glob.has_magic(name) else [name]
         found.update((m, None) for m in matches if Path(m).is_file())
     return list(found)
