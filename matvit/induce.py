@@ -350,11 +350,11 @@ def prepare(opts: InduceOptions, device: torch.device | str = "cpu", workers: in
     start = time.perf_counter()
     out = Path(opts.out)
     train_opts = opts.train_options()
+    plain = load_plain(opts.source)  # before the dataset: a bad source fails at once
     size = get_preset(opts.preset).model
     source = sources.open_source(opts.dataset, "train", size.img_size, size.in_chans, opts.data_dir, in_memory)
     config = train_opts.model_config(len(source.classes))
     torch.manual_seed(opts.seed)
-    plain = load_plain(opts.source)
     notes: list[str] = []
     model, reinit = fit(plain, config, opts.preset, log=lambda s: (notes.append(s), log(s)))
     model.to(device)

@@ -265,7 +265,8 @@ def markdown(r: dict) -> str:
     names = ["S", "M", "L", "XL"]
     lines = [f"# Inducing a MatViT from a dense ViT: {r['dataset']}, {r['preset']}", "",
              f"Command: `{r['command']}`  ", f"Commit: `{r['commit']}`  ",
-             f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}", "",
+             f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']} "
+             f"({r['machine']['torch_threads']} thread{'s' * (r['machine']['torch_threads'] > 1)})", "",
              f"The dense model is a plain ViT of the XL FFN width trained for {r['dense_epochs']} epochs. Each "
              f"importance score reorders its FFN neurons (raw slices: no training after it), then `matvit induce` "
              f"trains all granularities jointly for {r['epochs']} epoch(s) from there; a MatViT from scratch gets the "
@@ -294,6 +295,7 @@ def markdown(r: dict) -> str:
     if "full" not in steps:
         lines += ["", "The preset's full recipe was not trained here (no finished run in the consistency benchmark's "
                   "cache)" + ("; its committed result is quoted above." if ref is not None else ".")]
+    lines += ["", "## Reading", "", *findings(r)]
     lines += ["", "Targets (from the consistency benchmark; 1 and 2 against its committed 10-epoch baselines): "
               "1. every diagonal cell within 1.0 point of the baseline of its width; 2. index XL / query S at "
               "least the baseline S on itself; 3. every off-diagonal cell within 2 points of its query's diagonal.",
@@ -313,6 +315,31 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def findings(r: dict) -> list[str]:
+    """What the finished steps say, in sentences built from their numbers."""
+    steps, e = r["steps"], r["epochs"]
+    out = []
+    pts = lambda v: f"{100 * v:.2f}"  # noqa: E731
+    raw = {k: s for k, s in steps.items() if s["method"] == "induced" and s["epochs"]["joint"] == 0}
+    tuned = {k: s for k, s in steps.items() if s["method"] == "induced" and s["epochs"]["joint"] > 0}
+    scratch = steps.get(f"scratch-{e}")
+    if "dense" in steps and raw:
+        out.append(f"- Raw slices of the dense ViT (XL {pts(steps['dense']['diagonal']['XL'])}): S on its own index "
+                   + ", ".join(f"{s['importance']} {pts(s['diagonal']['S'])}" for s in raw.values())
+                   + "; M " + ", ".join(f"{s['importance']} {pts(s['diagonal']['M'])}" for s in raw.values()) + ".")
+    for s in tuned.values():
+        missed = [t for t in s["targets"] if not t["met"]]
+        out.append(f"- {label(s)}: diagonal " + ", ".join(f"{g} {pts(v)}" for g, v in s["diagonal"].items())
+                   + f"; index XL / query S {pts(s['grid']['XL']['S']['knn1'])}; "
+                   + (f"targets {', '.join(t['target'][0] for t in s['targets'] if t['met'])} met"
+                      if len(missed) < len(s["targets"]) else "no target met")
+                   + (f", {', '.join(t['target'][0] for t in missed)} missed" if missed else "") + ".")
+    if scratch is not None:
+        out.append(f"- {label(scratch)}: diagonal " + ", ".join(f"{g} {pts(v)}" for g, v in scratch["diagonal"].items())
+                   + f"; index XL / query S {pts(scratch['grid']['XL']['S']['knn1'])}.")
+    return out
+
+
 def _shares(step: dict) -> str:
     if not step.get("shares"):
         return ""
@@ -327,27 +354,35 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+COLORS = {"taylor": "tab:blue", "weight": "tab:orange", "none": "tab:green", "scratch": "tab:red",
+          "dense": "black", "full": "tab:purple"}
+
+
 def plot(r: dict, path: Path) -> None:
     """Left: each model's diagonal (index and query by the same granularity); right: queries of each granularity
-    against the XL index. Raw slices dashed, trained models solid, the reference baselines as grey squares."""
+    against the XL index. One colour per importance score, raw slices dashed, trained models solid, the reference
+    baselines as grey squares."""
     names = ["S", "M", "L", "XL"]
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     left, right = fig.subplots(1, 2, sharey=True)
     for s in r["steps"].values():
         g = s["grid"]
         xs = [n for n in names if n in g]
+        at = [names.index(n) for n in xs]
         style = "--" if s["method"] == "induced" and s["epochs"]["joint"] == 0 else "-"
         marker = "o" if len(xs) > 1 else "D"
-        line = left.plot(xs, [g[n][n]["knn1"] for n in xs], style, marker=marker, label=label(s))[0]
-        right.plot(xs, [g["XL"][n]["knn1"] for n in xs], style, marker=marker, color=line.get_color())
+        color = COLORS.get(s.get("importance") or s["method"])
+        left.plot(at, [g[n][n]["knn1"] for n in xs], style, marker=marker, color=color, label=label(s))
+        right.plot(at, [g["XL"][n]["knn1"] for n in xs], style, marker=marker, color=color)
     if r["reference_grids"] is not None:
         b = r["reference_grids"]["baseline"]
         for ax in (left, right):
-            ax.plot(names, [b[n][n] for n in names], "s", color="tab:gray", ms=8,
+            ax.plot(range(len(names)), [b[n][n] for n in names], "s", color="tab:gray", ms=8,
                     label=f"independent baselines ({r['reference_grids']['epochs']} epochs, own index)")
     left.set_title("diagonal: index and queries by the same granularity")
     right.set_title("one XL index, queries by each granularity")
     for ax in (left, right):
+        ax.set_xticks(range(len(names)), names)
         ax.set_xlabel("granularity")
         ax.grid(alpha=0.3)
     left.set_ylabel("1-NN accuracy")
