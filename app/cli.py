@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -36,12 +37,16 @@ def _wait(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for another writer of the index to finish (default: fail at once)")
 
 
-def _runtime(parser: argparse.ArgumentParser) -> None:
+def _device(parser: argparse.ArgumentParser) -> None:
     from matvit.runtime import DEVICES, PRECISIONS
 
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when present, else MPS, else CPU")
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                         help="autocast precision of forwards and losses (fp16 adds a gradient scaler)")
+
+
+def _runtime(parser: argparse.ArgumentParser) -> None:
+    _device(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding streamed images")
     parser.add_argument("--in-memory", action="store_true",
@@ -118,24 +123,37 @@ def _source(args, encoder):
 
 def cmd_build_index(args: argparse.Namespace) -> None:
     from retrieval import build
-    from retrieval.encoder import Encoder
 
     if bool(args.images) == bool(args.dataset):
         raise UserError("give exactly one of --images PATH or --dataset NAME")
-    encoder = Encoder.load(args.checkpoint)
-    report = build.build(encoder, _source(args, encoder), args.out, args.submodel, args.index_key,
-                         args.batch_size, args.resume, args.recall_target, args.wait)
-    print(json.dumps(report, indent=2))
+    with _embedding(args) as encoder:
+        report = build.build(encoder, _source(args, encoder), args.out, args.submodel, args.index_key,
+                             args.batch_size, args.resume, args.recall_target, args.wait)
+    if report:  # the main process (the others of a torchrun group return nothing)
+        print(json.dumps(report, indent=2))
 
 
 def cmd_index_add(args: argparse.Namespace) -> None:
     from retrieval import build
+
+    with _embedding(args) as encoder:
+        source = build.FolderSource(args.images, encoder.config.img_size, encoder.config.in_chans, args.workers)
+        report = build.add(encoder, source, args.index, args.batch_size, args.resume, args.recall_target, args.wait)
+    if report:
+        print(json.dumps(report, indent=2))
+
+
+@contextlib.contextmanager
+def _embedding(args: argparse.Namespace):
+    """The checkpoint's encoder on `--device` / `--precision`, as one of torchrun's processes when started so."""
+    from matvit import runtime
     from retrieval.encoder import Encoder
 
-    encoder = Encoder.load(args.checkpoint)
-    source = build.FolderSource(args.images, encoder.config.img_size, encoder.config.in_chans, args.workers)
-    report = build.add(encoder, source, args.index, args.batch_size, args.resume, args.recall_target, args.wait)
-    print(json.dumps(report, indent=2))
+    rt = runtime.start(args.device, args.precision)
+    try:
+        yield Encoder.load(args.checkpoint, runtime=rt)
+    finally:
+        rt.close()
 
 
 def cmd_index_remove(args: argparse.Namespace) -> None:
@@ -371,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="finish an interrupted build without re-embedding")
     _recall_target(p)
     _wait(p)
+    _device(p)
     p.set_defaults(func=cmd_build_index)
 
     p = sub.add_parser("index", help="add, remove or re-index items, or show what an index holds")
@@ -384,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume", action="store_true")
     _recall_target(q)
     _wait(q)
+    _device(q)
     q.set_defaults(func=cmd_index_add)
     q = isub.add_parser("remove", help="delete items by id (ids are never reused)")
     q.add_argument("--index", type=Path, required=True)

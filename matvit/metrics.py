@@ -15,10 +15,11 @@ Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 
 @torch.inference_mode()
-def run_batched(fn: Encoder, images: torch.Tensor, batch_size: int = 512, desc: str | None = None) -> np.ndarray:
-    """Apply `fn` to uint8 images in batches; float32 numpy rows out."""
+def run_batched(fn: Encoder, images: torch.Tensor, batch_size: int = 512, desc: str | None = None,
+                device: torch.device | str = "cpu") -> np.ndarray:
+    """Apply `fn` (on `device`) to uint8 images in batches; float32 numpy rows out."""
     chunks = range(0, len(images), batch_size)
-    out = [fn(to_input(images[i:i + batch_size])).float().numpy() for i in tqdm(
+    out = [fn(to_input(images[i:i + batch_size].to(device))).float().cpu().numpy() for i in tqdm(
         chunks, desc=desc, unit="batch", leave=False, **({"disable": True} if desc is None else {}))]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 

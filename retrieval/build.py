@@ -3,6 +3,11 @@
 Embeddings go to `IDX/building/chunk-*.npz` as they are made (each written aside, then renamed), so
 an interrupted run loses at most one chunk, leaves the live version untouched, and `resume=True`
 embeds only what no chunk holds yet. Every write holds the index's writer lock for its whole run.
+
+Under torchrun (`encoder.runtime`), every process embeds its share of the images (every world-th batch)
+into chunks of its own, and the main process, which holds the lock, merges them. Ids follow the images'
+positions in the source, so the index does not depend on the number of processes. Several machines need
+the index directory on a filesystem they share.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +27,11 @@ from tqdm import tqdm
 
 from matvit import data
 from matvit.images import IMAGE_SUFFIXES
+from matvit.runtime import Runtime
 
 from . import tuning
 from .encoder import Encoder
-from .index import GalleryIndex, IndexStoreError, commit, now, writer
+from .index import GalleryIndex, IndexBusy, IndexStoreError, commit, now, writer
 
 log = logging.getLogger(__name__)
 CHUNK = 4096
@@ -89,18 +96,18 @@ class DatasetSource:
 Source = FolderSource | DatasetSource
 
 
-def _save_chunk(building: Path, n: int, positions: list[int], embeddings: list[np.ndarray],
+def _save_chunk(building: Path, name: str, positions: list[int], embeddings: list[np.ndarray],
                 sizes: list[tuple[int, int]], errors: list[tuple[int, str]]) -> None:
-    tmp = building / f"chunk-{n:06d}.tmp.npz"
+    tmp = building / f"chunk-{name}.tmp.npz"
     np.savez(tmp, positions=np.asarray(positions, dtype=np.int64),
              embeddings=np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32),
              sizes=np.asarray(sizes, dtype=np.int64).reshape(-1, 2),
              bad=np.asarray([p for p, _ in errors], dtype=np.int64))
-    os.replace(tmp, building / f"chunk-{n:06d}.npz")
+    os.replace(tmp, building / f"chunk-{name}.npz")
 
 
 def _load_chunks(building: Path) -> list[dict]:
-    return [dict(np.load(p)) for p in sorted(building.glob("chunk-[0-9]*[0-9].npz"))]
+    return [dict(np.load(p)) for p in sorted(building.glob("chunk-*[0-9].npz"))]
 
 
 def _prepare_building(directory: Path, job: dict, resume: bool) -> tuple[Path, list[dict]]:
@@ -121,15 +128,23 @@ def _prepare_building(directory: Path, job: dict, resume: bool) -> tuple[Path, l
 
 def embed_source(encoder: Encoder, source: Source, directory: Path, job: dict, spec, batch_size: int,
                  resume: bool) -> tuple[list[dict], float]:
-    """Embed every position no earlier chunk holds; returns all chunks and the seconds spent."""
-    building, chunks = _prepare_building(directory, job, resume)
+    """Embed every position no earlier chunk holds (this process: every world-th batch of them); returns all
+    chunks of all processes and the seconds spent."""
+    rt = encoder.runtime
+    if rt.main:
+        building, chunks = _prepare_building(directory, job, resume)
+    rt.barrier()
+    if not rt.main:
+        building = directory / "building"
+        chunks = _load_chunks(building)
     done = {int(p) for c in chunks for key in ("positions", "bad") for p in c[key]}
     todo = [p for p in range(len(source)) if p not in done]
-    n_chunk = len(chunks)
+    mine = [p for i in range(rt.rank * batch_size, len(todo), rt.world * batch_size) for p in todo[i:i + batch_size]]
+    n_chunk = len(list(building.glob(f"chunk-r{rt.rank:03d}-*[0-9].npz")))
     pending: dict = {"positions": [], "embeddings": [], "sizes": [], "errors": []}
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), desc=f"embedding with {spec.text}", unit="img")
-    for batch in source.batches(todo, batch_size):
+    bar = tqdm(total=len(mine), desc=f"embedding with {spec.text}", unit="img", disable=not rt.main or None)
+    for batch in source.batches(mine, batch_size):
         for _, err in batch.errors:
             log.warning("skipped: %s", err)
         if batch.images is not None:
@@ -139,13 +154,30 @@ def embed_source(encoder: Encoder, source: Source, directory: Path, job: dict, s
         pending["errors"] += batch.errors
         bar.update(len(batch.positions) + len(batch.errors))
         if len(pending["positions"]) + len(pending["errors"]) >= CHUNK:
-            _save_chunk(building, n_chunk, **pending)
+            _save_chunk(building, f"r{rt.rank:03d}-{n_chunk:06d}", **pending)
             n_chunk += 1
             pending = {k: [] for k in pending}
     bar.close()
     if pending["positions"] or pending["errors"]:
-        _save_chunk(building, n_chunk, **pending)
+        _save_chunk(building, f"r{rt.rank:03d}-{n_chunk:06d}", **pending)
+    rt.barrier()
     return _load_chunks(building), time.perf_counter() - start
+
+
+@contextmanager
+def _writing(directory: Path, wait: float, rt: Runtime) -> Iterator[None]:
+    """The index's writer lock, held by the main process for the whole group; when it cannot be had, every
+    process raises."""
+    with ExitStack() as stack:
+        refused = None
+        if rt.main:
+            try:
+                stack.enter_context(writer(directory, wait))
+            except IndexBusy as e:
+                refused = str(e)
+        if refused := rt.broadcast(refused):
+            raise IndexBusy(refused)
+        yield
 
 
 def _gather(chunks: list[dict], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -201,8 +233,10 @@ def build(encoder: Encoder, source: Source, directory: Path, submodel: str = "XL
     seconds for another writer to finish)."""
     directory, spec = Path(directory), encoder.spec(submodel)
     job = {"kind": "build", "fingerprint": encoder.fingerprint, "submodel": spec.text, "source": source.description}
-    with writer(directory, wait):
+    with _writing(directory, wait, encoder.runtime):
         chunks, seconds = embed_source(encoder, source, directory, job, spec, batch_size, resume)
+        if not encoder.runtime.main:
+            return {}
         manifest = {"fingerprint": encoder.fingerprint, "submodel": spec.text, "dim": encoder.config.embed_dim,
                     "metric": "inner_product", "source": source.description, "roots": [], "classes": [],
                     "next_id": 0, "created_at": now()}
@@ -213,13 +247,15 @@ def add(encoder: Encoder, source: Source, directory: Path, batch_size: int = 256
         recall_target: float = tuning.RECALL_TARGET, wait: float = 0.0) -> dict:
     """Embed more images with the index's own submodel and add them under new ids."""
     directory = Path(directory)
-    with writer(directory, wait):
+    with _writing(directory, wait, encoder.runtime):
         base = GalleryIndex.open(directory)
         base.check_model(encoder.fingerprint)
         spec = encoder.spec(base.manifest["submodel"])
         job = {"kind": "add", "fingerprint": encoder.fingerprint, "base": base.version_dir.name,
                "source": source.description}
         chunks, seconds = embed_source(encoder, source, directory, job, spec, batch_size, resume)
+        if not encoder.runtime.main:
+            return {}
         manifest = {**base.manifest, "source": f"{base.manifest.get('source', '')}; {source.description}"}
         return _finish(directory, source, chunks, seconds, manifest, base, None, recall_target)
 

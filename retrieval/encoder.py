@@ -17,13 +17,17 @@ from matvit import checkpoint, metrics
 from matvit import spec as specs
 from matvit.extract import Embedder, extract
 from matvit.model import MatViT
+from matvit.runtime import Runtime
 from matvit.spec import Submodel
 
 
 class Encoder:
-    """A checkpoint's submodels as embedding functions."""
+    """A checkpoint's submodels as embedding functions, on the runtime's device and precision (CPU fp32 by
+    default)."""
 
-    def __init__(self, model: MatViT, meta: dict | None = None, cache_size: int = 8) -> None:
+    def __init__(self, model: MatViT, meta: dict | None = None, cache_size: int = 8,
+                 runtime: Runtime | None = None) -> None:
+        self.runtime = runtime or Runtime(torch.device("cpu"))
         self.model = model.eval()
         self.meta = meta or {}
         self.config = model.config
@@ -34,9 +38,9 @@ class Encoder:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, directory: Path, cache_size: int = 8) -> Encoder:
+    def load(cls, directory: Path, cache_size: int = 8, runtime: Runtime | None = None) -> Encoder:
         model, meta = checkpoint.load(directory)
-        return cls(model, meta, cache_size)
+        return cls(model, meta, cache_size, runtime)
 
     def spec(self, text: str | Submodel) -> Submodel:
         return self.model.spec(text)
@@ -48,7 +52,7 @@ class Encoder:
             if spec.id in self._cache:
                 self._cache.move_to_end(spec.id)
                 return self._cache[spec.id]
-        embedder = Embedder(extract(self.model, spec)).eval()
+        embedder = Embedder(extract(self.model, spec)).eval().to(self.runtime.device)
         with self._lock:
             self._cache[spec.id] = embedder
             while len(self._cache) > self.cache_size:
@@ -58,7 +62,8 @@ class Encoder:
     def encode(self, images: torch.Tensor, spec: str | Submodel = "XL", batch_size: int = 256,
                desc: str | None = None) -> np.ndarray:
         """uint8 N x C x H x W images to float32 N x dim embeddings."""
-        return metrics.run_batched(self.embedder(spec), images, batch_size, desc)
+        with self.runtime.autocast():
+            return metrics.run_batched(self.embedder(spec), images, batch_size, desc, self.runtime.device)
 
     def named(self) -> list[Submodel]:
         return specs.named(self.config)

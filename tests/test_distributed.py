@@ -1,5 +1,6 @@
-"""Training across processes and precisions on CPU: two gloo processes under torchrun match one process with the
-same global batch, a sum-mode step all-reduces once, and bf16 / fp16 autocast train and save fp32 weights."""
+"""Across processes and precisions on CPU: two gloo processes under torchrun train to the weights of one process
+with the same global batch, a sum-mode step all-reduces once, bf16 / fp16 autocast train and save fp32 weights,
+and two processes build the same index as one."""
 
 import json
 import os
@@ -8,11 +9,13 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file
 
 from matvit import runtime
@@ -20,6 +23,9 @@ from matvit.errors import UserError
 from matvit.images import to_input
 from matvit.model import MatViT
 from matvit.train import Trainer, TrainOptions
+from retrieval.encoder import Encoder
+from retrieval.index import GalleryIndex
+from tests.conftest import write_odd_images
 
 
 def _free_port() -> int:
@@ -169,3 +175,44 @@ def test_a_global_batch_that_does_not_split_across_processes_is_refused(tmp_path
     rt = runtime.Runtime(torch.device("cpu"), world=3)  # never joins a group: the check comes first
     with pytest.raises(UserError, match="does not split evenly across 3 processes"):
         Trainer(TrainOptions("matvit-tiny-digits", "digits", tmp_path, batch_size=32), rt)
+
+
+def _build_index(checkpoint_dir, gallery, out, processes: int) -> None:
+    """`matvit build-index` of a folder, then `index add` of the digits' test split, as one or more processes."""
+    launch = [sys.executable]
+    if processes > 1:
+        launch += ["-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port",
+                   str(_free_port())]
+    common = ["--checkpoint", str(checkpoint_dir), "--device", "cpu", "--batch-size", "4", "--workers", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for command in (["build-index", "--images", str(gallery), "--out", str(out)],
+                    ["index", "add", "--index", str(out), "--images", str(gallery / "dog")]):
+        done = subprocess.run([*launch, "-m", "matvit", *command, *common], capture_output=True, text=True,
+                              env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_two_processes_build_the_index_one_process_builds(trained_dir, tmp_path):
+    gallery = tmp_path / "gallery"
+    write_odd_images(gallery)
+    for i in range(9):  # enough images for several batches per process
+        Image.new("L", (8 + i, 8), color=20 * i).save(gallery / "cat" / f"plain-{i}.png")
+    _build_index(trained_dir, gallery, tmp_path / "one", 1)
+    _build_index(trained_dir, gallery, tmp_path / "two", 2)
+    one, two = GalleryIndex.open(tmp_path / "one"), GalleryIndex.open(tmp_path / "two")
+    (ids_one, vectors_one), (ids_two, vectors_two) = one.vectors(), two.vectors()
+    assert np.array_equal(ids_one, ids_two) and len(ids_one) == one.count > 0
+    np.testing.assert_allclose(vectors_two, vectors_one, atol=1e-5)  # other batches, other thread counts
+    rows = [{i: {k: v for k, v in item.items() if k != "added_at"} for i, item in index.items(ids_one).items()}
+            for index in (one, two)]
+    assert rows[0] == rows[1]
+    assert one.manifest["next_id"] == two.manifest["next_id"]
+    assert not (tmp_path / "two" / "building").exists()
+
+
+def test_an_encoder_runs_on_the_runtime_it_is_given(trained):
+    images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    fp32 = Encoder(trained).encode(images, "S")
+    bf16 = Encoder(trained, runtime=runtime.Runtime(torch.device("cpu"), "bf16")).encode(images, "S")
+    assert bf16.dtype == np.float32 and not np.array_equal(bf16, fp32)
+    np.testing.assert_allclose(bf16, fp32, atol=0.05)
