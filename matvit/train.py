@@ -290,6 +290,8 @@ class Trainer:
         bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.recipe.epochs}", unit="batch", leave=False,
                    total=self.steps_per_epoch, disable=not rt.main or None)
         for images, labels in itertools.islice(bar, self.steps_per_epoch):
+            if len(labels) == 0:  # every streamed image of the batch was unreadable
+                continue
             plan = self.passes(rng)
             x = to_input(augment(images, self.recipe.augment)).to(rt.device, non_blocking=True)
             y = labels.to(rt.device, non_blocking=True)
