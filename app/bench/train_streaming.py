@@ -37,14 +37,16 @@ PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 @dataclass
 class Run:
-    """One training: how its data is read (`KINDS`) and how many training images it has."""
+    """One training: how its data is read (`KINDS`), how many training images it has, and for how many epochs
+    (None: `--epochs`)."""
 
     kind: str
     train_images: int
+    epochs: int | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.kind}-{self.train_images // 1000}k"
+        return f"{self.kind}-{self.train_images // 1000}k" + (f"-e{self.epochs}" if self.epochs else "")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,8 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader processes of each training")
     parser.add_argument("--subset", type=int, default=10_000, help="training images of the smaller runs")
     parser.add_argument("--max-count", type=int, default=1000, help="samples per shard")
-    parser.add_argument("--runs", default="memory-10k,wds-10k,memory-50k,wds-50k,folder-50k,folder-10k",
-                        help="which trainings, in order: KIND-SIZE with KIND one of memory, folder, wds")
+    parser.add_argument("--runs", default="memory-10k,wds-10k,memory-50k,wds-50k,folder-50k,folder-10k,wds-10k-e5",
+                        help="which trainings, in order: KIND-SIZE[-eEPOCHS], KIND one of memory, folder, wds (the "
+                             "default's last run reads the small set for as many steps as a large one reads once)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of each training (OMP_NUM_THREADS); its DataLoader workers share the cores")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between memory samples")
@@ -68,13 +71,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_runs(text: str, full: int, subset: int) -> list[Run]:
     runs = []
+    sizes = {f"{full // 1000}k": full, f"{subset // 1000}k": subset}
     for item in filter(None, (t.strip() for t in text.split(","))):
-        kind, _, size = item.partition("-")
-        sizes = {f"{full // 1000}k": full, f"{subset // 1000}k": subset}
-        if kind not in KINDS or size not in sizes:
-            raise UserError(f"unknown run {item!r}: use KIND-SIZE, KIND one of {', '.join(KINDS)} and SIZE one of "
-                            f"{', '.join(sizes)}")
-        runs.append(Run(kind, sizes[size]))
+        kind, size, *epochs = item.split("-")
+        if kind not in KINDS or size not in sizes or len(epochs) > 1 or not all(
+                e[:1] == "e" and e[1:].isdigit() and int(e[1:]) > 0 for e in epochs):
+            raise UserError(f"unknown run {item!r}: use KIND-SIZE[-eEPOCHS], KIND one of {', '.join(KINDS)} and SIZE "
+                            f"one of {', '.join(sizes)}")
+        runs.append(Run(kind, sizes[size], int(epochs[0][1:]) if epochs else None))
     return runs
 
 
@@ -146,30 +150,40 @@ def memory_kb(pid: int) -> tuple[int, int]:
 
 
 class TreeSampler(threading.Thread):
-    """Samples the summed RSS and PSS of a process tree until stopped; keeps the peaks."""
+    """Samples the summed RSS and PSS of a process tree until stopped; keeps the peaks (of the tree, and of the
+    trainer's and the workers' PSS apart) and, every `every` seconds, a timeline point."""
 
-    def __init__(self, pid: int, interval: float) -> None:
+    def __init__(self, pid: int, interval: float, every: float = 5.0) -> None:
         super().__init__(daemon=True)
-        self.pid, self.interval, self.stopped = pid, interval, threading.Event()
-        self.peak_rss = self.peak_pss = self.peak_processes = self.samples = 0
+        self.pid, self.interval, self.every, self.stopped = pid, interval, every, threading.Event()
+        self.peak_rss = self.peak_pss = self.peak_main_pss = self.peak_workers_pss = 0
+        self.peak_processes = self.samples = 0
+        self.timeline: list[tuple[float, float, float, int]] = []  # seconds, trainer PSS MB, workers PSS MB, processes
 
     def run(self) -> None:
+        start = time.perf_counter()
         while not self.stopped.is_set():
             tree = descendants(self.pid)
             usage = [memory_kb(p) for p in tree]
+            main, workers = usage[0][1], sum(p for _, p in usage[1:])
             self.peak_rss = max(self.peak_rss, sum(r for r, _ in usage))
-            self.peak_pss = max(self.peak_pss, sum(p for _, p in usage))
+            self.peak_pss = max(self.peak_pss, main + workers)
+            self.peak_main_pss = max(self.peak_main_pss, main)
+            self.peak_workers_pss = max(self.peak_workers_pss, workers)
             self.peak_processes = max(self.peak_processes, len(tree))
+            now = time.perf_counter() - start
+            if not self.timeline or now - self.timeline[-1][0] >= self.every:
+                self.timeline.append((round(now, 1), round(main / 1024, 1), round(workers / 1024, 1), len(tree)))
             self.samples += 1
             self.stopped.wait(self.interval)
 
 
 def train(run: Run, dataset: str, args: argparse.Namespace, log=print) -> dict:
     """One training in a fresh `python -m matvit train` process, measured; returns its result row."""
-    out = args.cache / "train" / run.name
+    out, epochs = args.cache / "train" / run.name, run.epochs or args.epochs
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "matvit", "train", "--preset", args.preset, "--dataset", dataset,
-               "--out", str(out), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+               "--out", str(out), "--epochs", str(epochs), "--batch-size", str(args.batch_size),
                "--workers", str(args.workers), "--device", "cpu", "--seed", "0"]
     command += ["--in-memory"] if run.kind == "memory" else []
     log(f"{run.name}: {' '.join(command)}")
@@ -192,19 +206,23 @@ def train(run: Run, dataset: str, args: argparse.Namespace, log=print) -> dict:
     result = json.loads(eval_file.read_text())
     return {"name": run.name, **asdict(run), "data": KINDS[run.kind], "dataset": dataset,
             "command": " ".join(["python", "-m", "matvit", *command[3:]]),
-            "epochs": args.epochs, "batch_size": args.batch_size, "workers": args.workers, "threads": args.threads,
+            "epochs": epochs, "batch_size": args.batch_size, "workers": args.workers, "threads": args.threads,
             "preset": args.preset,
-            "steps": run.train_images // args.batch_size * args.epochs,
+            "steps": run.train_images // args.batch_size * epochs,
             "wall_seconds": round(wall, 1), "train_seconds": result["train_seconds"],
             "peak_tree_rss_mb": round(sampler.peak_rss / 1024, 1),
             "peak_tree_pss_mb": round(sampler.peak_pss / 1024, 1),
             "peak_main_rss_mb": round(usage.ru_maxrss / 1024, 1), "peak_processes": sampler.peak_processes,
-            "memory_samples": sampler.samples, "top1": result["top1"], "knn1": result["knn1"]}
+            "peak_main_pss_mb": round(sampler.peak_main_pss / 1024, 1),
+            "peak_workers_pss_mb": round(sampler.peak_workers_pss / 1024, 1),
+            "memory_samples": sampler.samples, "top1": result["top1"], "knn1": result["knn1"],
+            "timeline": sampler.timeline}
 
 
 def _same_setting(row: dict, run: Run, args: argparse.Namespace) -> bool:
     keys = ("kind", "train_images", "epochs", "batch_size", "workers", "threads", "preset")
-    given = (run.kind, run.train_images, args.epochs, args.batch_size, args.workers, args.threads, args.preset)
+    given = (run.kind, run.train_images, run.epochs or args.epochs, args.batch_size, args.workers, args.threads,
+             args.preset)
     return tuple(row.get(k) for k in keys) == given
 
 
@@ -257,35 +275,38 @@ def markdown(r: dict) -> str:
     lines = [f"# Training memory and time: in memory, streamed folder, streamed WebDataset shards ({r['preset']})",
              "", f"Command: `{r['command']}`  ", f"Commit: `{r['commit']}`  ",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}  ",
-             f"Each run: `python -m matvit train` in a fresh process, {r['epochs']} epoch(s), batch {r['batch_size']}, "
+             f"Each run: `python -m matvit train` in a fresh process, batch {r['batch_size']}, "
              f"{r['workers']} DataLoader workers, {r['threads']} torch thread(s) (OMP_NUM_THREADS), CPU, then the "
              "evaluation every training ends with (test top-1, and 1-NN over the whole training split as gallery, "
-             "for each of the four granularities).", "",
-             "| run | data | training images | peak PSS, tree (MB) | peak RSS, tree (MB) | trainer peak RSS (MB) | "
-             "processes | training (min) | s / step | wall (min) | XL top-1 | XL 1-NN | S 1-NN |",
+             "for each of the four granularities; the test split is CIFAR-10's 10,000 images in every run).", "",
+             "| run | data | training images | epochs | peak PSS, tree (MB) | peak RSS, tree (MB) | trainer peak RSS "
+             "(MB) | training (min) | s / step | wall (min) | XL top-1 | XL 1-NN | S 1-NN |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["runs"]:
-        lines.append(f"| {row['name']} | {row['data']} | {row['train_images']:,} | {row['peak_tree_pss_mb']:,.0f} | "
-                     f"{row['peak_tree_rss_mb']:,.0f} | {row['peak_main_rss_mb']:,.0f} | {row['peak_processes']} | "
+        lines.append(f"| {row['name']} | {row['data']} | {row['train_images']:,} | {row['epochs']} | "
+                     f"{row['peak_tree_pss_mb']:,.0f} | {row['peak_tree_rss_mb']:,.0f} | "
+                     f"{row['peak_main_rss_mb']:,.0f} | "
                      f"{row['train_seconds'] / 60:.1f} | {row['train_seconds'] / max(1, row['steps']):.2f} | "
                      f"{row['wall_seconds'] / 60:.1f} | {row['top1']['XL']:.4f} | {row['knn1']['XL']:.4f} | "
                      f"{row['knn1']['S']:.4f} |")
     lines += ["", "Peak PSS, tree: the summed proportional set size of the trainer and its DataLoader workers (pages "
-              "they share counted once); peak RSS, tree: their summed resident sets (shared pages counted in every "
-              "process); both sampled every 0.5 s. Trainer peak RSS: the kernel's high-water mark of the main "
-              "process. Training: the epoch loop alone; wall: the whole process (start-up, loading or decoding, "
-              "training, evaluation)."]
-    by = {row["name"]: row for row in r["runs"]}
+              "they share counted once); peak RSS, tree: their summed resident sets (pages shared after the fork "
+              "counted in every process); both sampled every 0.5 s. Trainer peak RSS: the kernel's high-water mark "
+              "of the main process. Training: the epoch loop alone; wall: the whole process (start-up, loading or "
+              "decoding, training, evaluation). Times come from a machine shared with other jobs: compare them "
+              "loosely."]
     growth = []
     for kind in KINDS:
-        sizes = sorted((row for row in r["runs"] if row["kind"] == kind), key=lambda row: row["train_images"])
-        if len(sizes) == 2:
-            small, big = sizes
-            growth.append(f"- {KINDS[kind]}: {small['train_images']:,} -> {big['train_images']:,} training images: "
-                          f"tree PSS {small['peak_tree_pss_mb']:,.0f} -> {big['peak_tree_pss_mb']:,.0f} MB "
-                          f"({big['peak_tree_pss_mb'] - small['peak_tree_pss_mb']:+,.0f}), trainer RSS "
-                          f"{small['peak_main_rss_mb']:,.0f} -> {big['peak_main_rss_mb']:,.0f} MB "
-                          f"({big['peak_main_rss_mb'] - small['peak_main_rss_mb']:+,.0f})")
+        same = sorted((row for row in r["runs"] if row["kind"] == kind and row["epochs"] == r["epochs"]),
+                      key=lambda row: row["train_images"])
+        if len(same) == 2:
+            growth.append(_change(KINDS[kind], *same))
+    for row in r["runs"]:
+        if row["epochs"] != r["epochs"]:
+            twin = next((o for o in r["runs"] if o["kind"] == row["kind"] and o["epochs"] == r["epochs"]
+                         and o["steps"] == row["steps"] and o["train_images"] != row["train_images"]), None)
+            if twin:
+                growth.append(_change(f"{KINDS[row['kind']]}, the same {row['steps']:,} steps", row, twin))
     if growth:
         lines += ["", "## Memory as the training set grows", "", *growth]
     for n, s in r.get("shards", {}).items():
@@ -293,9 +314,16 @@ def markdown(r: dict) -> str:
             lines += ["", f"Shards ({n}): {sum(s['counts'].values()):,} samples in {sum(s['shards'].values())} tar "
                       f"files of at most {r['max_count']:,} samples, {s['bytes'] / 2**20:,.0f} MB, written in "
                       f"{s['seconds']:.0f} s (JPEG bytes copied, not re-encoded)."]
-    if by:
+    if r["runs"]:
         lines += ["", f"![memory and time]({NAME}.png)"]
     return "\n".join(lines) + "\n"
+
+
+def _change(what: str, small: dict, big: dict) -> str:
+    return (f"- {what}: {small['name']} -> {big['name']}: tree PSS {small['peak_tree_pss_mb']:,.0f} -> "
+            f"{big['peak_tree_pss_mb']:,.0f} MB ({big['peak_tree_pss_mb'] - small['peak_tree_pss_mb']:+,.0f}), "
+            f"trainer RSS {small['peak_main_rss_mb']:,.0f} -> {big['peak_main_rss_mb']:,.0f} MB "
+            f"({big['peak_main_rss_mb'] - small['peak_main_rss_mb']:+,.0f})")
 
 
 def bars_png(r: dict, path: Path) -> None:
@@ -317,7 +345,7 @@ def bars_png(r: dict, path: Path) -> None:
     for ax in (mem, secs):
         ax.set_xticks(x, names, rotation=30)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{r['preset']}, {r['epochs']} epoch(s), batch {r['batch_size']}, {r['workers']} workers")
+    fig.suptitle(f"{r['preset']}, batch {r['batch_size']}, {r['workers']} workers")
     fig.savefig(path, dpi=120)
 
 
