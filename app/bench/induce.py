@@ -273,15 +273,17 @@ def markdown(r: dict) -> str:
              "same joint epochs. 1-NN accuracy (%) with the training split as gallery and the test split as "
              "queries. Epochs and seconds are training only (seconds: dense + reorder + joint; the time of "
              "each model's own evaluation is not included).", "",
-             "| model | epochs (dense + joint) | training s | S | M | L | XL | index XL, query S | worst off-diagonal "
+             "| model | epochs (dense + joint) | training s (after the dense model / total) | S | M | L | XL "
+             "| index XL, query S | worst off-diagonal "
              "| targets met |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for s in steps.values():
         d, g = s["diagonal"], s["grid"]
-        secs = sum(s["seconds"].values())
+        secs, after = sum(s["seconds"].values()), s["seconds"]["reorder"] + s["seconds"]["joint"]
         worst = next((t["worst"] for t in s["targets"] if t["target"].startswith("3.")), None)
         met = ", ".join(t["target"][0] + (" yes" if t["met"] else " no") for t in s["targets"]) or "n/a"
         xl_s = g["XL"]["S"]["knn1"] if "S" in g.get("XL", {}) else None
-        lines.append(f"| {label(s)} | {s['epochs']['dense']} + {s['epochs']['joint']} | {secs:.0f} | "
+        lines.append(f"| {label(s)} | {s['epochs']['dense']} + {s['epochs']['joint']} | "
+                     + (f"{after:.0f} / {secs:.0f} | " if s["method"] == "induced" else f"{secs:.0f} | ")
                      + " | ".join(_pct(d.get(n)) for n in names)
                      + f" | {_pct(xl_s)} | {'' if worst is None else f'{100 * worst:+.2f}'} | {met} |")
     if ref is not None:
@@ -327,10 +329,16 @@ def findings(r: dict) -> list[str]:
         out.append(f"- Raw slices of the dense ViT (XL {pts(steps['dense']['diagonal']['XL'])}): S on its own index "
                    + ", ".join(f"{s['importance']} {pts(s['diagonal']['S'])}" for s in raw.values())
                    + "; M " + ", ".join(f"{s['importance']} {pts(s['diagonal']['M'])}" for s in raw.values()) + ".")
+    dense_xl = steps["dense"]["diagonal"]["XL"] if "dense" in steps else None
     for s in tuned.values():
         missed = [t for t in s["targets"] if not t["met"]]
+        against_dense = ""
+        if dense_xl is not None:
+            lowest = min(s["diagonal"].values())
+            against_dense = (f" (lowest {100 * (lowest - dense_xl):+.2f} points against the dense ViT's XL "
+                             f"{pts(dense_xl)})")
         out.append(f"- {label(s)}: diagonal " + ", ".join(f"{g} {pts(v)}" for g, v in s["diagonal"].items())
-                   + f"; index XL / query S {pts(s['grid']['XL']['S']['knn1'])}; "
+                   + f"{against_dense}; index XL / query S {pts(s['grid']['XL']['S']['knn1'])}; "
                    + (f"targets {', '.join(t['target'][0] for t in s['targets'] if t['met'])} met"
                       if len(missed) < len(s["targets"]) else "no target met")
                    + (f", {', '.join(t['target'][0] for t in missed)} missed" if missed else "") + ".")
