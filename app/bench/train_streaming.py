@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from matplotlib.figure import Figure
 
@@ -32,7 +33,6 @@ from matvit.shards import META_FILE, write_shards
 NAME = "train-streaming"
 KINDS = {"memory": "folder:, decoded whole into memory (--in-memory)", "folder": "folder:, streamed",
          "wds": "wds: shards, streamed"}
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 @dataclass
@@ -61,9 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader processes of each training")
     parser.add_argument("--subset", type=int, default=10_000, help="training images of the smaller runs")
     parser.add_argument("--max-count", type=int, default=1000, help="samples per shard")
-    parser.add_argument("--runs", default="memory-10k,wds-10k,memory-50k,wds-50k,folder-50k,folder-10k,wds-10k-e5",
-                        help="which trainings, in order: KIND-SIZE[-eEPOCHS], KIND one of memory, folder, wds (the "
-                             "default's last run reads the small set for as many steps as a large one reads once)")
+    parser.add_argument("--runs", default="memory-10k,wds-10k,memory-50k,wds-50k,folder-50k",
+                        help="which trainings, in order: KIND-SIZE[-eEPOCHS], KIND one of memory, folder, wds "
+                             "(e.g. wds-10k-e5: the small set for as many steps as the large one once)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of each training (OMP_NUM_THREADS); its DataLoader workers share the cores")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between memory samples")
@@ -136,44 +136,50 @@ def descendants(root: int) -> list[int]:
     return tree
 
 
-def memory_kb(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) of a process in KiB; PSS is RSS when smaps_rollup cannot be read; (0, 0) once it is gone."""
+class Memory(NamedTuple):
+    """A process's resident memory in KiB: all of it (RSS), shared pages divided among their sharers (PSS), and the
+    anonymous part alone (heap, tensors; not the shared libraries' file pages), whole and divided."""
+
+    rss: int = 0
+    pss: int = 0
+    anon: int = 0
+    anon_pss: int = 0
+
+
+def memory_kb(pid: int) -> Memory:
+    """The memory of a process from /proc/PID/smaps_rollup; all zero once it is gone."""
     try:
         rows = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
-        return int(rows["Rss"].split()[0]), int(rows["Pss"].split()[0])
+        return Memory(*(int(rows[k].split()[0]) for k in ("Rss", "Pss", "Anonymous", "Pss_Anon")))
     except (OSError, KeyError, ValueError):
-        try:
-            rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_KB
-            return rss, rss
-        except (OSError, ValueError, IndexError):
-            return 0, 0
+        return Memory()
 
 
 class TreeSampler(threading.Thread):
-    """Samples the summed RSS and PSS of a process tree until stopped; keeps the peaks (of the tree, and of the
-    trainer's and the workers' PSS apart) and, every `every` seconds, a timeline point."""
+    """Samples the memory of a process tree (a trainer and its DataLoader workers) until stopped; keeps the peaks
+    of the tree's sums and of the trainer's own anonymous memory, and a timeline point every `every` seconds."""
 
     def __init__(self, pid: int, interval: float, every: float = 5.0) -> None:
         super().__init__(daemon=True)
         self.pid, self.interval, self.every, self.stopped = pid, interval, every, threading.Event()
-        self.peak_rss = self.peak_pss = self.peak_main_pss = self.peak_workers_pss = 0
+        self.peak = {"tree_rss": 0, "tree_pss": 0, "tree_anon": 0, "main_anon": 0, "workers_anon": 0}
         self.peak_processes = self.samples = 0
-        self.timeline: list[tuple[float, float, float, int]] = []  # seconds, trainer PSS MB, workers PSS MB, processes
+        # seconds, trainer anonymous MB, workers' anonymous PSS MB, processes
+        self.timeline: list[tuple[float, float, float, int]] = []
 
     def run(self) -> None:
         start = time.perf_counter()
         while not self.stopped.is_set():
             tree = descendants(self.pid)
             usage = [memory_kb(p) for p in tree]
-            main, workers = usage[0][1], sum(p for _, p in usage[1:])
-            self.peak_rss = max(self.peak_rss, sum(r for r, _ in usage))
-            self.peak_pss = max(self.peak_pss, main + workers)
-            self.peak_main_pss = max(self.peak_main_pss, main)
-            self.peak_workers_pss = max(self.peak_workers_pss, workers)
+            main, workers = usage[0].anon, sum(m.anon_pss for m in usage[1:])
+            now = {"tree_rss": sum(m.rss for m in usage), "tree_pss": sum(m.pss for m in usage),
+                   "tree_anon": usage[0].anon_pss + workers, "main_anon": main, "workers_anon": workers}
+            self.peak = {k: max(v, now[k]) for k, v in self.peak.items()}
             self.peak_processes = max(self.peak_processes, len(tree))
-            now = time.perf_counter() - start
-            if not self.timeline or now - self.timeline[-1][0] >= self.every:
-                self.timeline.append((round(now, 1), round(main / 1024, 1), round(workers / 1024, 1), len(tree)))
+            seconds = time.perf_counter() - start
+            if not self.timeline or seconds - self.timeline[-1][0] >= self.every:
+                self.timeline.append((round(seconds, 1), round(main / 1024, 1), round(workers / 1024, 1), len(tree)))
             self.samples += 1
             self.stopped.wait(self.interval)
 
@@ -210,11 +216,8 @@ def train(run: Run, dataset: str, args: argparse.Namespace, log=print) -> dict:
             "preset": args.preset,
             "steps": run.train_images // args.batch_size * epochs,
             "wall_seconds": round(wall, 1), "train_seconds": result["train_seconds"],
-            "peak_tree_rss_mb": round(sampler.peak_rss / 1024, 1),
-            "peak_tree_pss_mb": round(sampler.peak_pss / 1024, 1),
+            **{f"peak_{k}_mb": round(v / 1024, 1) for k, v in sampler.peak.items()},
             "peak_main_rss_mb": round(usage.ru_maxrss / 1024, 1), "peak_processes": sampler.peak_processes,
-            "peak_main_pss_mb": round(sampler.peak_main_pss / 1024, 1),
-            "peak_workers_pss_mb": round(sampler.peak_workers_pss / 1024, 1),
             "memory_samples": sampler.samples, "top1": result["top1"], "knn1": result["knn1"],
             "timeline": sampler.timeline}
 
@@ -223,7 +226,7 @@ def _same_setting(row: dict, run: Run, args: argparse.Namespace) -> bool:
     keys = ("kind", "train_images", "epochs", "batch_size", "workers", "threads", "preset")
     given = (run.kind, run.train_images, run.epochs or args.epochs, args.batch_size, args.workers, args.threads,
              args.preset)
-    return tuple(row.get(k) for k in keys) == given
+    return tuple(row.get(k) for k in keys) == given and "peak_tree_anon_mb" in row
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
@@ -252,8 +255,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
             dataset = f"wds:{shard_dir}" if r.kind == "wds" else f"folder:{folders[r.train_images]}"
             row = train(r, dataset, args, log)
             cached.write_text(json.dumps(row, indent=2))
-        log(f"{r.name}: peak tree PSS {row['peak_tree_pss_mb']:.0f} MB, trainer peak RSS "
-            f"{row['peak_main_rss_mb']:.0f} MB, wall {row['wall_seconds'] / 60:.1f} min")
+        log(f"{r.name}: peak anonymous memory {row['peak_tree_anon_mb']:.0f} MB (tree), "
+            f"{row['peak_main_anon_mb']:.0f} MB (trainer); wall {row['wall_seconds'] / 60:.1f} min")
         rows.append(row)
     result = {**origin, "preset": args.preset, "epochs": args.epochs, "batch_size": args.batch_size,
               "workers": args.workers, "threads": args.threads, "max_count": args.max_count,
@@ -279,22 +282,27 @@ def markdown(r: dict) -> str:
              f"{r['workers']} DataLoader workers, {r['threads']} torch thread(s) (OMP_NUM_THREADS), CPU, then the "
              "evaluation every training ends with (test top-1, and 1-NN over the whole training split as gallery, "
              "for each of the four granularities; the test split is CIFAR-10's 10,000 images in every run).", "",
-             "| run | data | training images | epochs | peak PSS, tree (MB) | peak RSS, tree (MB) | trainer peak RSS "
-             "(MB) | training (min) | s / step | wall (min) | XL top-1 | XL 1-NN | S 1-NN |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| run | data | training images | epochs | anonymous, tree (MB) | anonymous, trainer (MB) | "
+             "PSS, tree (MB) | RSS, tree (MB) | trainer RSS high-water (MB) | training (min) | s / step | "
+             "wall (min) | XL top-1 | XL 1-NN | S 1-NN |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["runs"]:
         lines.append(f"| {row['name']} | {row['data']} | {row['train_images']:,} | {row['epochs']} | "
+                     f"**{row['peak_tree_anon_mb']:,.0f}** | **{row['peak_main_anon_mb']:,.0f}** | "
                      f"{row['peak_tree_pss_mb']:,.0f} | {row['peak_tree_rss_mb']:,.0f} | "
                      f"{row['peak_main_rss_mb']:,.0f} | "
                      f"{row['train_seconds'] / 60:.1f} | {row['train_seconds'] / max(1, row['steps']):.2f} | "
                      f"{row['wall_seconds'] / 60:.1f} | {row['top1']['XL']:.4f} | {row['knn1']['XL']:.4f} | "
                      f"{row['knn1']['S']:.4f} |")
-    lines += ["", "Peak PSS, tree: the summed proportional set size of the trainer and its DataLoader workers (pages "
-              "they share counted once); peak RSS, tree: their summed resident sets (pages shared after the fork "
-              "counted in every process); both sampled every 0.5 s. Trainer peak RSS: the kernel's high-water mark "
-              "of the main process. Training: the epoch loop alone; wall: the whole process (start-up, loading or "
-              "decoding, training, evaluation). Times come from a machine shared with other jobs: compare them "
-              "loosely."]
+    lines += ["", "Memory columns are peaks, sampled from /proc every 0.5 s over the whole run (start-up, loading, "
+              "training, evaluation), of the trainer and its DataLoader workers. Anonymous: heap and tensors, the "
+              "memory the data can add (the tree's is the workers' and the trainer's proportional share, so that "
+              "pages shared after the fork count once). PSS and RSS also count the shared libraries' file pages "
+              "(hundreds of MB for torch): PSS divides them among every process that maps them, other jobs on the "
+              "machine included, and the kernel may drop them, so they move between identical runs; RSS counts "
+              "shared pages once per process. Trainer RSS high-water: the kernel's peak for the main process "
+              "(`os.wait4`). Training: the epoch loop alone; wall: the whole process. The machine was shared with "
+              "other jobs: compare times loosely."]
     growth = []
     for kind in KINDS:
         same = sorted((row for row in r["runs"] if row["kind"] == kind and row["epochs"] == r["epochs"]),
@@ -320,23 +328,24 @@ def markdown(r: dict) -> str:
 
 
 def _change(what: str, small: dict, big: dict) -> str:
-    return (f"- {what}: {small['name']} -> {big['name']}: tree PSS {small['peak_tree_pss_mb']:,.0f} -> "
-            f"{big['peak_tree_pss_mb']:,.0f} MB ({big['peak_tree_pss_mb'] - small['peak_tree_pss_mb']:+,.0f}), "
-            f"trainer RSS {small['peak_main_rss_mb']:,.0f} -> {big['peak_main_rss_mb']:,.0f} MB "
-            f"({big['peak_main_rss_mb'] - small['peak_main_rss_mb']:+,.0f})")
+    def delta(key: str) -> str:
+        return f"{small[key]:,.0f} -> {big[key]:,.0f} MB ({big[key] - small[key]:+,.0f})"
+
+    return (f"- {what}: {small['name']} -> {big['name']}: anonymous memory, tree {delta('peak_tree_anon_mb')}; "
+            f"trainer {delta('peak_main_anon_mb')}")
 
 
 def bars_png(r: dict, path: Path) -> None:
-    """Peak memory and time per run, as grouped bars."""
+    """Peak anonymous memory and time per run as grouped bars, and each run's memory over time."""
     rows = r["runs"]
     names = [row["name"] for row in rows]
     x = list(range(len(rows)))
-    fig = Figure(figsize=(11, 4.5), layout="tight")
-    mem, secs = fig.subplots(1, 2)
-    for offset, key, label in ((-0.2, "peak_tree_pss_mb", "process tree, PSS"),
-                               (0.2, "peak_main_rss_mb", "trainer process, RSS")):
+    fig = Figure(figsize=(15, 4.5), layout="tight")
+    mem, secs, over_time = fig.subplots(1, 3)
+    for offset, key, label in ((-0.2, "peak_tree_anon_mb", "trainer + workers"),
+                               (0.2, "peak_main_anon_mb", "trainer")):
         mem.bar([i + offset for i in x], [row[key] for row in rows], width=0.4, label=label)
-    mem.set_ylabel("peak memory (MB)")
+    mem.set_ylabel("peak anonymous memory (MB)")
     mem.set_title("Peak memory")
     for offset, key, label in ((-0.2, "train_seconds", "training epoch loop"), (0.2, "wall_seconds", "whole run")):
         secs.bar([i + offset for i in x], [row[key] / 60 for row in rows], width=0.4, label=label)
@@ -345,6 +354,13 @@ def bars_png(r: dict, path: Path) -> None:
     for ax in (mem, secs):
         ax.set_xticks(x, names, rotation=30)
         ax.legend(fontsize=8)
+    for row in rows:
+        points = row.get("timeline") or []
+        over_time.plot([p[0] / 60 for p in points], [p[1] + p[2] for p in points], label=row["name"])
+    over_time.set_xlabel("minutes since start")
+    over_time.set_ylabel("anonymous memory, trainer + workers (MB)")
+    over_time.set_title("Memory over each run")
+    over_time.legend(fontsize=8)
     fig.suptitle(f"{r['preset']}, batch {r['batch_size']}, {r['workers']} workers")
     fig.savefig(path, dpi=120)
 
