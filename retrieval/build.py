@@ -1,13 +1,15 @@
-"""Building and growing an index: decode in workers, embed in batches, save chunks, then commit a version.
+"""Building and growing an index: decode in workers, embed in batches, save chunks, then commit.
 
-Embeddings go to `IDX/building/chunk-*.npz` as they are made (each written aside, then renamed), so
-an interrupted run loses at most one chunk, leaves the live version untouched, and `resume=True`
-embeds only what no chunk holds yet. Every write holds the index's writer lock for its whole run.
+The index is any `retrieval.store.Store` (an index directory, or Milvus). Embeddings go to
+`building/chunk-*.npz` in the store's local directory as they are made (each written aside, then
+renamed), so an interrupted run loses at most one chunk, leaves the live index untouched, and
+`resume=True` embeds only what no chunk holds yet. Every write holds the index's writer lock for its
+whole run.
 
 Under torchrun (`encoder.runtime`), every process embeds its share of the images (every world-th batch)
 into chunks of its own, and the main process, which holds the lock, merges them. Ids follow the images'
 positions in the source, so the index does not depend on the number of processes. Several machines need
-the index directory on a filesystem they share.
+the store's local directory on a filesystem they share; only the main process opens the store.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from matvit.runtime import Runtime
 
 from . import tuning
 from .encoder import Encoder
-from .index import GalleryIndex, IndexBusy, IndexStoreError, commit, now, writer
+from .store import Gallery, IndexBusy, IndexStoreError, Store, now, open_store
 
 log = logging.getLogger(__name__)
 CHUNK = 4096
@@ -165,19 +167,20 @@ def embed_source(encoder: Encoder, source: Source, directory: Path, job: dict, s
 
 
 @contextmanager
-def _writing(directory: Path, wait: float, rt: Runtime) -> Iterator[None]:
-    """The index's writer lock, held by the main process for the whole group; when it cannot be had, every
-    process raises."""
+def _writing(store: Store, wait: float, rt: Runtime, opening: bool = False) -> Iterator[Gallery | None]:
+    """The index's writer lock, held by the main process for the whole group, and (with `opening`) the live
+    index, opened by the main process (None elsewhere); when either fails, every process raises."""
     with ExitStack() as stack:
-        refused = None
+        refused, base = None, None
         if rt.main:
             try:
-                stack.enter_context(writer(directory, wait))
-            except IndexBusy as e:
-                refused = str(e)
+                stack.enter_context(store.writing(wait))
+                base = store.open() if opening else None
+            except IndexStoreError as e:
+                refused = (isinstance(e, IndexBusy), str(e))
         if refused := rt.broadcast(refused):
-            raise IndexBusy(refused)
-        yield
+            raise (IndexBusy if refused[0] else IndexStoreError)(refused[1])
+        yield base
 
 
 def _gather(chunks: list[dict], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -208,8 +211,8 @@ def item_rows(ids, sources: list[tuple[str, str | None]], root: int, labels: lis
             for i, (name, path), label, (w, h) in zip(ids, sources, labels, sizes, strict=True)]
 
 
-def _finish(directory: Path, source: Source, chunks: list[dict], seconds: float, manifest: dict,
-            base: GalleryIndex | None, index_key: str | None, recall_target: float) -> dict:
+def _finish(store: Store, source: Source, chunks: list[dict], seconds: float, manifest: dict,
+            base: Gallery | None, index_key: str | None, recall_target: float) -> dict:
     positions, embeddings, sizes, skipped = _gather(chunks, manifest["dim"])
     if len(positions) == 0:
         raise IndexStoreError(f"no readable images in {source.description}; nothing to index")
@@ -218,55 +221,62 @@ def _finish(directory: Path, source: Source, chunks: list[dict], seconds: float,
     manifest, root, class_index = grow_manifest(manifest, source.root_entry, source.classes, first_id + len(source))
     labels = [class_index[source.labels[p]] if source.labels[p] >= 0 else None for p in positions]
     rows = item_rows(ids, [source.source(int(p)) for p in positions], root, labels, sizes)
-    report = commit(directory, base, ids, embeddings, rows, manifest, index_key, recall_target)
-    shutil.rmtree(directory / "building", ignore_errors=True)
+    report = store.commit(base, ids, embeddings, rows, manifest, index_key, recall_target)
+    shutil.rmtree(store.files / "building", ignore_errors=True)
     if skipped:
         log.warning("skipped %d unreadable image(s)", skipped)
     return {"added": len(ids), "skipped": skipped, **report, "embed_seconds": round(seconds, 2),
             "images_per_s": round(len(ids) / seconds, 1) if seconds else None}
 
 
-def build(encoder: Encoder, source: Source, directory: Path, submodel: str = "XL", index_key: str = "auto",
-          batch_size: int = 256, resume: bool = False, recall_target: float = tuning.RECALL_TARGET,
-          wait: float = 0.0) -> dict:
-    """Embed a whole source with `submodel` into a new index version at `directory` (waiting up to `wait`
-    seconds for another writer to finish)."""
-    directory, spec = Path(directory), encoder.spec(submodel)
+def build(encoder: Encoder, source: Source, index: str | Path | Store, submodel: str = "XL",
+          index_key: str = "auto", batch_size: int = 256, resume: bool = False,
+          recall_target: float = tuning.RECALL_TARGET, wait: float = 0.0) -> dict:
+    """Embed a whole source with `submodel` into a new index at `index` (a directory, `milvus:URI` or a
+    store), replacing what it held, after waiting up to `wait` seconds for another writer to finish."""
+    store, spec = open_store(index), encoder.spec(submodel)
     job = {"kind": "build", "fingerprint": encoder.fingerprint, "submodel": spec.text, "source": source.description}
-    with _writing(directory, wait, encoder.runtime):
-        chunks, seconds = embed_source(encoder, source, directory, job, spec, batch_size, resume)
+    with _writing(store, wait, encoder.runtime):
+        chunks, seconds = embed_source(encoder, source, store.files, job, spec, batch_size, resume)
         if not encoder.runtime.main:
             return {}
         manifest = {"fingerprint": encoder.fingerprint, "submodel": spec.text, "dim": encoder.config.embed_dim,
                     "metric": "inner_product", "source": source.description, "roots": [], "classes": [],
                     "next_id": 0, "created_at": now()}
-        return _finish(directory, source, chunks, seconds, manifest, None, index_key, recall_target)
+        return _finish(store, source, chunks, seconds, manifest, None, index_key, recall_target)
 
 
-def add(encoder: Encoder, source: Source, directory: Path, batch_size: int = 256, resume: bool = False,
+def add(encoder: Encoder, source: Source, index: str | Path | Store, batch_size: int = 256, resume: bool = False,
         recall_target: float = tuning.RECALL_TARGET, wait: float = 0.0) -> dict:
     """Embed more images with the index's own submodel and add them under new ids."""
-    directory = Path(directory)
-    with _writing(directory, wait, encoder.runtime):
-        base = GalleryIndex.open(directory)
-        base.check_model(encoder.fingerprint)
-        spec = encoder.spec(base.manifest["submodel"])
-        job = {"kind": "add", "fingerprint": encoder.fingerprint, "base": base.version_dir.name,
-               "source": source.description}
-        chunks, seconds = embed_source(encoder, source, directory, job, spec, batch_size, resume)
-        if not encoder.runtime.main:
+    store, rt = open_store(index), encoder.runtime
+    with _writing(store, wait, rt, opening=True) as base:
+        checked = None
+        if rt.main:
+            try:
+                base.check_model(encoder.fingerprint)
+                checked = (base.manifest["submodel"], base.version)
+            except IndexStoreError as e:
+                checked = str(e)
+        checked = rt.broadcast(checked)
+        if isinstance(checked, str):
+            raise IndexStoreError(checked)
+        submodel, version = checked
+        job = {"kind": "add", "fingerprint": encoder.fingerprint, "base": version, "source": source.description}
+        chunks, seconds = embed_source(encoder, source, store.files, job, encoder.spec(submodel), batch_size, resume)
+        if not rt.main:
             return {}
         manifest = {**base.manifest, "source": f"{base.manifest.get('source', '')}; {source.description}"}
-        return _finish(directory, source, chunks, seconds, manifest, base, None, recall_target)
+        return _finish(store, source, chunks, seconds, manifest, base, None, recall_target)
 
 
-def add_images(encoder: Encoder, directory: Path, images: torch.Tensor, files: list[tuple[bytes, str]],
+def add_images(encoder: Encoder, index: str | Path | Store, images: torch.Tensor, files: list[tuple[bytes, str]],
                sizes: list[tuple[int, int]], labels: list[str | None], names: list[str | None],
                wait: float = 0.0) -> list[int]:
-    """Add decoded `images` (their file bytes and suffix kept under `IDX/uploads/`); returns the new ids."""
-    directory = Path(directory)
-    with writer(directory, wait):
-        base = GalleryIndex.open(directory)
+    """Add decoded `images` (their file bytes and suffix kept in the store's `uploads/`); returns the new ids."""
+    store = open_store(index)
+    with store.writing(wait):
+        base = store.open()
         base.check_model(encoder.fingerprint)
         embeddings = encoder.encode(images, base.manifest["submodel"])
         first_id = base.manifest["next_id"]
@@ -275,7 +285,7 @@ def add_images(encoder: Encoder, directory: Path, images: torch.Tensor, files: l
                                                     [label for label in labels if label is not None],
                                                     first_id + len(images))
         index_of = dict(zip([label for label in labels if label is not None], class_index, strict=True))
-        uploads = directory / "uploads"
+        uploads = store.files / "uploads"
         uploads.mkdir(exist_ok=True)
         sources = []
         for item_id, (content, suffix), name in zip(ids, files, names, strict=True):
@@ -283,5 +293,5 @@ def add_images(encoder: Encoder, directory: Path, images: torch.Tensor, files: l
             (uploads / path).write_bytes(content)
             sources.append((name or path, path))
         rows = item_rows(ids, sources, root, [index_of.get(label) for label in labels], sizes)
-        commit(directory, base, ids, embeddings, rows, manifest)
+        store.commit(base, ids, embeddings, rows, manifest)
     return ids.tolist()

@@ -1,4 +1,4 @@
-"""The gallery index on disk: FAISS vectors, SQLite metadata and a manifest, saved as immutable versions.
+"""The directory store: FAISS vectors, SQLite metadata and a manifest, saved as immutable versions.
 
     IDX/
       CURRENT             name of the live version; replaced atomically, so readers never see half a save
@@ -19,22 +19,22 @@ memory is not yet a concern), and `IVF{4*sqrt(n)},PQ{dim/4}` beyond (K between 4
 centroids, PQ to fit memory). A non-exact index gets its `efSearch` or `nprobe` tuned to a recall
 target (see `tuning`). Deletions are physical where the FAISS index supports `remove_ids`, else the
 ids are tombstoned and filtered out of every search with an `IDSelector` until a rebuild.
+
+`DirectoryStore` is this layout behind the `retrieval.store.Store` interface (its `files` is the
+directory itself); `GalleryIndex` is one version, a `retrieval.store.Gallery`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
 import fcntl
 import json
 import math
 import os
 import shutil
 import sqlite3
-import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -42,30 +42,24 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from matvit.errors import UserError
-
 from . import tuning
+from .store import (  # noqa: F401  (the errors and the lock are imported from here too)
+    COLUMNS,
+    IndexBusy,
+    IndexStoreError,
+    ItemImageRefused,
+    ItemNotFound,
+    check_model,
+    label_name,
+    now,
+    read_item_file,
+    writer,
+)
 
 FORMAT = 2
 FLAT_MAX, HNSW_MAX = 100_000, 1_000_000
 TRAIN_SAMPLE = 100_000  # vectors an IVF quantizer is trained on
 SQL_CHUNK = 500  # ids per `IN (...)` query
-
-
-class IndexStoreError(UserError):
-    """A missing, corrupt or mismatched index directory, or a bad index operation."""
-
-
-class IndexBusy(IndexStoreError):
-    """Another writer holds the index's lock."""
-
-
-class ItemNotFound(IndexStoreError):
-    """An id the index does not hold, or an item whose image file is gone."""
-
-
-class ItemImageRefused(IndexStoreError):
-    """An item image that may not be served (outside the indexed roots, not a regular file, too large)."""
 
 
 def auto_index_key(count: int, dim: int) -> str:
@@ -98,14 +92,9 @@ def versions_of_packages() -> dict:
     return {p: version(p) for p in ("matvit", "torch", "timm", "faiss-cpu")}
 
 
-def now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
 SCHEMA = """CREATE TABLE IF NOT EXISTS items (
     id INTEGER PRIMARY KEY, source TEXT NOT NULL, path TEXT, root INTEGER, label INTEGER, width INTEGER,
     height INTEGER, added_at TEXT NOT NULL)"""
-COLUMNS = ("id", "source", "path", "root", "label", "width", "height", "added_at")
 
 
 def _sqlite_uri(path: Path, read_only: bool) -> str:
@@ -193,15 +182,20 @@ class GalleryIndex:
             self.lease = None
 
     @property
+    def version(self) -> str:
+        return self.version_dir.name
+
+    @property
     def count(self) -> int:
         """Items in the index (deleted ones excluded)."""
         return self.manifest["count"]
 
+    @property
+    def pending_deletions(self) -> int:
+        return len(self.deleted)
+
     def check_model(self, fingerprint: str) -> None:
-        if fingerprint != self.manifest["fingerprint"]:
-            raise IndexStoreError(
-                f"model fingerprint {fingerprint} does not match the index's {self.manifest['fingerprint']} "
-                f"({self.directory} was built with another checkpoint); use that checkpoint or rebuild the index")
+        check_model(self.manifest, fingerprint, str(self.directory))
 
     def search(self, queries: np.ndarray, k: int, search_params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each queries x min(k, count), id -1 past the hits; inner product of normalised vectors.
@@ -223,14 +217,12 @@ class GalleryIndex:
     def items(self, ids) -> dict[int, dict]:
         """Metadata of the given ids that the index holds."""
         ids = sorted({int(i) for i in ids if 0 <= i < 2**63})  # SQLite integers are signed 64-bit
-        classes = self.manifest.get("classes") or []
         out = {}
         for start in range(0, len(ids), SQL_CHUNK):
             chunk = ids[start:start + SQL_CHUNK]
             for row in self._query(f"SELECT * FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk):
                 item = dict(row)
-                label = item["label"]
-                item["label_name"] = classes[label] if label is not None and 0 <= label < len(classes) else None
+                item["label_name"] = label_name(self.manifest, item["label"])
                 out[item["id"]] = item
         return out
 
@@ -251,25 +243,7 @@ class GalleryIndex:
 
     def image_file(self, item: dict, max_bytes: int) -> bytes:
         """The bytes of a file item's image: only a regular file under its indexed root, at most `max_bytes`."""
-        root = self.root(item)
-        base = (self.directory / "uploads" if root["kind"] == "uploads" else Path(root["path"])).resolve()
-        try:
-            path = (base / item["path"]).resolve(strict=True)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise ItemNotFound(f"the image file of item {item['id']} is no longer at its recorded path") from e
-        if not path.is_relative_to(base):
-            raise ItemImageRefused(f"the image file of item {item['id']} lies outside the indexed folder")
-        info = path.stat()
-        if not stat.S_ISREG(info.st_mode):
-            raise ItemImageRefused(f"the image of item {item['id']} is not a regular file")
-        if info.st_size > max_bytes:
-            raise ItemImageRefused(f"the image file of item {item['id']} has {info.st_size:,} bytes, over the "
-                                   f"limit of {max_bytes:,}")
-        with open(path, "rb") as f:
-            content = f.read(max_bytes + 1)
-        if len(content) > max_bytes:
-            raise ItemImageRefused(f"the image file of item {item['id']} is over the limit of {max_bytes:,} bytes")
-        return content
+        return read_item_file(item, self.root(item), self.directory, max_bytes)
 
     def advice(self) -> str | None:
         """What an operator should do about this index's kind, if anything."""
@@ -285,36 +259,6 @@ class GalleryIndex:
 
 
 # --- writing -----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def writer(directory: Path, wait: float = 0.0) -> Iterator[None]:
-    """Hold the index's writer lock; `IndexBusy` when another writer keeps it longer than `wait` seconds."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "LOCK", "a+") as f:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    f.seek(0)
-                    holder = f.read().strip() or "unknown"
-                    raise IndexBusy(f"index {directory} is being written by another process (pid {holder}); "
-                                    "try again when it has finished") from None
-                time.sleep(0.05)
-        try:
-            f.seek(0)
-            f.truncate()
-            f.write(str(os.getpid()))
-            f.flush()
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _versions(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.glob("v[0-9]*") if p.is_dir() and p.name[1:].isdigit())
 
@@ -431,28 +375,48 @@ def _remove_from(index: faiss.Index, ids: np.ndarray, deleted: np.ndarray) -> np
 
 
 def remove(directory: Path, ids: list[int], wait: float = 0.0) -> list[int]:
-    """Delete items by id in one new version; `ItemNotFound` (nothing removed) for an id the index lacks."""
-    ids = sorted({int(i) for i in ids})
-    if not ids:
-        raise IndexStoreError("no ids to remove")
-    with writer(directory, wait):
-        base = GalleryIndex.open(directory)
-        held = base.items(ids)
-        missing = [i for i in ids if i not in held]
-        if missing:
-            raise ItemNotFound(f"no item with id {missing[0]} in the index")
-        commit(directory, base, np.zeros(0, np.int64), np.zeros((0, base.manifest["dim"]), np.float32), [],
-               base.manifest, removed=ids)
-        for item in held.values():  # uploaded files belong to the index; folder files are the user's
-            if base.root(item)["kind"] == "uploads":
-                (directory / "uploads" / item["path"]).unlink(missing_ok=True)
-    return ids
+    """Delete items by id in one new version (see `retrieval.store.remove`)."""
+    from .store import remove as remove_items
+
+    return remove_items(DirectoryStore(directory), ids, wait)
 
 
 def rebuild(directory: Path, index_key: str = "auto", recall_target: float = tuning.RECALL_TARGET,
             wait: float = 0.0) -> dict:
     """Re-index the stored vectors with another FAISS kind (no re-embedding); drops tombstones."""
-    with writer(directory, wait):
-        base = GalleryIndex.open(directory)
-        empty = np.zeros((0, base.manifest["dim"]), np.float32)
-        return commit(directory, base, np.zeros(0, np.int64), empty, [], base.manifest, index_key, recall_target)
+    from .store import rebuild as rebuild_store
+
+    return rebuild_store(DirectoryStore(directory), index_key, recall_target, wait)
+
+
+@dataclass
+class DirectoryStore:
+    """An index directory behind the `retrieval.store.Store` interface."""
+
+    directory: Path
+
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory)
+        self.name = str(self.directory)
+        self.files = self.directory
+
+    def check_present(self) -> None:
+        if not (self.directory / "CURRENT").is_file():
+            raise IndexStoreError(f"no index at {self.directory}: build one with `matvit build-index`")
+
+    def open(self) -> GalleryIndex:
+        return GalleryIndex.open(self.directory)
+
+    def current_version(self) -> str | None:
+        try:
+            return (self.directory / "CURRENT").read_text().strip()
+        except OSError:
+            return None
+
+    def writing(self, wait: float = 0.0) -> AbstractContextManager[None]:
+        return writer(self.directory, wait)
+
+    def commit(self, base: GalleryIndex | None, new_ids: np.ndarray, new_vectors: np.ndarray, rows: list[tuple],
+               manifest: dict, index_key: str | None = None, recall_target: float = tuning.RECALL_TARGET,
+               removed: list[int] = ()) -> dict:
+        return commit(self.directory, base, new_ids, new_vectors, rows, manifest, index_key, recall_target, removed)

@@ -1,8 +1,8 @@
 """Query path: decode, pick the submodel (a spec or a budget), encode with its extracted model, search.
 
-A `Retriever` follows its index directory: when another process (or its own `add`/`remove`)
-commits a new version, the next request opens it and swaps it in atomically; a request that took
-`retriever.index` once sees one version throughout.
+A `Retriever` follows its index (any `retrieval.store.Store`): when another process (or its own
+`add`/`remove`) commits a new version, the next request opens it and swaps it in atomically; a request
+that took `retriever.index` once sees one version throughout.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from matvit import images as imageio
 from . import budget as budgets
 from . import build
 from .encoder import Encoder
-from .index import GalleryIndex, IndexStoreError, ItemNotFound, remove
+from .store import Gallery, IndexStoreError, ItemNotFound, Store, open_store, remove
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +55,15 @@ class Result:
 class Retriever:
     """An index opened with the checkpoint that built it; refuses any other checkpoint."""
 
-    def __init__(self, index_dir: Path, checkpoint_dir: Path | None = None, encoder: Encoder | None = None,
+    def __init__(self, index: str | Path | Store, checkpoint_dir: Path | None = None, encoder: Encoder | None = None,
                  max_pixels: int | None = None, refresh_seconds: float = 0.1) -> None:
-        """`max_pixels`: images whose header declares more are refused before decoding;
-        `refresh_seconds`: how often CURRENT is looked at for a new version."""
-        self.directory = Path(index_dir)
-        self._index = GalleryIndex.open(index_dir)
+        """`index`: a directory, `milvus:URI` or a store; `max_pixels`: images whose header declares more are
+        refused before decoding; `refresh_seconds`: how often the store is asked for a new version."""
+        self.store = open_store(index)
+        self._index = self.store.open()
         self.encoder = encoder or Encoder.load(checkpoint_dir)
         self._index.check_model(self.encoder.fingerprint)
-        self.profile_path = self.directory / budgets.PROFILE_FILE
+        self.profile_path = self.store.files / budgets.PROFILE_FILE
         self.max_pixels = max_pixels
         self.refresh_seconds = refresh_seconds
         self._checked = time.monotonic()
@@ -72,7 +72,7 @@ class Retriever:
 
     # --- the live index ---------------------------------------------------------------------
     @property
-    def index(self) -> GalleryIndex:
+    def index(self) -> Gallery:
         """The newest committed version (looked up at most every `refresh_seconds`)."""
         if time.monotonic() - self._checked >= self.refresh_seconds:
             self.refresh()
@@ -85,26 +85,24 @@ class Retriever:
             return
         try:
             self._checked = time.monotonic()
-            try:
-                name = (self.directory / "CURRENT").read_text().strip()
-            except OSError:
-                return
-            if name == self._index.version_dir.name:
+            name = self.store.current_version()
+            if name is None or name == self._index.version:
                 return
             try:
-                fresh = GalleryIndex.open(self.directory)
+                fresh = self.store.open()
                 fresh.check_model(self.encoder.fingerprint)
             except IndexStoreError as e:
-                log.error("keeping index version %s: %s", self._index.version_dir.name, e)
+                log.error("keeping index version %s: %s", self._index.version, e)
                 return
             self._index = fresh
-            log.info("now serving index version %s (%d items)", fresh.version_dir.name, fresh.count)
+            log.info("now serving index version %s (%d items)", fresh.version, fresh.count)
         finally:
             self._reloading.release()
 
     # --- budgets ----------------------------------------------------------------------------
     def ensure_profile(self) -> dict:
         """The stored profile of this model on this machine, measured (and stored) when there is none."""
+        self.profile_path.parent.mkdir(parents=True, exist_ok=True)
         self._profile = budgets.ensure_profile(self.encoder, self.profile_path)
         return self._profile
 
@@ -113,8 +111,8 @@ class Retriever:
         if self._profile is None:
             self._profile = budgets.load_profile(self.profile_path, self.encoder.fingerprint)
         if self._profile is None:
-            raise budgets.BudgetError(f"no profile of this model on this machine in {self.directory}; measure one "
-                                      f"with `matvit profile --index {self.directory} --checkpoint ...`")
+            raise budgets.BudgetError(f"no profile of this model on this machine in {self.store.files}; measure one "
+                                      f"with `matvit profile --index {self.store.name} --checkpoint ...`")
         return self._profile["rows"]
 
     def choose(self, submodel: str | None = None, budget: budgets.Budget | None = None) -> Choice:
@@ -144,7 +142,7 @@ class Retriever:
         return torch.stack([image for image, _ in decoded]), [size for _, size in decoded]
 
     def search_embeddings(self, embeddings: np.ndarray, k: int = 10, search_params: dict | None = None,
-                          index: GalleryIndex | None = None) -> list[list[dict]]:
+                          index: Gallery | None = None) -> list[list[dict]]:
         """Neighbours of ready-made embeddings (rows of the index's dimension, L2-normalised here)."""
         index = index or self.index
         embeddings = np.asarray(embeddings, dtype=np.float32)
@@ -188,13 +186,13 @@ class Retriever:
                                   f"got {len(labels)} labels and {len(names)} names")
         batch, sizes = self.decode(images)
         files = [(content, _suffix(content)) for content in images]
-        ids = build.add_images(self.encoder, self.directory, batch, files, sizes, labels, names, wait)
+        ids = build.add_images(self.encoder, self.store, batch, files, sizes, labels, names, wait)
         self.refresh(wait=True)
         found = self._index.items(ids)
         return [found[i] for i in ids]
 
     def remove(self, ids: list[int], wait: float = 30.0) -> list[int]:
-        removed = remove(self.directory, ids, wait)
+        removed = remove(self.store, ids, wait)
         self.refresh(wait=True)
         return removed
 

@@ -1,0 +1,240 @@
+"""Where an index lives: one small interface over a FAISS index directory and a Milvus collection.
+
+`open_store(spec)` reads what a user gives as `--index` / `--out` (or `--store`):
+
+    runs/fmnist-index                 an index directory: FAISS, SQLite metadata, versions (`retrieval.index`)
+    milvus:./gallery.db               Milvus Lite, run inside this process, in that local file
+    milvus:http://HOST:19530          a Milvus server or cluster (`https://`, `/DB` and `#COLLECTION` too)
+
+A `Store` opens `Gallery` views for reading (one view serves a request from start to end), tells
+whether a newer view exists, and writes under its writer lock with `commit`. Everything outside
+`retrieval.index` and `retrieval.milvus_store` (building, searching, the API, the demo, the command
+line) talks to these two protocols only. Each store also has a local directory, `files`, for what
+belongs to the index without being part of it: the chunks of an unfinished build (`building/`),
+images added through the API (`uploads/`), the cost profile (`profile.json`) and the writer's `LOCK`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import os
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from matvit.errors import UserError
+
+from . import tuning
+
+MILVUS_PREFIX = "milvus:"
+
+
+class IndexStoreError(UserError):
+    """A missing, corrupt or mismatched index, or a bad index operation."""
+
+
+class IndexBusy(IndexStoreError):
+    """Another writer holds the index's lock."""
+
+
+class ItemNotFound(IndexStoreError):
+    """An id the index does not hold, or an item whose image file is gone."""
+
+
+class ItemImageRefused(IndexStoreError):
+    """An item image that may not be served (outside the indexed roots, not a regular file, too large)."""
+
+
+@runtime_checkable
+class Gallery(Protocol):
+    """One consistent view of an index, for reading."""
+
+    manifest: dict  # fingerprint, submodel, dim, metric, classes, roots, next_id, count, index_key, ...
+
+    @property
+    def version(self) -> str:
+        """Names this view; every write makes a new one."""
+
+    @property
+    def count(self) -> int:
+        """Items in the index."""
+
+    @property
+    def pending_deletions(self) -> int:
+        """Deleted items still filtered at search (until a rebuild)."""
+
+    def check_model(self, fingerprint: str) -> None:
+        """Refuse a model other than the one that built the index."""
+
+    def search(self, queries: np.ndarray, k: int, search_params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each queries x min(k, count), id -1 past the hits; inner product of normalised vectors."""
+
+    def items(self, ids) -> dict[int, dict]:
+        """Metadata of the given ids that the index holds (with `label_name`)."""
+
+    def item(self, item_id: int) -> dict | None: ...
+
+    def labels(self) -> dict[int, int | None]:
+        """Label of every item, by id."""
+
+    def root(self, item: dict) -> dict:
+        """The indexed root an item came from (a folder, a dataset, or the uploads)."""
+
+    def image_file(self, item: dict, max_bytes: int) -> bytes:
+        """The bytes of a file item's image (see `read_item_file`)."""
+
+    def advice(self) -> str | None:
+        """What an operator should do about this index, if anything."""
+
+
+@runtime_checkable
+class Store(Protocol):
+    """An index: where its views come from and where its writes go."""
+
+    name: str  # as the user gave it, for messages
+    files: Path  # the local directory: building/, uploads/, profile.json, LOCK
+
+    def check_present(self) -> None:
+        """`IndexStoreError` when the index plainly is not there (without opening it)."""
+
+    def open(self) -> Gallery:
+        """The live view."""
+
+    def current_version(self) -> str | None:
+        """The live view's version, cheaply (None when it cannot be told)."""
+
+    def writing(self, wait: float = 0.0) -> AbstractContextManager[None]:
+        """Hold the one writer's lock; `IndexBusy` when another writer keeps it longer than `wait` seconds."""
+
+    def commit(self, base: Gallery | None, new_ids: np.ndarray, new_vectors: np.ndarray, rows: list[tuple],
+               manifest: dict, index_key: str | None = None, recall_target: float = tuning.RECALL_TARGET,
+               removed: list[int] = ()) -> dict:
+        """Make the live index `base`'s items (none when None) less `removed`, plus the new ones, with
+        `manifest`. With `index_key` the vector index is built afresh of that kind (`auto` by size). The
+        caller holds `writing()`; returns a report (count, index_key, search_params, recall)."""
+
+
+def open_store(spec: str | Path | Store) -> Store:
+    """The store a user's `--index` names (a Store is returned as it is)."""
+    if isinstance(spec, Store):
+        return spec
+    text = str(spec)
+    if text.startswith(MILVUS_PREFIX):
+        from .milvus_store import MilvusStore
+
+        return MilvusStore.from_spec(text[len(MILVUS_PREFIX):])
+    from .index import DirectoryStore
+
+    return DirectoryStore(Path(spec))
+
+
+# --- what both stores share -------------------------------------------------------------------
+COLUMNS = ("id", "source", "path", "root", "label", "width", "height", "added_at")  # of a metadata row
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def check_model(manifest: dict, fingerprint: str, name: str) -> None:
+    if fingerprint != manifest["fingerprint"]:
+        raise IndexStoreError(
+            f"model fingerprint {fingerprint} does not match the index's {manifest['fingerprint']} "
+            f"({name} was built with another checkpoint); use that checkpoint or rebuild the index")
+
+
+def label_name(manifest: dict, label: int | None) -> str | None:
+    classes = manifest.get("classes") or []
+    return classes[label] if label is not None and 0 <= label < len(classes) else None
+
+
+def read_item_file(item: dict, root: dict, files: Path, max_bytes: int) -> bytes:
+    """The bytes of a file item's image: only a regular file under its indexed root (`files/uploads` for
+    images added through the API), at most `max_bytes`."""
+    base = (Path(files) / "uploads" if root["kind"] == "uploads" else Path(root["path"])).resolve()
+    try:
+        path = (base / item["path"]).resolve(strict=True)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise ItemNotFound(f"the image file of item {item['id']} is no longer at its recorded path") from e
+    if not path.is_relative_to(base):
+        raise ItemImageRefused(f"the image file of item {item['id']} lies outside the indexed folder")
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise ItemImageRefused(f"the image of item {item['id']} is not a regular file")
+    if info.st_size > max_bytes:
+        raise ItemImageRefused(f"the image file of item {item['id']} has {info.st_size:,} bytes, over the "
+                               f"limit of {max_bytes:,}")
+    with open(path, "rb") as f:
+        content = f.read(max_bytes + 1)
+    if len(content) > max_bytes:
+        raise ItemImageRefused(f"the image file of item {item['id']} is over the limit of {max_bytes:,} bytes")
+    return content
+
+
+@contextlib.contextmanager
+def writer(directory: Path, wait: float = 0.0, name: str | None = None) -> Iterator[None]:
+    """Hold the `flock` on `directory/LOCK` (one writer at a time, across processes and threads);
+    `IndexBusy` when another writer keeps it longer than `wait` seconds."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "LOCK", "a+") as f:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    f.seek(0)
+                    holder = f.read().strip() or "unknown"
+                    raise IndexBusy(f"index {name or directory} is being written by another process (pid {holder}); "
+                                    "try again when it has finished") from None
+                time.sleep(0.05)
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --- operations on any store ------------------------------------------------------------------
+def remove(store: str | Path | Store, ids: list[int], wait: float = 0.0) -> list[int]:
+    """Delete items by id; `ItemNotFound` (nothing removed) for an id the index lacks. Ids are never reused."""
+    store = open_store(store)
+    ids = sorted({int(i) for i in ids})
+    if not ids:
+        raise IndexStoreError("no ids to remove")
+    with store.writing(wait):
+        base = store.open()
+        held = base.items(ids)
+        missing = [i for i in ids if i not in held]
+        if missing:
+            raise ItemNotFound(f"no item with id {missing[0]} in the index")
+        store.commit(base, np.zeros(0, np.int64), np.zeros((0, base.manifest["dim"]), np.float32), [],
+                     base.manifest, removed=ids)
+        for item in held.values():  # uploaded files belong to the index; folder files are the user's
+            if base.root(item)["kind"] == "uploads":
+                (store.files / "uploads" / item["path"]).unlink(missing_ok=True)
+    return ids
+
+
+def rebuild(store: str | Path | Store, index_key: str = "auto", recall_target: float = tuning.RECALL_TARGET,
+            wait: float = 0.0) -> dict:
+    """Re-index the stored vectors with another index kind (no re-embedding)."""
+    store = open_store(store)
+    with store.writing(wait):
+        base = store.open()
+        empty = np.zeros((0, base.manifest["dim"]), np.float32)
+        return store.commit(base, np.zeros(0, np.int64), empty, [], base.manifest, index_key, recall_target)
