@@ -49,8 +49,8 @@ from matvit.errors import UserError
 from matvit.images import ImageError, ImageTooLarge
 from retrieval.budget import Budget
 from retrieval.encoder import Encoder
-from retrieval.index import IndexBusy, ItemImageRefused, ItemNotFound
 from retrieval.retriever import Retriever
+from retrieval.store import IndexBusy, ItemImageRefused, ItemNotFound
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ OTHER_FIELDS_BYTES = 64 * 1024  # the fields of a body besides its images (optio
 class Settings:
     """Everything an operator sets, including every limit a request is held to."""
 
-    index: Path
+    index: str | Path  # an index directory or `milvus:URI` (see `retrieval.store.open_store`)
     checkpoint: Path
     api_key: str | None = None
     metrics_need_key: bool = False  # /metrics behind the API key too (health endpoints always stay open)
@@ -601,7 +601,7 @@ def create_app(settings: Settings, load_in_background: bool = True) -> FastAPI:
         index = service.ready().index
         m = index.manifest
         return IndexInfo(count=index.count, dimension=m["dim"], index_key=m["index_key"],
-                         model_fingerprint=m["fingerprint"], submodel=m["submodel"], version=index.version_dir.name)
+                         model_fingerprint=m["fingerprint"], submodel=m["submodel"], version=index.version)
 
     @app.get("/v1/submodels", tags=["index"], response_model=list[SubmodelRow], responses=ERRORS,
              summary="Named and profiled submodels with their cost on this server")

@@ -2,6 +2,8 @@
 
     matvit demo --index IDX --checkpoint DIR [--results docs/results]
     streamlit run app/demo.py -- --index IDX --checkpoint DIR
+
+IDX is an index directory or `milvus:URI` (see `retrieval.store`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from retrieval.retriever import Retriever
 def parse_args() -> argparse.Namespace:
     """Options after `--` on the streamlit command line, else MATVIT_INDEX / MATVIT_CHECKPOINT / MATVIT_RESULTS."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--index", type=Path, default=os.environ.get("MATVIT_INDEX"))
+    parser.add_argument("--index", default=os.environ.get("MATVIT_INDEX"))
     parser.add_argument("--checkpoint", type=Path, default=os.environ.get("MATVIT_CHECKPOINT"))
     parser.add_argument("--results", type=Path, default=os.environ.get("MATVIT_RESULTS", "docs/results"))
     return parser.parse_known_args()[0]
@@ -33,7 +35,7 @@ def parse_args() -> argparse.Namespace:
 @st.cache_resource
 def load_retriever(index: str, checkpoint: str) -> Retriever:
     """The retriever, with a latency profile of this model on this machine (measured once if none is stored)."""
-    retriever = Retriever(Path(index), Path(checkpoint))
+    retriever = Retriever(index, Path(checkpoint))
     retriever.ensure_profile()
     return retriever
 
