@@ -32,6 +32,23 @@ def _recall_target(parser: argparse.ArgumentParser) -> None:
                         help="recall@10 an approximate index's nprobe / efSearch is tuned to")
 
 
+INDEX_HELP = ("the index: a directory (FAISS), milvus:PATH.db (Milvus Lite, in this process) or "
+              "milvus:http://HOST:19530 (a Milvus server); add #NAME for a collection other than matvit")
+INDEX_KEY_HELP = ("auto, Flat, HNSW32, IVF1024,PQ32, ... (FAISS factory); for Milvus: auto, AUTOINDEX, Flat, HNSW32, "
+                  "IVF1024,Flat")
+
+
+def _index_spec(text: str) -> str | Path:
+    """`--index`: a directory path, or a `milvus:` URI kept as typed (a Path would fold its `//`)."""
+    from retrieval.store import MILVUS_PREFIX
+
+    return text if text.startswith(MILVUS_PREFIX) else Path(text)
+
+
+def _index(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", "--store", dest="index", type=_index_spec, required=True, help=INDEX_HELP)
+
+
 def _wait(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", type=float, default=0.0,
                         help="seconds to wait for another writer of the index to finish (default: fail at once)")
@@ -157,23 +174,24 @@ def _embedding(args: argparse.Namespace):
 
 
 def cmd_index_remove(args: argparse.Namespace) -> None:
-    from retrieval.index import remove
+    from retrieval.store import remove
 
     print(json.dumps({"removed": remove(args.index, args.ids, args.wait)}))
 
 
 def cmd_index_rebuild(args: argparse.Namespace) -> None:
-    from retrieval.index import rebuild
+    from retrieval.store import rebuild
 
     print(json.dumps(rebuild(args.index, args.index_key, args.recall_target, args.wait), indent=2))
 
 
 def cmd_index_info(args: argparse.Namespace) -> None:
-    from retrieval.index import GalleryIndex
+    from retrieval.store import open_store
 
-    index = GalleryIndex.open(args.index)
-    info = {**index.manifest, "version": index.version_dir.name, "deleted_pending_rebuild": len(index.deleted),
-            "unfinished_build": (args.index / "building").is_dir(), "advice": index.advice()}
+    store = open_store(args.index)
+    index = store.open()
+    info = {**index.manifest, "version": index.version, "deleted_pending_rebuild": index.pending_deletions,
+            "unfinished_build": (store.files / "building").is_dir(), "advice": index.advice()}
     print(json.dumps(info, indent=2))
 
 
@@ -208,19 +226,21 @@ def cmd_profile(args: argparse.Namespace) -> None:
     from matvit import data
     from retrieval import budget
     from retrieval.encoder import Encoder
-    from retrieval.index import GalleryIndex
+    from retrieval.store import open_store
 
     encoder = Encoder.load(args.checkpoint)
     accuracy = None
-    if args.index:
+    store = open_store(args.index) if args.index else None
+    if store:
         if not args.dataset:
             raise UserError("--index needs --dataset (a labelled query split) to measure accuracy")
         cfg = encoder.config
         queries = data.load(args.dataset, args.split, cfg.img_size, cfg.in_chans, args.data_dir)
-        accuracy = budget.index_accuracy(GalleryIndex.open(args.index), encoder, queries)
+        accuracy = budget.index_accuracy(store.open(), encoder, queries)
     result = budget.profile(encoder, budget.candidates(encoder, args.submodels), accuracy)
-    out = args.out or (args.index / budget.PROFILE_FILE if args.index else None)
+    out = args.out or (store.files / budget.PROFILE_FILE if store else None)
     if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         budget.save_profile(result, out)
     print(f"{'submodel':<22}{'params':>10}{'GFLOPs':>9}{'ms@1':>8}{'ms@32':>8}{'1-NN':>8}")
     for r in result["rows"]:
@@ -306,9 +326,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     import subprocess
 
-    for path, what in ((args.index, "index"), (args.checkpoint, "checkpoint")):
-        if not path.is_dir():
-            raise UserError(f"{what} directory not found: {path}")
+    from retrieval.store import open_store
+
+    open_store(args.index).check_present()
+    if not args.checkpoint.is_dir():
+        raise UserError(f"checkpoint directory not found: {args.checkpoint}")
     demo = Path(__file__).with_name("demo.py")
     command = [sys.executable, "-m", "streamlit", "run", str(demo), "--server.headless", "true",
                "--server.address", args.host, "--server.port", str(args.port), "--browser.gatherUsageStats", "false",
@@ -375,15 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (images in, embeddings out)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("build-index", help="embed a gallery once (with XL) into a FAISS index directory")
+    p = sub.add_parser("build-index", help="embed a gallery once (with XL) into an index: a FAISS index directory, "
+                                           "or Milvus (--out milvus:./gallery.db, milvus:http://HOST:19530)")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--images", type=Path, help="a folder of images (class per sub-folder, or flat)")
     p.add_argument("--dataset", help="or a named dataset: digits, fashion-mnist, folder:PATH")
     p.add_argument("--split", choices=["train", "test"], default="train")
     p.add_argument("--data-dir", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="index directory")
+    p.add_argument("--out", "--store", dest="out", type=_index_spec, required=True, help=INDEX_HELP)
     p.add_argument("--submodel", default="XL", help="the submodel that embeds the gallery")
-    p.add_argument("--index-key", default="auto", help="auto, Flat, HNSW32, IVF1024,PQ32, ... (FAISS factory)")
+    p.add_argument("--index-key", default="auto", help=INDEX_KEY_HELP)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2, help="decoding processes")
     p.add_argument("--resume", action="store_true", help="finish an interrupted build without re-embedding")
@@ -395,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="add, remove or re-index items, or show what an index holds")
     isub = p.add_subparsers(dest="index_command", required=True)
     q = isub.add_parser("add", help="embed more images into an existing index")
-    q.add_argument("--index", type=Path, required=True)
+    _index(q)
     q.add_argument("--checkpoint", type=Path, required=True)
     q.add_argument("--images", type=Path, required=True)
     q.add_argument("--batch-size", type=int, default=256)
@@ -406,22 +429,22 @@ def build_parser() -> argparse.ArgumentParser:
     _device(q)
     q.set_defaults(func=cmd_index_add)
     q = isub.add_parser("remove", help="delete items by id (ids are never reused)")
-    q.add_argument("--index", type=Path, required=True)
+    _index(q)
     q.add_argument("--ids", type=_ints, required=True, help="comma-separated item ids")
     _wait(q)
     q.set_defaults(func=cmd_index_remove)
-    q = isub.add_parser("rebuild", help="re-index the stored vectors with another FAISS kind (no re-embedding)")
-    q.add_argument("--index", type=Path, required=True)
-    q.add_argument("--index-key", default="auto", help="auto, Flat, HNSW32, IVF1024,PQ32, ... (FAISS factory)")
+    q = isub.add_parser("rebuild", help="re-index the stored vectors with another index kind (no re-embedding)")
+    _index(q)
+    q.add_argument("--index-key", default="auto", help=INDEX_KEY_HELP)
     _recall_target(q)
     _wait(q)
     q.set_defaults(func=cmd_index_rebuild)
     q = isub.add_parser("info", help="print the manifest and counts")
-    q.add_argument("--index", type=Path, required=True)
+    _index(q)
     q.set_defaults(func=cmd_index_info)
 
     p = sub.add_parser("search", help="find the nearest gallery images of a query image")
-    p.add_argument("--index", type=Path, required=True)
+    _index(p)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--image", type=Path, required=True)
     p.add_argument("-k", type=int, default=10)
@@ -438,11 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="measure latency, size and (with --index) accuracy of submodels")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--submodels", default="uniform", help="uniform, monotone, all, or specs separated by ';'")
-    p.add_argument("--index", type=Path, help="measure 1-NN accuracy against this index (stored beside it)")
+    p.add_argument("--index", "--store", dest="index", type=_index_spec,
+                   help="measure 1-NN accuracy against this index (stored in its directory)")
     p.add_argument("--dataset", help="labelled queries for the accuracy, e.g. fashion-mnist")
     p.add_argument("--split", choices=["train", "test"], default="test")
     p.add_argument("--data-dir", type=Path)
-    p.add_argument("--out", type=Path, help="profile JSON (default: INDEX/profile.json)")
+    p.add_argument("--out", type=Path, help="profile JSON (default: profile.json in the index's directory)")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("eval-grid", help="1-NN / top-5 / mAP@10 / XL agreement for index x query submodels")
@@ -455,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval_grid)
 
     p = sub.add_parser("serve", help="serve the REST API (OpenAPI docs at /docs)")
-    p.add_argument("--index", type=Path, required=True)
+    _index(p)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -470,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="the Streamlit demo (query, compare S with XL, benchmark plots)")
-    p.add_argument("--index", type=Path, required=True)
+    _index(p)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--results", type=Path, default=Path("docs/results"), help="where benchmark PNGs are")
     p.add_argument("--host", default="127.0.0.1")
