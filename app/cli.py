@@ -286,10 +286,23 @@ def cmd_bench_consistency(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_index(args: argparse.Namespace) -> None:
-    from app.bench.index_speed import markdown, run
+    if args.speed:
+        from app.bench.index_speed import markdown, run
 
-    print(markdown(run(args.checkpoint, args.dataset, args.index, args.out, args.queries)))
-    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+        print(markdown(run(args.checkpoint, args.dataset, args.index, args.out, args.queries)))
+        print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+        return
+    from app.bench.index_scale import ScaleOptions
+    from app.bench.index_scale import run as run_scale
+
+    result = run_scale(ScaleOptions(
+        out=args.out, checkpoint=args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
+        sizes=tuple(args.sizes), kinds=tuple(args.kinds.split(",")), stores=tuple(args.stores.split(",")),
+        cache=args.cache, recall_target=args.recall_target, latency_queries=args.latency_queries,
+        batch_queries=args.batch_queries, seed=args.seed))
+    for t in result["targets"]:
+        print(f"{'met   ' if t['met'] else 'MISSED'} {t['target']}")
+    print(f"wrote {args.out / 'index-scale.json'}, index-scale.md, index-scale.png ({len(result['rows'])} rows)")
 
 
 def cmd_bench_induce(args: argparse.Namespace) -> None:
@@ -513,12 +526,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--data-dir", type=Path)
     q.set_defaults(func=cmd_bench_consistency)
-    q = bsub.add_parser("index", help="index build throughput and per-submodel query latency")
-    q.add_argument("--checkpoint", type=Path, required=True)
-    q.add_argument("--dataset", default="fashion-mnist")
-    q.add_argument("--index", type=Path, default=Path("runs/bench-index"), help="where the train split is indexed")
-    q.add_argument("--queries", type=int, default=200, help="single-image queries timed per submodel")
-    q.add_argument("--out", type=Path, required=True, help="path without suffix; .json and .md are written")
+    q = bsub.add_parser("index", help="Flat, HNSW, IVF-PQ and auto over 100k and 1M real embeddings: recall, "
+                                      "QPS, memory (--speed: build throughput and per-submodel query latency)")
+    q.add_argument("--out", type=Path, required=True,
+                   help="results directory (with --speed: a path without suffix; .json and .md are written)")
+    q.add_argument("--checkpoint", type=Path, default=Path("runs/fmnist"), help="the MatViT that embeds")
+    q.add_argument("--dataset", default="fashion-mnist", help="its train split grows the gallery, test the queries")
+    q.add_argument("--data-dir", type=Path)
+    q.add_argument("--sizes", type=_ints, default=[100_000, 1_000_000], help="gallery sizes")
+    q.add_argument("--kinds", default="flat,hnsw,ivfpq,auto",
+                   help="index kinds: flat, hnsw, ivfpq, auto, ivfsq8, ivfpq-refine")
+    q.add_argument("--stores", default="faiss,milvus", help="stores measured: faiss, milvus")
+    q.add_argument("--cache", type=Path, default=Path("runs/index-scale"), help="cached embeddings")
+    _recall_target(q)
+    q.add_argument("--latency-queries", type=int, default=200, help="batch-1 searches timed per query encoder")
+    q.add_argument("--batch-queries", type=int, default=2048, help="queries searched in batches of 64")
+    q.add_argument("--seed", type=int, default=0, help="seed of the gallery's augmentations")
+    q.add_argument("--speed", action="store_true",
+                   help="instead: build throughput and per-submodel query latency of one index of the train split")
+    q.add_argument("--index", type=Path, default=Path("runs/bench-index"),
+                   help="--speed: where the train split is indexed")
+    q.add_argument("--queries", type=int, default=200, help="--speed: single-image queries timed per submodel")
     q.set_defaults(func=cmd_bench_index)
     q = bsub.add_parser("induce", help="MatViTs induced from a dense ViT against one trained from scratch")
     q.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, folder:PATH or digits")
