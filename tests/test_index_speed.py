@@ -46,9 +46,9 @@ def ivfpq_without_polysemous_training(mp: pytest.MonkeyPatch) -> None:
 def scale_run(trained_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("scale")
     argv = ["bench", "index", "--checkpoint", str(trained_dir), "--dataset", "digits", "--sizes", "2000,4000",
-            "--cache", str(tmp / "cache"), "--latency-queries", "8", "--batch-queries", "128", "--out",
-            str(tmp / "out")]
-    with pytest.MonkeyPatch.context() as mp:
+            "--stores", "faiss", "--cache", str(tmp / "cache"), "--latency-queries", "8", "--batch-queries", "128",
+            "--out", str(tmp / "out")]
+    with pytest.MonkeyPatch.context() as mp, index_scale.faiss_threads(1):  # OpenMP threads crawl on a busy machine
         ivfpq_without_polysemous_training(mp)
         assert main(argv) == 0
     return tmp, argv
@@ -57,8 +57,8 @@ def scale_run(trained_dir, tmp_path_factory):
 def test_bench_index_scale_rows_and_exact_recall(scale_run):
     tmp, _ = scale_run
     r = json.loads((tmp / "out" / "index-scale.json").read_text())
-    assert [(row["size"], row["kind"]) for row in r["rows"]] == [
-        (n, k) for n in (2000, 4000) for k in ("flat", "hnsw", "ivfpq", "auto")]
+    assert [(row["size"], row["store"], row["kind"]) for row in r["rows"]] == [
+        (n, "faiss", k) for n in (2000, 4000) for k in ("flat", "hnsw", "ivfpq", "auto")]
     for row in r["rows"]:
         assert (tmp / "out" / "steps" / f"{row['size']}-{row['kind']}.json").is_file()
         assert set(row["queries"]) == {"S", "XL"} and row["bytes_per_vector"] > 0 and row["build_seconds"] >= 0
@@ -79,10 +79,10 @@ def test_bench_index_scale_rows_and_exact_recall(scale_run):
     flat = next(row for row in r["rows"] if row["kind"] == "flat" and row["size"] == 4000)
     assert ivfpq["bytes_per_vector"] < flat["bytes_per_vector"] / 2  # 8 bytes of code against 128 of vector
     assert r["gallery"]["copies"] == 3 and r["gallery"]["train_images"] == 1437
-    assert r["stores"]["faiss"]["measured"] and not r["stores"]["milvus"]["measured"]
+    assert r["stores"] == {"faiss": {"measured": True, "sizes": [2000, 4000]}}
     assert [t["met"] for t in r["targets"]] in ([False, True], [False, False])  # exact auto cannot be 20x Flat
     md = (tmp / "out" / "index-scale.md").read_text()
-    assert "## 4,000 vectors" in md and "| auto (= flat) | `Flat` |" in md and "milvus: not measured" in md
+    assert "## 4,000 vectors" in md and "| auto (= flat) | `Flat` |" in md
     assert (tmp / "out" / "index-scale.png").stat().st_size > 0
 
 
@@ -102,6 +102,19 @@ def test_bench_index_scale_resumes_without_rebuilding(scale_run, monkeypatch):
     monkeypatch.setattr(index_scale.Encoder, "encode", no_rebuilds)
     assert main(argv) == 0
     assert (tmp / "out" / "steps" / "4000-hnsw.json").read_text() == before
+
+
+def test_bench_index_scale_milvus_rows(scale_run):
+    tmp, argv = scale_run
+    out = tmp / "milvus-out"
+    assert main([*argv[:argv.index("--sizes")], "--sizes", "2000", "--stores", "milvus", "--cache", str(tmp / "cache"),
+                 "--latency-queries", "2", "--batch-queries", "64", "--out", str(out)]) == 0
+    r = json.loads((out / "index-scale.json").read_text())
+    (row,) = r["rows"]
+    assert row["store"] == "milvus" and row["kind"] == "auto" and row["index_key"] == "Flat"  # exact below 100k
+    assert row["queries"]["XL"]["at_1"] == 1.0 and row["queries"]["XL"]["at_10"] > 0.99
+    assert row["bytes_per_vector"] > 0 and r["targets"] == [] and r["stores"]["milvus"]["sizes"] == [2000]
+    assert "| Milvus Lite auto | `Flat` |" in (out / "index-scale.md").read_text()
 
 
 def test_bench_index_scale_refuses_bad_options(tmp_path, capsys):

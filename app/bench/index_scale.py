@@ -26,10 +26,12 @@ exists.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -52,6 +54,8 @@ BATCH = 64  # the batched-search size
 SWEEP_QUERIES = 1000  # XL queries of the recall-against-speed sweep
 SWEEP_LATENCY_QUERIES = 100  # batch-1 searches timed per sweep point
 HNSW_EF_CONSTRUCTION = 40  # FAISS's default, what `build-index` builds with
+TIMING_REPEATS = 3  # QPS is the best of this many passes over the same queries ...
+TIMING_BUDGET = 20.0  # ... or of fewer, once the passes have taken this many seconds
 
 
 def _ivfpq_key(n: int, dim: int) -> str:
@@ -87,7 +91,7 @@ class ScaleOptions:
     cache: Path = Path("runs/index-scale")
     recall_target: float = tuning.RECALL_TARGET
     latency_queries: int = 200  # single-query searches timed per query encoder
-    batch_queries: int = 2048  # queries searched in batches of 64 per query encoder
+    batch_queries: int = 1024  # queries searched in batches of 64 per query encoder
     seed: int = 0
     log: Callable[[str], None] = field(default=print, repr=False)
 
@@ -142,10 +146,11 @@ def embeddings(opts: ScaleOptions, encoder: Encoder) -> Embeddings:
     n = max(opts.sizes)
     slug = opts.dataset.replace(":", "-").replace("/", "_").strip("_")
     cache = Path(opts.cache) / f"{slug}-{encoder.fingerprint[:12]}-seed{opts.seed}"
-    meta_path = cache / f"gallery-{n}.json"
-    if meta_path.is_file():
+    cached = sorted(m for m in (int(p.stem.split("-")[1]) for p in cache.glob("gallery-*.json")) if m >= n)
+    if cached:  # a gallery at least this large: its prefix is this one
         opts.log(f"embeddings from {cache}")
-        return _load_embeddings(cache, n, json.loads(meta_path.read_text()))
+        return _load_embeddings(cache, cached[0], json.loads((cache / f"gallery-{cached[0]}.json").read_text()))
+    meta_path = cache / f"gallery-{n}.json"
     cfg = encoder.config
     train = data.load(opts.dataset, "train", cfg.img_size, cfg.in_chans, opts.data_dir)
     test = data.load(opts.dataset, "test", cfg.img_size, cfg.in_chans, opts.data_dir)
@@ -208,30 +213,42 @@ def faiss_threads(n: int) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
-def qps(index: faiss.Index, queries: np.ndarray, params: faiss.SearchParameters | None, batch: int) -> float:
-    """Queries per second searching `queries` `batch` at a time (after one warm-up batch).
+Search = Callable[[np.ndarray], np.ndarray]  # queries -> ids of their K nearest (-1 past the hits)
 
-    Batch 1 runs on one FAISS thread: every kind here searches a single query on one thread anyway, and idle
+
+def faiss_search(index: faiss.Index, search_params: dict) -> Search:
+    params = tuning.faiss_params(index, search_params, np.zeros(0, np.int64))
+    return lambda queries: index.search(queries, K, params=params)[1]
+
+
+def qps(search: Search, queries: np.ndarray, batch: int, repeats: int = TIMING_REPEATS) -> float:
+    """Queries per second searching `queries` `batch` at a time: the best of `repeats` passes (fewer once they took
+    `TIMING_BUDGET` seconds), after a warm-up batch.
+
+    Batch 1 runs on one FAISS thread: every FAISS kind here searches a single query on one thread anyway, and idle
     OpenMP threads spinning on a busy machine would otherwise be timed too."""
     with faiss_threads(1) if batch == 1 else contextlib.nullcontext():
-        index.search(queries[:batch], K, params=params)
-        start = time.perf_counter()
-        for lo in range(0, len(queries), batch):
-            index.search(queries[lo:lo + batch], K, params=params)
-        return len(queries) / (time.perf_counter() - start)
+        search(queries[:batch])
+        best, spent = math.inf, 0.0
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for lo in range(0, len(queries), batch):
+                search(queries[lo:lo + batch])
+            best, spent = min(best, time.perf_counter() - start), spent + time.perf_counter() - start
+            if spent > TIMING_BUDGET:
+                break
+        return len(queries) / best
 
 
-def measure(index: faiss.Index, search_params: dict, emb: Embeddings, n: int, truth: dict[str, np.ndarray],
-            opts: ScaleOptions) -> dict:
+def measure(search: Search, emb: Embeddings, truth: dict[str, np.ndarray], opts: ScaleOptions) -> dict:
     """Recall, 1-NN label accuracy and speed of a built index, for each query encoder."""
-    params = tuning.faiss_params(index, search_params, np.zeros(0, np.int64))
     rows = {}
     for spec, queries in emb.queries.items():
-        found = index.search(queries, K, params=params)[1]
+        found = search(queries)
         top1 = np.where(found[:, 0] >= 0, emb.labels[found[:, 0]], -1)  # -1: no hit
         rows[spec] = {**recall_at(found, truth[spec]), "knn1": float(np.mean(top1 == emb.query_labels)),
-                      "qps_batch_1": round(qps(index, queries[:opts.latency_queries], params, 1), 1),
-                      f"qps_batch_{BATCH}": round(qps(index, queries[:opts.batch_queries], params, BATCH), 1)}
+                      "qps_batch_1": round(qps(search, queries[:opts.latency_queries], 1), 1),
+                      f"qps_batch_{BATCH}": round(qps(search, queries[:opts.batch_queries], BATCH), 1)}
     return rows
 
 
@@ -248,10 +265,9 @@ def sweep(index: faiss.Index, emb: Embeddings, truth: np.ndarray) -> list[dict]:
     queries = emb.queries["XL"][:SWEEP_QUERIES]
     out = []
     for value in values:
-        params = tuning.faiss_params(index, {knob: value}, np.zeros(0, np.int64))
-        found = index.search(queries, K, params=params)[1]
-        out.append({knob: value, "recall_at_10": recall_at(found, truth[:len(queries)])["at_10"],
-                    "qps_batch_1": round(qps(index, queries[:SWEEP_LATENCY_QUERIES], params, 1), 1)})
+        search = faiss_search(index, {knob: value})
+        out.append({knob: value, "recall_at_10": recall_at(search(queries), truth[:len(queries)])["at_10"],
+                    "qps_batch_1": round(qps(search, queries[:SWEEP_LATENCY_QUERIES], 1, repeats=1), 1)})
     return out
 
 
@@ -284,7 +300,7 @@ class Bench:
         return {"size": n, "kind": kind, "index_key": key, "fingerprint": self.encoder.fingerprint,
                 "dataset": self.opts.dataset, "seed": self.opts.seed, "recall_target": self.opts.recall_target,
                 "queries": len(self.emb.query_labels), "latency_queries": self.opts.latency_queries,
-                "batch_queries": self.opts.batch_queries}
+                "batch_queries": self.opts.batch_queries, "timing": [TIMING_REPEATS, TIMING_BUDGET]}
 
     def truth(self, n: int) -> dict[str, np.ndarray]:
         """Exact top-10 gallery positions of every query over the first n vectors (cached beside the gallery)."""
@@ -332,11 +348,62 @@ class Bench:
         size = len(faiss.serialize_index(index))
         row = {"store": "faiss", **timing, "search_params": search_params, "tuning_recall": probe,
                "index_bytes": size, "bytes_per_vector": round(size / n, 2),
-               "queries": measure(index, search_params, self.emb, n, truth, self.opts),
+               "queries": measure(faiss_search(index, search_params), self.emb, truth, self.opts),
                "sweep": sweep(index, self.emb, truth["XL"]),
                "hnsw_ef_construction": HNSW_EF_CONSTRUCTION if key.startswith("HNSW") else None,
                "faiss_threads": {"batch_1": 1, f"batch_{BATCH}": faiss.omp_get_max_threads()},
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+        row["step_seconds"] = round(time.perf_counter() - start, 1)
+        return row
+
+    def milvus_step(self, n: int) -> dict:
+        """Milvus Lite with the `auto` index the Milvus store picks, built and tuned by the store itself."""
+        settings = {**self.settings(n, "auto", "auto"), "store": "milvus"}
+        path = self.out / "steps" / f"{n}-milvus-auto.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("settings") == settings:
+                self.log(f"[{n}-milvus-auto] done before: {path}")
+                return saved
+        self.log(f"[{n}-milvus-auto] filling a Milvus Lite collection with {n:,} vectors")
+        row = {"settings": settings, **self.measure_milvus(n), "kind": "auto", "size": n, **provenance.record()}
+        path.write_text(json.dumps(row, indent=2))
+        self.log(f"[{n}-milvus-auto] {row['index_key']}: " + ", ".join(
+            f"{s} recall@10 {r['at_10']:.4f} qps@1 {r['qps_batch_1']:,.0f}" for s, r in row["queries"].items())
+            + f"; wrote {path}")
+        return row
+
+    def measure_milvus(self, n: int) -> dict:
+        from retrieval.milvus_store import MilvusStore
+
+        start = time.perf_counter()
+        vectors = np.ascontiguousarray(self.emb.gallery[:n])
+        truth = self.truth(n)
+        classes = self.encoder.classes or [str(c) for c in range(int(self.emb.labels.max()) + 1)]
+        added = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+        img = self.encoder.config.img_size
+        rows = [(i, f"{self.opts.dataset}:gallery:{i}", None, 0, int(label), img, img, added)
+                for i, label in enumerate(self.emb.labels[:n].tolist())]
+        manifest = {"fingerprint": self.encoder.fingerprint, "submodel": "XL", "dim": self.dim,
+                    "metric": "inner_product", "source": "index-scale benchmark", "classes": classes,
+                    "roots": [{"kind": "dataset", "path": self.opts.dataset}], "next_id": n}
+        directory = Path(self.emb.meta["cache"]) / "milvus" / str(n)
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        store = MilvusStore.from_spec(str(directory / "bench.db"))
+        with store.writing():
+            report = store.commit(None, np.arange(n), vectors, rows, manifest, "auto", self.opts.recall_target)
+        built = time.perf_counter()
+        gallery = store.open()
+        size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+        row = {"store": "milvus", "index_key": report["index_key"],
+               "milvus_index": gallery.manifest.get("milvus_index"), "build_seconds": round(built - start, 2),
+               "search_params": report["search_params"],
+               "tuning_recall": report["recall"], "index_bytes": size, "bytes_per_vector": round(size / n, 2),
+               "bytes_note": "the Milvus Lite file and its directory on disk (vectors, metadata, index)",
+               "build_note": "inserting the rows, building the index and the store's own tuning",
+               "queries": measure(lambda q: gallery.search(q, K)[1], self.emb, truth, self.opts), "sweep": [],
+               "versions": {p: _version(p) for p in ("pymilvus", "milvus-lite")}}
         row["step_seconds"] = round(time.perf_counter() - start, 1)
         return row
 
@@ -346,13 +413,22 @@ class Bench:
                 for kind in self.opts.kinds:
                     self.step(n, kind)
                     self.report()
+        if "milvus" in self.opts.stores:
+            if milvus_store_exists():
+                for n in self.opts.sizes:
+                    self.milvus_step(n)
+                    self.report()
+            else:
+                self.log("retrieval/milvus_store.py does not exist: no Milvus rows")
         return self.report(plot_to=self.out / "index-scale.png")
 
     def report(self, plot_to: Path | None = None) -> dict:
         rows = []
         for n in self.opts.sizes:
-            for kind in self.opts.kinds:
-                path = self.out / "steps" / f"{n}-{kind}.json"
+            names = [kind for kind in self.opts.kinds if "faiss" in self.opts.stores]
+            names += ["milvus-auto"] if "milvus" in self.opts.stores else []
+            for name in names:
+                path = self.out / "steps" / f"{n}-{name}.json"
                 if path.is_file():
                     rows.append(json.loads(path.read_text()))
         result = {"dataset": self.opts.dataset, "checkpoint": str(self.opts.checkpoint),
@@ -362,7 +438,7 @@ class Bench:
                   "auto_rule": {"flat_max": FLAT_MAX, "hnsw_max": HNSW_MAX, "train_sample": TRAIN_SAMPLE},
                   "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.opts).items()
                               if k != "log"},
-                  "stores": stores_status(self.opts.stores), "rows": rows, **provenance.record()}
+                  "stores": stores_status(self.opts.stores, rows), "rows": rows, **provenance.record()}
         result["targets"] = targets(result)
         (self.out / "index-scale.json").write_text(json.dumps(result, indent=2))
         (self.out / "index-scale.md").write_text(markdown(result))
@@ -371,19 +447,33 @@ class Bench:
         return result
 
 
-def stores_status(stores: tuple[str, ...]) -> dict:
-    """Whether each store was measured; Milvus only once its store module exists."""
-    out = {"faiss": {"measured": "faiss" in stores}}
-    if "milvus" in stores:
-        landed = importlib.util.find_spec("retrieval.milvus_store") is not None
-        out["milvus"] = {"measured": False, "reason": "the bench does not drive retrieval/milvus_store.py yet"
-                         if landed else "retrieval/milvus_store.py does not exist yet"}
+def milvus_store_exists() -> bool:
+    return importlib.util.find_spec("retrieval.milvus_store") is not None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def stores_status(stores: tuple[str, ...], rows: list[dict]) -> dict:
+    """Whether each store was measured (at which sizes)."""
+    out = {}
+    for store in stores:
+        sizes = sorted({row["size"] for row in rows if row.get("store", "faiss") == store})
+        out[store] = {"measured": bool(sizes), "sizes": sizes}
+        if not sizes:
+            out[store]["reason"] = ("retrieval/milvus_store.py does not exist yet" if store == "milvus"
+                                    and not milvus_store_exists() else "not run yet")
     return out
 
 
 # --- targets, Markdown, plot ---------------------------------------------------------------------------
-def _row(r: dict, n: int, kind: str) -> dict | None:
-    return next((row for row in r["rows"] if row["size"] == n and row["kind"] == kind), None)
+def _row(r: dict, n: int, kind: str, store: str = "faiss") -> dict | None:
+    return next((row for row in r["rows"] if row["size"] == n and row["kind"] == kind
+                 and row.get("store", "faiss") == store), None)
 
 
 def targets(r: dict) -> list[dict]:
@@ -433,8 +523,9 @@ def markdown(r: dict) -> str:
         f"efSearch / nprobe tuned with `retrieval.tuning.tune` to recall@10 >= {r['recall_target']} on its own "
         f"probe queries; HNSW built with efConstruction {HNSW_EF_CONSTRUCTION} (FAISS's default, what "
         f"`build-index` builds). QPS at batch 1 over the first {r['options']['latency_queries']} queries, at batch "
-        f"{r['batch']} over the first {r['options']['batch_queries']}; bytes per vector: the serialized index "
-        "(IDMap2 included) over n.",
+        f"{r['batch']} over the first {r['options']['batch_queries']}, each the best of {TIMING_REPEATS} passes "
+        f"(fewer once the passes took {TIMING_BUDGET:.0f} s); bytes per vector: the serialized index (IDMap2 "
+        "included) over n.",
         "",
     ]
     batched = f"qps_batch_{r['batch']}"
@@ -446,6 +537,7 @@ def markdown(r: dict) -> str:
         for row in (row for row in r["rows"] if row["size"] == n):
             q = row["queries"]
             kind = row["kind"] + (f" (= {row['same_as']})" if row.get("same_as") else "")
+            kind = f"Milvus Lite {kind}" if row.get("store") == "milvus" else kind
 
             def pair(key: str, fmt: str, q=q) -> str:
                 return f"{format(q['S'][key], fmt)} / {format(q['XL'][key], fmt)}"
@@ -467,7 +559,8 @@ def markdown(r: dict) -> str:
         lines.append("")
     lines += ["## Stores", ""]
     for store, status in r["stores"].items():
-        said = "measured above" if status["measured"] else f"not measured ({status['reason']})"
+        said = (f"measured above at {', '.join(f'{n:,}' for n in status['sizes'])} vectors" if status["measured"]
+                else f"not measured ({status['reason']})")
         lines.append(f"- {store}: {said}")
     lines.append("")
     return "\n".join(lines)
@@ -485,6 +578,13 @@ def plot(r: dict, path: Path) -> None:
     axes = np.atleast_1d(fig.subplots(1, len(sizes)))
     for ax, n in zip(axes, sizes, strict=True):
         for row in (row for row in r["rows"] if row["size"] == n and not row.get("same_as")):
+            if row.get("store") == "milvus":
+                q = row["queries"]
+                ax.scatter(q["XL"]["qps_batch_1"], q["XL"]["at_10"], marker="D", color="tab:cyan", s=50, zorder=3,
+                           label=f"Milvus Lite auto {row['index_key']} {_param(row)}")
+                ax.scatter(q["S"]["qps_batch_1"], q["S"]["at_10"], marker="D", facecolors="none",
+                           edgecolors="tab:cyan", s=50, zorder=3)
+                continue
             color = COLORS.get(row["kind"], "tab:purple")
             if row["sweep"]:
                 ax.plot([p["qps_batch_1"] for p in row["sweep"]], [p["recall_at_10"] for p in row["sweep"]], ".-",
