@@ -155,37 +155,47 @@ def memory_kb(pid: int) -> Memory:
         return Memory()
 
 
-class TreeSampler(threading.Thread):
-    """Samples the memory of a process tree (a trainer and its DataLoader workers) until stopped; keeps the peaks
-    of the tree's sums and of the trainer's own anonymous memory, and a timeline point every `every` seconds."""
+METRICS = ("tree_rss", "tree_pss", "tree_anon", "main_anon", "workers_anon")  # KiB sums, see `TreeSampler`
 
-    def __init__(self, pid: int, interval: float, every: float = 5.0) -> None:
+
+class TreeSampler(threading.Thread):
+    """Samples the memory of a process tree (a trainer and its DataLoader workers) every `interval` seconds until
+    stopped: the tree's summed RSS, PSS and anonymous PSS, the trainer's anonymous memory, the workers' anonymous
+    PSS, and the number of processes, each sample with its time since `start` (a `time.time()`)."""
+
+    def __init__(self, pid: int, interval: float, start: float) -> None:
         super().__init__(daemon=True)
-        self.pid, self.interval, self.every, self.stopped = pid, interval, every, threading.Event()
-        self.peak = {"tree_rss": 0, "tree_pss": 0, "tree_anon": 0, "main_anon": 0, "workers_anon": 0}
-        self.peak_processes = self.samples = 0
-        # seconds, trainer anonymous MB, workers' anonymous PSS MB, processes
-        self.timeline: list[tuple[float, float, float, int]] = []
+        self.pid, self.interval, self.start_time, self.stopped = pid, interval, start, threading.Event()
+        self.points: list[tuple[float, dict[str, int], int]] = []
 
     def run(self) -> None:
-        start = time.perf_counter()
         while not self.stopped.is_set():
             tree = descendants(self.pid)
             usage = [memory_kb(p) for p in tree]
-            main, workers = usage[0].anon, sum(m.anon_pss for m in usage[1:])
-            now = {"tree_rss": sum(m.rss for m in usage), "tree_pss": sum(m.pss for m in usage),
-                   "tree_anon": usage[0].anon_pss + workers, "main_anon": main, "workers_anon": workers}
-            self.peak = {k: max(v, now[k]) for k, v in self.peak.items()}
-            self.peak_processes = max(self.peak_processes, len(tree))
-            seconds = time.perf_counter() - start
-            if not self.timeline or seconds - self.timeline[-1][0] >= self.every:
-                self.timeline.append((round(seconds, 1), round(main / 1024, 1), round(workers / 1024, 1), len(tree)))
-            self.samples += 1
+            workers = sum(m.anon_pss for m in usage[1:])
+            now = dict(zip(METRICS, (sum(m.rss for m in usage), sum(m.pss for m in usage),
+                                     usage[0].anon_pss + workers, usage[0].anon, workers), strict=True))
+            self.points.append((time.time() - self.start_time, now, len(tree)))
             self.stopped.wait(self.interval)
+
+    def peaks(self, since: float = 0.0, until: float = float("inf")) -> dict[str, float]:
+        """Peak of every metric (MB) over the samples taken between `since` and `until` seconds."""
+        chosen = [m for t, m, _ in self.points if since <= t < until] or [dict.fromkeys(METRICS, 0)]
+        return {k: round(max(m[k] for m in chosen) / 1024, 1) for k in METRICS}
+
+    def timeline(self, every: float = 5.0) -> list[tuple[float, float, float, int]]:
+        """(seconds, trainer + workers anonymous MB, trainer anonymous MB, processes), a point per `every` seconds."""
+        out: list[tuple[float, float, float, int]] = []
+        for t, m, n in self.points:
+            if not out or t - out[-1][0] >= every:
+                out.append((round(t, 1), round(m["tree_anon"] / 1024, 1), round(m["main_anon"] / 1024, 1), n))
+        return out
 
 
 def train(run: Run, dataset: str, args: argparse.Namespace, log=print) -> dict:
-    """One training in a fresh `python -m matvit train` process, measured; returns its result row."""
+    """One training in a fresh `python -m matvit train` process, measured; returns its result row. Its samples
+    split at the moment the last epoch's line lands in train_log.jsonl: loading and training before, the final
+    evaluation after."""
     out, epochs = args.cache / "train" / run.name, run.epochs or args.epochs
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "matvit", "train", "--preset", args.preset, "--dataset", dataset,
@@ -194,39 +204,42 @@ def train(run: Run, dataset: str, args: argparse.Namespace, log=print) -> dict:
     command += ["--in-memory"] if run.kind == "memory" else []
     log(f"{run.name}: {' '.join(command)}")
     out.mkdir(parents=True)
-    start = time.perf_counter()
+    start = time.time()
     with open(args.cache / "logs" / f"{run.name}.log", "w") as output:
         env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(args.threads),
                "MKL_NUM_THREADS": str(args.threads)}
         proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
-        sampler = TreeSampler(proc.pid, args.interval)
+        sampler = TreeSampler(proc.pid, args.interval, start)
         sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
+    wall = time.time() - start
     sampler.stopped.set()
     sampler.join()
     eval_file = out / "eval.json"
     if proc.returncode or not eval_file.is_file():
         raise UserError(f"{run.name} failed (exit code {proc.returncode}); see {args.cache / 'logs' / run.name}.log")
     result = json.loads(eval_file.read_text())
+    trained = (out / "train_log.jsonl").stat().st_mtime - start
     return {"name": run.name, **asdict(run), "data": KINDS[run.kind], "dataset": dataset,
             "command": " ".join(["python", "-m", "matvit", *command[3:]]),
             "epochs": epochs, "batch_size": args.batch_size, "workers": args.workers, "threads": args.threads,
-            "preset": args.preset,
-            "steps": run.train_images // args.batch_size * epochs,
+            "preset": args.preset, "steps": run.train_images // args.batch_size * epochs,
             "wall_seconds": round(wall, 1), "train_seconds": result["train_seconds"],
-            **{f"peak_{k}_mb": round(v / 1024, 1) for k, v in sampler.peak.items()},
-            "peak_main_rss_mb": round(usage.ru_maxrss / 1024, 1), "peak_processes": sampler.peak_processes,
-            "memory_samples": sampler.samples, "top1": result["top1"], "knn1": result["knn1"],
-            "timeline": sampler.timeline}
+            "trained_at_seconds": round(trained, 1),
+            "peak_mb": {"run": sampler.peaks(), "training": sampler.peaks(until=trained),
+                        "evaluation": sampler.peaks(since=trained)},
+            "peak_main_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "peak_processes": max((n for _, _, n in sampler.points), default=0),
+            "memory_samples": len(sampler.points), "top1": result["top1"], "knn1": result["knn1"],
+            "timeline": sampler.timeline()}
 
 
 def _same_setting(row: dict, run: Run, args: argparse.Namespace) -> bool:
     keys = ("kind", "train_images", "epochs", "batch_size", "workers", "threads", "preset")
     given = (run.kind, run.train_images, run.epochs or args.epochs, args.batch_size, args.workers, args.threads,
              args.preset)
-    return tuple(row.get(k) for k in keys) == given and "peak_tree_anon_mb" in row
+    return tuple(row.get(k) for k in keys) == given and "peak_mb" in row
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
@@ -255,8 +268,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
             dataset = f"wds:{shard_dir}" if r.kind == "wds" else f"folder:{folders[r.train_images]}"
             row = train(r, dataset, args, log)
             cached.write_text(json.dumps(row, indent=2))
-        log(f"{r.name}: peak anonymous memory {row['peak_tree_anon_mb']:.0f} MB (tree), "
-            f"{row['peak_main_anon_mb']:.0f} MB (trainer); wall {row['wall_seconds'] / 60:.1f} min")
+        train_peak = row["peak_mb"]["training"]
+        log(f"{r.name}: peak anonymous memory while loading and training {train_peak['tree_anon']:.0f} MB (tree), "
+            f"{train_peak['main_anon']:.0f} MB (trainer); wall {row['wall_seconds'] / 60:.1f} min")
         rows.append(row)
     result = {**origin, "preset": args.preset, "epochs": args.epochs, "batch_size": args.batch_size,
               "workers": args.workers, "threads": args.threads, "max_count": args.max_count,
@@ -279,30 +293,28 @@ def markdown(r: dict) -> str:
              "", f"Command: `{r['command']}`  ", f"Commit: `{r['commit']}`  ",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}  ",
              f"Each run: `python -m matvit train` in a fresh process, batch {r['batch_size']}, "
-             f"{r['workers']} DataLoader workers, {r['threads']} torch thread(s) (OMP_NUM_THREADS), CPU, then the "
-             "evaluation every training ends with (test top-1, and 1-NN over the whole training split as gallery, "
-             "for each of the four granularities; the test split is CIFAR-10's 10,000 images in every run).", "",
-             "| run | data | training images | epochs | anonymous, tree (MB) | anonymous, trainer (MB) | "
-             "PSS, tree (MB) | RSS, tree (MB) | trainer RSS high-water (MB) | training (min) | s / step | "
-             "wall (min) | XL top-1 | XL 1-NN | S 1-NN |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{r['workers']} DataLoader workers, {r['threads']} torch thread(s) (OMP_NUM_THREADS), CPU: start-up, "
+             "loading (decoding everything, for `--in-memory`), the training epochs, then the evaluation every "
+             "training ends with (test top-1, and 1-NN over the whole training split as gallery, for each of the "
+             "four granularities; the test split is CIFAR-10's 10,000 images in every run).", "",
+             "## Peak memory (MB)", "",
+             "| run | data | training images | epochs | trainer + workers, anonymous: loading + training | "
+             "evaluation | trainer, anonymous: loading + training | evaluation | whole run: PSS, tree | RSS, tree | "
+             "trainer RSS high-water |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["runs"]:
+        train, evaluation, whole = (row["peak_mb"][k] for k in ("training", "evaluation", "run"))
         lines.append(f"| {row['name']} | {row['data']} | {row['train_images']:,} | {row['epochs']} | "
-                     f"**{row['peak_tree_anon_mb']:,.0f}** | **{row['peak_main_anon_mb']:,.0f}** | "
-                     f"{row['peak_tree_pss_mb']:,.0f} | {row['peak_tree_rss_mb']:,.0f} | "
-                     f"{row['peak_main_rss_mb']:,.0f} | "
-                     f"{row['train_seconds'] / 60:.1f} | {row['train_seconds'] / max(1, row['steps']):.2f} | "
-                     f"{row['wall_seconds'] / 60:.1f} | {row['top1']['XL']:.4f} | {row['knn1']['XL']:.4f} | "
-                     f"{row['knn1']['S']:.4f} |")
-    lines += ["", "Memory columns are peaks, sampled from /proc every 0.5 s over the whole run (start-up, loading, "
-              "training, evaluation), of the trainer and its DataLoader workers. Anonymous: heap and tensors, the "
-              "memory the data can add (the tree's is the workers' and the trainer's proportional share, so that "
-              "pages shared after the fork count once). PSS and RSS also count the shared libraries' file pages "
-              "(hundreds of MB for torch): PSS divides them among every process that maps them, other jobs on the "
-              "machine included, and the kernel may drop them, so they move between identical runs; RSS counts "
-              "shared pages once per process. Trainer RSS high-water: the kernel's peak for the main process "
-              "(`os.wait4`). Training: the epoch loop alone; wall: the whole process. The machine was shared with "
-              "other jobs: compare times loosely."]
+                     f"**{train['tree_anon']:,.0f}** | {evaluation['tree_anon']:,.0f} | "
+                     f"**{train['main_anon']:,.0f}** | {evaluation['main_anon']:,.0f} | {whole['tree_pss']:,.0f} | "
+                     f"{whole['tree_rss']:,.0f} | {row['peak_main_rss_mb']:,.0f} |")
+    lines += ["", "Sampled from /proc every 0.5 s; a run's samples split where the last epoch's line lands in "
+              "train_log.jsonl. Anonymous: heap and tensors, the memory data can add (trainer + workers: the "
+              "workers' and the trainer's proportional shares, so that pages shared after the fork count once). "
+              "PSS and RSS also count the shared libraries' file pages (hundreds of MB for torch): PSS divides them "
+              "among all the processes mapping them, other jobs on the machine included, and the kernel may drop "
+              "them, so they move between identical runs; RSS counts shared pages once per process. Trainer RSS "
+              "high-water: the kernel's peak for the main process (`os.wait4`)."]
     growth = []
     for kind in KINDS:
         same = sorted((row for row in r["runs"] if row["kind"] == kind and row["epochs"] == r["epochs"]),
@@ -317,6 +329,16 @@ def markdown(r: dict) -> str:
                 growth.append(_change(f"{KINDS[row['kind']]}, the same {row['steps']:,} steps", row, twin))
     if growth:
         lines += ["", "## Memory as the training set grows", "", *growth]
+    lines += ["", "## Time and accuracy", "",
+              "| run | training (min) | s / step | wall (min) | XL top-1 | XL 1-NN | S top-1 | S 1-NN |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in r["runs"]:
+        lines.append(f"| {row['name']} | {row['train_seconds'] / 60:.1f} | "
+                     f"{row['train_seconds'] / max(1, row['steps']):.2f} | {row['wall_seconds'] / 60:.1f} | "
+                     f"{row['top1']['XL']:.4f} | {row['knn1']['XL']:.4f} | {row['top1']['S']:.4f} | "
+                     f"{row['knn1']['S']:.4f} |")
+    lines += ["", "Training: the epoch loop alone (the trainer's own clock); wall: the whole process. The machine was "
+              "shared with other jobs while these ran: compare times loosely."]
     for n, s in r.get("shards", {}).items():
         if s.get("seconds") is not None:
             lines += ["", f"Shards ({n}): {sum(s['counts'].values()):,} samples in {sum(s['shards'].values())} tar "
@@ -328,11 +350,13 @@ def markdown(r: dict) -> str:
 
 
 def _change(what: str, small: dict, big: dict) -> str:
-    def delta(key: str) -> str:
-        return f"{small[key]:,.0f} -> {big[key]:,.0f} MB ({big[key] - small[key]:+,.0f})"
+    def delta(phase: str, key: str) -> str:
+        a, b = small["peak_mb"][phase][key], big["peak_mb"][phase][key]
+        return f"{a:,.0f} -> {b:,.0f} MB ({b - a:+,.0f})"
 
-    return (f"- {what}: {small['name']} -> {big['name']}: anonymous memory, tree {delta('peak_tree_anon_mb')}; "
-            f"trainer {delta('peak_main_anon_mb')}")
+    return (f"- {what}: {small['name']} -> {big['name']}: anonymous memory while loading and training, trainer + "
+            f"workers {delta('training', 'tree_anon')}, trainer {delta('training', 'main_anon')}; during the "
+            f"evaluation, trainer + workers {delta('evaluation', 'tree_anon')}")
 
 
 def bars_png(r: dict, path: Path) -> None:
@@ -340,11 +364,13 @@ def bars_png(r: dict, path: Path) -> None:
     rows = r["runs"]
     names = [row["name"] for row in rows]
     x = list(range(len(rows)))
-    fig = Figure(figsize=(15, 4.5), layout="tight")
+    fig = Figure(figsize=(16, 4.8), layout="tight")
     mem, secs, over_time = fig.subplots(1, 3)
-    for offset, key, label in ((-0.2, "peak_tree_anon_mb", "trainer + workers"),
-                               (0.2, "peak_main_anon_mb", "trainer")):
-        mem.bar([i + offset for i in x], [row[key] for row in rows], width=0.4, label=label)
+    bars = ((-0.27, "training", "tree_anon", "trainer + workers, loading + training"),
+            (0.0, "training", "main_anon", "trainer, loading + training"),
+            (0.27, "evaluation", "tree_anon", "trainer + workers, evaluation"))
+    for offset, phase, key, label in bars:
+        mem.bar([i + offset for i in x], [row["peak_mb"][phase][key] for row in rows], width=0.27, label=label)
     mem.set_ylabel("peak anonymous memory (MB)")
     mem.set_title("Peak memory")
     for offset, key, label in ((-0.2, "train_seconds", "training epoch loop"), (0.2, "wall_seconds", "whole run")):
@@ -353,14 +379,16 @@ def bars_png(r: dict, path: Path) -> None:
     secs.set_title("Time")
     for ax in (mem, secs):
         ax.set_xticks(x, names, rotation=30)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     for row in rows:
-        points = row.get("timeline") or []
-        over_time.plot([p[0] / 60 for p in points], [p[1] + p[2] for p in points], label=row["name"])
-    over_time.set_xlabel("minutes since start")
+        points = row["timeline"]
+        (line,) = over_time.plot([p[0] / 60 for p in points], [p[1] for p in points], label=row["name"], lw=1)
+        at = min(points, key=lambda p: abs(p[0] - row["trained_at_seconds"]))
+        over_time.plot([at[0] / 60], [at[1]], "o", color=line.get_color(), ms=4)
+    over_time.set_xlabel("minutes since start (dot: training ends, evaluation starts)")
     over_time.set_ylabel("anonymous memory, trainer + workers (MB)")
     over_time.set_title("Memory over each run")
-    over_time.legend(fontsize=8)
+    over_time.legend(fontsize=7)
     fig.suptitle(f"{r['preset']}, batch {r['batch_size']}, {r['workers']} workers")
     fig.savefig(path, dpi=120)
 
