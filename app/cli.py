@@ -540,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cache", type=Path, default=Path("runs/index-scale"), help="cached embeddings")
     _recall_target(q)
     q.add_argument("--latency-queries", type=int, default=200, help="batch-1 searches timed per query encoder")
-    q.add_argument("--batch-queries", type=int, default=2048, help="queries searched in batches of 64")
+    q.add_argument("--batch-queries", type=int, default=1024, help="queries searched in batches of 64")
     q.add_argument("--seed", type=int, default=0, help="seed of the gallery's augmentations")
     q.add_argument("--speed", action="store_true",
                    help="instead: build throughput and per-submodel query latency of one index of the train split")
