@@ -110,6 +110,10 @@ class ScaleOptions:
 
 
 # --- the gallery ---------------------------------------------------------------------------------------
+AUGMENTATION = ("each image cropped (zoomed in 1-1.15x at a random offset), flipped left-right (half of them), "
+                "rotated (up to 10 degrees either way) and given Gaussian pixel noise (sigma 6 of 255)")
+
+
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Per image, seeded: crop (zoom 1-1.15 at a random offset), flip (half), rotate (+-10 degrees), pixel noise
     (sigma 6); uint8 N x C x H x W in and out."""
@@ -182,7 +186,7 @@ def embeddings(opts: ScaleOptions, encoder: Encoder) -> Embeddings:
     np.save(cache / "query-labels.npy", test.labels.numpy())
     meta = {"dataset": opts.dataset, "checkpoint": str(opts.checkpoint), "fingerprint": encoder.fingerprint,
             "train_images": len(train), "test_images": len(test), "copies": copies, "seed": opts.seed,
-            "augmentation": augment.__doc__.replace("\n    ", " "), "cache": str(cache),
+            "augmentation": AUGMENTATION, "cache": str(cache),
             "embed_seconds": round(seconds, 1) if seconds else None}
     meta_path.write_text(json.dumps(meta, indent=2))
     for path in (cache / "copies").glob("copy-*.npy"):
@@ -440,6 +444,7 @@ class Bench:
                               if k != "log"},
                   "stores": stores_status(self.opts.stores, rows), "rows": rows, **provenance.record()}
         result["targets"] = targets(result)
+        result["findings"] = findings(result)
         (self.out / "index-scale.json").write_text(json.dumps(result, indent=2))
         (self.out / "index-scale.md").write_text(markdown(result))
         if rows and plot_to is not None:
@@ -499,6 +504,60 @@ def targets(r: dict) -> list[dict]:
     return out
 
 
+def _meets(row: dict, flat: dict) -> bool:
+    """Whether `row` is at least 20x Flat's batch-1 QPS with recall@10 >= 0.95, for S and for XL queries."""
+    return all(q["qps_batch_1"] >= 20 * flat["queries"][s]["qps_batch_1"] and q["at_10"] >= 0.95
+               for s, q in row["queries"].items())
+
+
+def findings(r: dict) -> list[str]:
+    """What the numbers say, per size: unreachable recall targets and what tuning then chose, the accuracy cost,
+    memory, and (where `auto` misses the speed and recall target) the measured kinds that meet it."""
+    out = []
+    for n in sorted({row["size"] for row in r["rows"]}):
+        flat = _row(r, n, "flat")
+        rows = [row for row in r["rows"] if row["size"] == n and not row.get("same_as") and row is not flat]
+        for row in rows:
+            store = "Milvus Lite " if row.get("store") == "milvus" else ""
+            name = f"{n:,}, {store}`{row['index_key']}`"
+            tuned = row.get("tuning_recall") or {}
+            if tuned.get("met") is False and row["sweep"]:
+                knob = next(k for k in row["sweep"][0] if k not in ("recall_at_10", "qps_batch_1"))
+                best = max(p["recall_at_10"] for p in row["sweep"])
+                enough = next(p for p in row["sweep"] if p["recall_at_10"] >= best - 0.005)
+                last = row["sweep"][-1]
+                out.append(f"- {name}: recall@10 never reaches {r['recall_target']} (XL queries: at most {best:.4f}; "
+                           f"tuning probes: {tuned['at_10']:.4f}), so tuning keeps the largest {knob} it tried, "
+                           f"{row['search_params'].get(knob)}. The recall is flat from {knob} {enough[knob]} on "
+                           f"(within 0.005 of its best), where a batch-1 query runs at {enough['qps_batch_1']:,.0f} "
+                           f"QPS against {last['qps_batch_1']:,.0f} at {last[knob]}: the codes, not the lists probed, "
+                           "limit recall.")
+            if row.get("train_seconds", 0) > 1:
+                out.append(f"- {name}: building took {row['build_seconds']:,.0f} s, {row['train_seconds']:,.0f} s of "
+                           f"them training on {min(n, TRAIN_SAMPLE):,} vectors.")
+            if flat:
+                cost = max(flat["queries"][s]["knn1"] - q["knn1"] for s, q in row["queries"].items())
+                mine, exact = (" / ".join(f"{q['knn1']:.4f}" for q in x["queries"].values()) for x in (row, flat))
+                share = row["bytes_per_vector"] / flat["bytes_per_vector"]
+                out.append(f"- {name}: 1-NN label accuracy {mine} (S / XL) against exact {exact}: "
+                           f"{100 * cost:.2f} points lower at most; {share:.2f} of Flat's bytes per vector.")
+    n = max((row["size"] for row in r["rows"]), default=0)
+    flat, auto = _row(r, n, "flat"), _row(r, n, "auto")
+    if flat and auto and not _meets(auto, flat):
+        good = [row for row in r["rows"] if row["size"] == n and row.get("store", "faiss") == "faiss"
+                and not row.get("same_as") and row["kind"] != "flat" and _meets(row, flat)]
+        if good:
+            best = min(good, key=lambda row: row["bytes_per_vector"])
+            names = ", ".join(f"`{row['index_key']}`" for row in good)
+            out.append(f"- At {n:,}, `auto` (`{auto['index_key']}`) misses the speed and recall target; of the "
+                       f"measured kinds, {names} meet it. Recommended: `{best['index_key']}` "
+                       f"({best['bytes_per_vector']:,.0f} bytes per vector, {_param(best)}).")
+        else:
+            out.append(f"- At {n:,}, `auto` (`{auto['index_key']}`) misses the speed and recall target, and no other "
+                       "measured kind meets it.")
+    return out
+
+
 def _param(row: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in row["search_params"].items()) or "-"
 
@@ -517,7 +576,7 @@ def markdown(r: dict) -> str:
         f"Checkpoint: `{r['checkpoint']}` (fingerprint `{r['fingerprint']}`)",
         "",
         f"Gallery: XL embeddings of the {g['train_images']:,} training images, copy 0 as they are and "
-        f"{g['copies'] - 1} seeded augmented copies ({g['augmentation']}); a gallery of size n is the first n. "
+        f"{g['copies'] - 1} seeded augmented copies ({AUGMENTATION}); a gallery of size n is the first n. "
         f"Queries: the {g['test_images']:,} test images embedded with S and with XL. Recall@1 / recall@10: "
         f"{r['recall_method']}; 1-NN: the share of test queries whose nearest gallery vector has their label. "
         f"efSearch / nprobe tuned with `retrieval.tuning.tune` to recall@10 >= {r['recall_target']} on its own "
@@ -557,6 +616,8 @@ def markdown(r: dict) -> str:
                 got = f"1/{t['flat_to_ivfpq']} of Flat"
             lines.append(f"| {t['target']} | {got} | {'met' if t['met'] else '**missed**'} |")
         lines.append("")
+    if r.get("findings"):
+        lines += ["## Reading", "", *r["findings"], ""]
     lines += ["## Stores", ""]
     for store, status in r["stores"].items():
         said = (f"measured above at {', '.join(f'{n:,}' for n in status['sizes'])} vectors" if status["measured"]
