@@ -90,7 +90,7 @@ class Bench:
         start = time.perf_counter()
         result = {"name": name, "settings": settings, **make()}
         result["step_seconds"] = round(time.perf_counter() - start, 1)
-        result.update(provenance.record())  # the code that made this step
+        result.update(self.origin)  # the command and code of the process that ran this step
         path.write_text(json.dumps(result, indent=2))
         self.log(f"[{name}] diagonal 1-NN " + ", ".join(f"{g} {v:.4f}" for g, v in result["diagonal"].items())
                  + f"; wrote {path}")
@@ -272,7 +272,8 @@ def markdown(r: dict) -> str:
              f"trains all granularities jointly for {r['epochs']} epoch(s) from there; a MatViT from scratch gets the "
              "same joint epochs. 1-NN accuracy (%) with the training split as gallery and the test split as "
              "queries. Epochs and seconds are training only (seconds: dense + reorder + joint; the time of "
-             "each model's own evaluation is not included).", "",
+             "each model's own evaluation is not included). They were measured on shared cores and vary with "
+             "the load of other jobs; each step's wall time, evaluation included, is `step_seconds` in its file.", "",
              "| model | epochs (dense + joint) | training s (after the dense model / total) | S | M | L | XL "
              "| index XL, query S | worst off-diagonal "
              "| targets met |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
