@@ -4,6 +4,7 @@
       CURRENT             name of the live version; replaced atomically, so readers never see half a save
       LOCK                held (flock) by the one writer at a time; holds its pid
       v000002/            index.faiss, vectors.npy, ids.npy, deleted.npy, metadata.sqlite, manifest.json
+                          (+ index.ivfdata, trained.index when on disk)
       uploads/            images added through the API (an indexed root)
       building/           embedded chunks of an unfinished build or add (what --resume continues)
       profile.json        measured cost of submodels on this machine (see `budget`)
@@ -12,13 +13,21 @@ A version is never changed after it is written. Readers hold a shared `flock` on
 manifest while they use it; a writer removes an old version only when it can take that lock
 exclusively, and always keeps the version it replaced (a reader may have just read CURRENT).
 
-FAISS indexes come from `index_factory` strings wrapped in IDMap2, so ids are stable. `auto` picks
-exact search for small galleries, following the FAISS wiki's "Guidelines to choose an index":
-`Flat` below 100k vectors (brute force stays in milliseconds), `HNSW32` up to 1M (fast, accurate,
-memory is not yet a concern), and `IVF{4*sqrt(n)},PQ{dim/4}` beyond (K between 4 and 16 sqrt(n)
-centroids, PQ to fit memory). A non-exact index gets its `efSearch` or `nprobe` tuned to a recall
-target (see `tuning`). Deletions are physical where the FAISS index supports `remove_ids`, else the
-ids are tombstoned and filtered out of every search with an `IDSelector` until a rebuild.
+FAISS indexes come from `index_factory` strings wrapped in IDMap2, so ids are stable. `auto` follows
+the FAISS wiki's "Guidelines to choose an index": `Flat` below 100k vectors (brute force stays in
+milliseconds), `HNSW32` below 10M (measured at 1M: hundreds of times faster than Flat at recall@10
+0.95; about 800 bytes per vector, so 8 GB at 10M), and `IVF{4*sqrt(n)},PQ{dim/4}` beyond (K between
+4 and 16 sqrt(n) centroids, PQ codes of a ninth of Flat's memory), with exact re-ranking from the
+stored vectors tuned in where the codes alone miss the recall target. A non-exact index gets its
+`efSearch`, `nprobe` (and `rerank`) tuned to a recall target (see `tuning`). Deletions are physical
+where the FAISS index supports `remove_ids`, else the ids are tombstoned and filtered out of every
+search with an `IDSelector` until a rebuild.
+
+With `on_disk` an IVF index is built as FAISS's on-disk inverted lists (`ondisk`: a block per chunk of
+vectors, merged on disk): the version holds `index.faiss` (quantizer and list offsets), `index.ivfdata`
+(the lists, memory-mapped at search) and `trained.index` (to grow it); vectors.npy is memory-mapped
+too. Its lists are read-only: an add merges the base's lists and the new block into the new version,
+a removal is a tombstone (hard links keep the lists otherwise).
 
 `DirectoryStore` is this layout behind the `retrieval.store.Store` interface (its `files` is the
 directory itself); `GalleryIndex` is one version, a `retrieval.store.Gallery`.
@@ -34,6 +43,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -42,7 +52,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from . import tuning
+from . import ondisk, tuning
 from .store import (  # noqa: F401  (the errors and the lock are imported from here too)
     COLUMNS,
     IndexBusy,
@@ -57,17 +67,26 @@ from .store import (  # noqa: F401  (the errors and the lock are imported from h
 )
 
 FORMAT = 2
-FLAT_MAX, HNSW_MAX = 100_000, 1_000_000
+FLAT_MAX, HNSW_MAX = 100_000, 10_000_000
 TRAIN_SAMPLE = 100_000  # vectors an IVF quantizer is trained on
 SQL_CHUNK = 500  # ids per `IN (...)` query
+ONDISK_CHUNK = 100_000  # vectors per block of an on-disk build
 
 
-def auto_index_key(count: int, dim: int) -> str:
-    if count < FLAT_MAX:
+def auto_index_key(count: int, dim: int, on_disk: bool = False) -> str:
+    """The index kind for `count` vectors (an IVF kind whatever the size `on_disk`)."""
+    if count < FLAT_MAX and not on_disk:
         return "Flat"
-    if count < HNSW_MAX:
+    if count < HNSW_MAX and not on_disk:
         return "HNSW32"
     return f"IVF{4 * int(math.sqrt(count))},PQ{max(1, dim // 4)}"
+
+
+def training_sample(vectors: np.ndarray) -> np.ndarray:
+    """A seeded sample of at most TRAIN_SAMPLE `vectors` (read in order from a memory-mapped array)."""
+    rng = np.random.default_rng(0)
+    chosen = np.sort(rng.choice(len(vectors), min(TRAIN_SAMPLE, len(vectors)), replace=False))
+    return np.ascontiguousarray(vectors[chosen], dtype=np.float32)
 
 
 def make_faiss(key: str, dim: int, train_vectors: np.ndarray) -> faiss.Index:
@@ -77,11 +96,9 @@ def make_faiss(key: str, dim: int, train_vectors: np.ndarray) -> faiss.Index:
     except RuntimeError as e:
         raise IndexStoreError(f"bad --index-key {key!r}: {str(e).strip().splitlines()[-1]}") from e
     if not index.is_trained:
-        rng = np.random.default_rng(0)
-        sample = train_vectors[np.sort(rng.choice(len(train_vectors), min(TRAIN_SAMPLE, len(train_vectors)),
-                                                  replace=False))]
+        sample = training_sample(train_vectors)
         try:
-            index.train(np.ascontiguousarray(sample, dtype=np.float32))
+            index.train(sample)
         except RuntimeError as e:
             raise IndexStoreError(f"--index-key {key!r} cannot be trained on {len(sample)} vectors: "
                                   f"{str(e).strip().splitlines()[-1]}") from e
@@ -166,7 +183,8 @@ class GalleryIndex:
         if missing:
             raise IndexStoreError(f"index {directory} is corrupt: manifest.json lacks {', '.join(sorted(missing))}")
         try:
-            index = faiss.read_index(str(version_dir / "index.faiss"))
+            index = (ondisk.open_merged(version_dir / "index.faiss") if manifest.get("on_disk")
+                     else faiss.read_index(str(version_dir / "index.faiss")))
             deleted = np.load(version_dir / "deleted.npy")
         except (RuntimeError, OSError, ValueError) as e:
             raise IndexStoreError(f"index {directory} is corrupt: cannot read index.faiss or deleted.npy") from e
@@ -200,11 +218,12 @@ class GalleryIndex:
     def search(self, queries: np.ndarray, k: int, search_params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each queries x min(k, count), id -1 past the hits; inner product of normalised vectors.
 
-        `search_params` ({"nprobe": n} or {"ef_search": n}) overrides the tuned value of this search only."""
+        `search_params` ({"nprobe": n}, {"ef_search": n}, {"rerank": r}) overrides the tuned value of this search
+        only."""
         k = max(1, min(k, self.count))
         params = {**self.manifest.get("search_params", {}), **(search_params or {})}
-        faiss_params = tuning.faiss_params(self.faiss_index, params, self.deleted)
-        return self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=faiss_params)
+        stored = tuning.Stored(*self.vectors()) if int(params.get("rerank", 1)) > 1 else None
+        return tuning.search(self.faiss_index, queries, k, params, self.deleted, stored)
 
     def _query(self, sql: str, args=()) -> list[sqlite3.Row]:
         db = sqlite3.connect(_sqlite_uri(self.version_dir / "metadata.sqlite", read_only=True), uri=True)
@@ -292,17 +311,23 @@ def _write_json(path: Path, value) -> None:
 
 def write_version(directory: Path, faiss_index: faiss.Index, ids: np.ndarray, vectors: np.ndarray, manifest: dict,
                   base: GalleryIndex | None = None, rows: list[tuple] = (), removed: list[int] = (),
-                  deleted: np.ndarray | None = None) -> Path:
+                  deleted: np.ndarray | None = None, staged: Path | None = None) -> Path:
     """Save a new version (base's metadata plus `rows`, less `removed`) and switch CURRENT to it atomically.
 
-    The caller holds `writer(directory)`. `ids`/`vectors` are every live item's, in id order."""
+    The caller holds `writer(directory)`. `ids`/`vectors` are every live item's, in id order. With `staged` (an
+    on-disk index's directory), its files become the version's index instead of `faiss_index` written whole."""
     directory = Path(directory)
     existing = _versions(directory)
     name = f"v{int(existing[-1][1:]) + 1:06d}" if existing else "v000001"
     tmp = directory / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    faiss.write_index(faiss_index, str(tmp / "index.faiss"))
+    if staged is None:
+        faiss.write_index(faiss_index, str(tmp / "index.faiss"))
+    else:
+        for file in (ondisk.TRAINED, ondisk.MERGED, ondisk.LISTS):
+            os.replace(staged / file, tmp / file)
+        shutil.rmtree(staged)
     np.save(tmp / "ids.npy", np.asarray(ids, dtype=np.int64))
     np.save(tmp / "vectors.npy", np.asarray(vectors, dtype=np.float32))
     deleted = np.zeros(0, np.int64) if deleted is None else np.asarray(deleted, dtype=np.int64)
@@ -330,12 +355,13 @@ def write_version(directory: Path, faiss_index: faiss.Index, ids: np.ndarray, ve
 
 def commit(directory: Path, base: GalleryIndex | None, new_ids: np.ndarray, new_vectors: np.ndarray,
            rows: list[tuple], manifest: dict, index_key: str | None = None,
-           recall_target: float = tuning.RECALL_TARGET, removed: list[int] = ()) -> dict:
+           recall_target: float = tuning.RECALL_TARGET, removed: list[int] = (), on_disk: bool = False) -> dict:
     """Write a version holding `base`'s items (none when None) less `removed`, plus the new ones.
 
-    With `index_key` the FAISS index is built afresh of that kind (`auto` by size) over every vector;
-    without, `base`'s index is copied and updated. A new or grown approximate index is tuned to
-    `recall_target`. The caller holds `writer(directory)`; returns a report."""
+    With `index_key` the FAISS index is built afresh of that kind (`auto` by size) over every vector, its
+    inverted lists on disk with `on_disk` (IVF kinds); without, `base`'s index is copied and updated (an on-disk
+    one grows on disk). A new or grown approximate index is tuned to `recall_target`. The caller holds
+    `writer(directory)`; returns a report."""
     dim = manifest["dim"]
     new_ids = np.asarray(new_ids, dtype=np.int64)
     new_vectors = np.asarray(new_vectors, dtype=np.float32).reshape(-1, dim)
@@ -344,25 +370,43 @@ def commit(directory: Path, base: GalleryIndex | None, new_ids: np.ndarray, new_
         old_ids, old_vectors = base.vectors()
         keep = ~np.isin(old_ids, np.asarray(removed, dtype=np.int64))
         ids, vectors = np.concatenate([old_ids[keep], new_ids]), np.concatenate([old_vectors[keep], new_vectors])
+    staged = Path(directory) / "ondisk.tmp"
     if index_key is not None:
-        key = auto_index_key(len(ids), dim) if index_key == "auto" else index_key
-        index, deleted = make_faiss(key, dim, vectors), np.zeros(0, np.int64)
-        index.add_with_ids(vectors, ids)
+        key = auto_index_key(len(ids), dim, on_disk) if index_key == "auto" else index_key
+        deleted = np.zeros(0, np.int64)
+        if on_disk:
+            shutil.rmtree(staged, ignore_errors=True)
+            index = ondisk.build(staged, key, training_sample(vectors), _chunks(ids, vectors))
+        else:
+            index = make_faiss(key, dim, vectors)
+            index.add_with_ids(vectors, ids)
+    elif base.manifest.get("on_disk"):  # on-disk lists are read-only: removals are tombstones, adds a new merge
+        on_disk, key = True, base.manifest["index_key"]
+        deleted = np.union1d(base.deleted, np.asarray(removed, dtype=np.int64))
+        shutil.rmtree(staged, ignore_errors=True)
+        index = ondisk.extend(staged, base.version_dir, _chunks(new_ids, new_vectors)) if len(new_ids) else \
+            ondisk.link(staged, base.version_dir)
     else:
         key, index, deleted = base.manifest["index_key"], faiss.clone_index(base.faiss_index), base.deleted
         if len(removed):
             deleted = _remove_from(index, np.asarray(removed, dtype=np.int64), deleted)
         if len(new_ids):
             index.add_with_ids(new_vectors, new_ids)
-    manifest = {**manifest, "index_key": key}
+    manifest = {**manifest, "index_key": key, "on_disk": on_disk}
     if key == "Flat":
         manifest.update(search_params={}, recall={"exact": True})
     elif index_key is not None or len(new_ids):
         params, recall = tuning.tune(index, ids, vectors, deleted, recall_target)
         manifest.update(search_params=params, recall=recall)
-    write_version(directory, index, ids, vectors, manifest, base, rows, removed, deleted)
-    return {"count": len(ids), "index_key": key, "search_params": manifest["search_params"],
+    write_version(directory, index, ids, vectors, manifest, base, rows, removed, deleted,
+                  staged if on_disk else None)
+    return {"count": len(ids), "index_key": key, "on_disk": on_disk, "search_params": manifest["search_params"],
             "recall": manifest["recall"]}
+
+
+def _chunks(ids: np.ndarray, vectors: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for lo in range(0, len(ids), ONDISK_CHUNK):
+        yield ids[lo:lo + ONDISK_CHUNK], vectors[lo:lo + ONDISK_CHUNK]
 
 
 def _remove_from(index: faiss.Index, ids: np.ndarray, deleted: np.ndarray) -> np.ndarray:
@@ -382,11 +426,11 @@ def remove(directory: Path, ids: list[int], wait: float = 0.0) -> list[int]:
 
 
 def rebuild(directory: Path, index_key: str = "auto", recall_target: float = tuning.RECALL_TARGET,
-            wait: float = 0.0) -> dict:
+            wait: float = 0.0, on_disk: bool = False) -> dict:
     """Re-index the stored vectors with another FAISS kind (no re-embedding); drops tombstones."""
     from .store import rebuild as rebuild_store
 
-    return rebuild_store(DirectoryStore(directory), index_key, recall_target, wait)
+    return rebuild_store(DirectoryStore(directory), index_key, recall_target, wait, on_disk)
 
 
 @dataclass
@@ -418,5 +462,6 @@ class DirectoryStore:
 
     def commit(self, base: GalleryIndex | None, new_ids: np.ndarray, new_vectors: np.ndarray, rows: list[tuple],
                manifest: dict, index_key: str | None = None, recall_target: float = tuning.RECALL_TARGET,
-               removed: list[int] = ()) -> dict:
-        return commit(self.directory, base, new_ids, new_vectors, rows, manifest, index_key, recall_target, removed)
+               removed: list[int] = (), on_disk: bool = False) -> dict:
+        return commit(self.directory, base, new_ids, new_vectors, rows, manifest, index_key, recall_target, removed,
+                      on_disk)

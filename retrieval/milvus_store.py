@@ -339,7 +339,10 @@ class MilvusStore:
 
     def commit(self, base: MilvusGallery | None, new_ids: np.ndarray, new_vectors: np.ndarray, rows: list[tuple],
                manifest: dict, index_key: str | None = None, recall_target: float = tuning.RECALL_TARGET,
-               removed: list[int] = ()) -> dict:
+               removed: list[int] = (), on_disk: bool = False) -> dict:
+        if on_disk:
+            raise IndexStoreError("--on-disk builds FAISS's on-disk lists in an index directory; Milvus keeps "
+                                  "large collections itself (a cluster spreads them over its query nodes)")
         new_vectors = np.asarray(new_vectors, dtype=np.float32).reshape(-1, manifest["dim"])
         if index_key is not None or base is None:
             return self._fill_new(base, rows, new_vectors, manifest, index_key or "auto", recall_target, removed)

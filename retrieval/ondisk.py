@@ -8,9 +8,11 @@ in memory:
 2. `add`: add a chunk of vectors, with their ids, to a copy of the trained index and save it as
    `blocks/block-NNNNNN.index` (each chunk written aside, then renamed: an interrupted build keeps the
    chunks it finished, and `added` says which);
-3. `merge`: `faiss.contrib.ondisk.merge_ondisk` reads every block with `faiss.IO_FLAG_MMAP` (the
-   blocks stay on disk) and writes the merged inverted lists into one file, `index.ivfdata`; then
-   `index.faiss` is written: the quantizer and the lists' offsets only;
+3. `merge`: reads every block with `faiss.IO_FLAG_MMAP` (the blocks stay on disk) and writes the merged
+   inverted lists into one file, `index.ivfdata`, with FAISS's `OnDiskInvertedLists.merge_from_multiple`
+   (what `faiss.contrib.ondisk.merge_ondisk` does, here with the lists of an earlier merged index first
+   when growing one); then `index.faiss` is written: the quantizer and the lists' offsets only. The
+   blocks can then be dropped (`drop_blocks`);
 4. `open`: read `index.faiss`; its `OnDiskInvertedLists` memory-map `index.ivfdata` themselves
    (read-only, found beside `index.faiss` with `IO_FLAG_ONDISK_SAME_DIR`, so the directory may
    move): the operating system pages in the lists a search probes, and memory holds the quantizer and
@@ -24,22 +26,41 @@ is IVF only (`IVF...,Flat`, `IVF...,PQ...`, `IVF...,SQ8`, optionally after a tra
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
-from collections.abc import Iterable
+import shutil
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
-from faiss.contrib.ondisk import merge_ondisk
 
-from matvit.errors import UserError
+from .store import IndexStoreError
 
 TRAINED, MERGED, LISTS = "trained.index", "index.faiss", "index.ivfdata"
 
 
-class OnDiskError(UserError):
+class OnDiskError(IndexStoreError):
     """A key that is not an IVF index, or an on-disk index in the wrong state for the operation."""
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """FAISS prints its on-disk lists' progress (resizing, renamed files) with C's printf: send it to stderr, so
+    that stdout stays the caller's (a command's JSON report)."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _write(index: faiss.Index, path: Path) -> None:
@@ -103,23 +124,43 @@ class OnDiskIVF:
         """Vectors in the finished blocks."""
         return sum(faiss.read_index(str(p), faiss.IO_FLAG_MMAP).ntotal for p in self.blocks)
 
-    def merge(self) -> Path:
-        """Merge every block's lists into `index.ivfdata` and write `index.faiss`; returns its path."""
+    def merge(self, before: Path | None = None) -> Path:
+        """Merge the lists of the merged index `before` (when given) and of every block into `index.ivfdata`
+        and write `index.faiss`; returns its path."""
         blocks = self.blocks
-        if not blocks:
+        if not blocks and before is None:
             raise OnDiskError(f"no blocks in {self.directory}: add vectors before merging")
+        parts = [open_merged(before)] if before is not None else []
+        parts += [faiss.read_index(str(p), faiss.IO_FLAG_MMAP) for p in blocks]
         index = self.trained()
+        ivf = faiss.extract_index_ivf(index)
         for path in (self.directory / LISTS, self.directory / MERGED):
             path.unlink(missing_ok=True)
-        merge_ondisk(index, [str(p) for p in blocks], str(self.directory / LISTS))
+        lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(self.directory / LISTS))
+        pointers = faiss.InvertedListsPtrVector()
+        for part in parts:
+            pointers.push_back(faiss.extract_index_ivf(part).invlists)
+        with _stdout_to_stderr():
+            index.ntotal = ivf.ntotal = lists.merge_from_multiple(pointers.data(), pointers.size(), False)
+        ivf.replace_invlists(lists, True)
+        lists.this.disown()  # the index owns its lists now
         _write(index, self.directory / MERGED)
         return self.directory / MERGED
 
+    def drop_blocks(self) -> None:
+        """Remove the blocks (merged into `index.ivfdata`, they only double the disk used)."""
+        shutil.rmtree(self.directory / "blocks", ignore_errors=True)
+
     def open(self) -> faiss.Index:
         """The merged index, its inverted lists memory-mapped from `index.ivfdata`."""
-        path = self.directory / MERGED
-        if not path.is_file():
-            raise OnDiskError(f"no merged index in {self.directory}: merge its blocks first")
+        return open_merged(self.directory / MERGED)
+
+
+def open_merged(path: Path) -> faiss.Index:
+    """A merged index file, its inverted lists memory-mapped from the `index.ivfdata` beside it."""
+    if not Path(path).is_file():
+        raise OnDiskError(f"no merged index in {Path(path).parent}: merge its blocks first")
+    with _stdout_to_stderr():
         return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
 
 
@@ -132,3 +173,26 @@ def build(directory: Path, key: str, sample: np.ndarray, chunks: Iterable[tuple[
         ondisk.add(ids, vectors)
     ondisk.merge()
     return ondisk.open()
+
+
+def extend(directory: Path, base: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> faiss.Index:
+    """A new on-disk index in `directory`: the merged index in `base` (its training reused) plus the chunks."""
+    ondisk = OnDiskIVF(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(base) / TRAINED, directory / TRAINED)
+    for ids, vectors in chunks:
+        ondisk.add(ids, vectors)
+    ondisk.merge(before=Path(base) / MERGED)
+    return ondisk.open()
+
+
+def link(directory: Path, base: Path) -> faiss.Index:
+    """The merged index in `base`, unchanged, as a new on-disk index in `directory` (hard links where the
+    filesystem has them: both are read-only)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in (TRAINED, MERGED, LISTS):
+        try:
+            os.link(Path(base) / name, directory / name)
+        except OSError:
+            shutil.copyfile(Path(base) / name, directory / name)
+    return open_merged(directory / MERGED)

@@ -115,10 +115,11 @@ class Store(Protocol):
 
     def commit(self, base: Gallery | None, new_ids: np.ndarray, new_vectors: np.ndarray, rows: list[tuple],
                manifest: dict, index_key: str | None = None, recall_target: float = tuning.RECALL_TARGET,
-               removed: list[int] = ()) -> dict:
+               removed: list[int] = (), on_disk: bool = False) -> dict:
         """Make the live index `base`'s items (none when None) less `removed`, plus the new ones, with
-        `manifest`. With `index_key` the vector index is built afresh of that kind (`auto` by size). The
-        caller holds `writing()`; returns a report (count, index_key, search_params, recall)."""
+        `manifest`. With `index_key` the vector index is built afresh of that kind (`auto` by size), with
+        `on_disk` as inverted lists on disk where the store has them. The caller holds `writing()`; returns a
+        report (count, index_key, search_params, recall)."""
 
 
 def open_store(spec: str | Path | Store) -> Store:
@@ -231,10 +232,11 @@ def remove(store: str | Path | Store, ids: list[int], wait: float = 0.0) -> list
 
 
 def rebuild(store: str | Path | Store, index_key: str = "auto", recall_target: float = tuning.RECALL_TARGET,
-            wait: float = 0.0) -> dict:
-    """Re-index the stored vectors with another index kind (no re-embedding)."""
+            wait: float = 0.0, on_disk: bool = False) -> dict:
+    """Re-index the stored vectors with another index kind (no re-embedding), its lists on disk with `on_disk`."""
     store = open_store(store)
     with store.writing(wait):
         base = store.open()
         empty = np.zeros((0, base.manifest["dim"]), np.float32)
-        return store.commit(base, np.zeros(0, np.int64), empty, [], base.manifest, index_key, recall_target)
+        return store.commit(base, np.zeros(0, np.int64), empty, [], base.manifest, index_key, recall_target,
+                            on_disk=on_disk)

@@ -73,7 +73,10 @@ def test_bench_index_scale_rows_and_exact_recall(scale_run):
             assert row["same_as"] == "flat" and {s: q["knn1"] for s, q in row["queries"].items()} == flat_knn1
     ivfpq = next(row for row in r["rows"] if row["kind"] == "ivfpq" and row["size"] == 4000)
     assert ivfpq["index_key"] == "IVF252,PQ8np" and "nprobe" in ivfpq["search_params"]
-    assert [p["nprobe"] for p in ivfpq["sweep"]] == [1, 2, 4, 8, 16, 32, 64, 128, 252]
+    assert [p["nprobe"] for p in ivfpq["sweep"] if "rerank" not in p] == [1, 2, 4, 8, 16, 32, 64, 128, 252]
+    reranked = [p for p in ivfpq["sweep"] if "rerank" in p]  # along rerank at the tuned nprobe, where tuned in
+    assert [p["rerank"] for p in reranked] == ([2, 4, 8, 16, 32] if ivfpq["search_params"].get("rerank") else [])
+    assert all(p["nprobe"] == ivfpq["search_params"]["nprobe"] for p in reranked)
     hnsw = next(row for row in r["rows"] if row["kind"] == "hnsw" and row["size"] == 4000)
     assert hnsw["hnsw_ef_construction"] == 40 and "ef_search" in hnsw["search_params"]
     flat = next(row for row in r["rows"] if row["kind"] == "flat" and row["size"] == 4000)
