@@ -52,7 +52,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from . import ondisk, tuning
+from . import gpu, ondisk, tuning
 from .store import (  # noqa: F401  (the errors and the lock are imported from here too)
     COLUMNS,
     IndexBusy,
@@ -97,6 +97,7 @@ def make_faiss(key: str, dim: int, train_vectors: np.ndarray) -> faiss.Index:
         raise IndexStoreError(f"bad --index-key {key!r}: {str(e).strip().splitlines()[-1]}") from e
     if not index.is_trained:
         sample = training_sample(train_vectors)
+        gpu.train_on_gpus(index)
         try:
             index.train(sample)
         except RuntimeError as e:
@@ -143,6 +144,7 @@ class GalleryIndex:
     manifest: dict
     deleted: np.ndarray  # tombstoned ids, filtered out of every search
     lease: int | None = field(default=None, repr=False)
+    gpu_index: faiss.Index | None = field(default=None, repr=False)  # a search copy on FAISS's GPUs, if any
 
     @classmethod
     def open(cls, directory: Path) -> GalleryIndex:
@@ -192,7 +194,8 @@ class GalleryIndex:
             raise IndexStoreError(f"index {directory} is corrupt: index.faiss holds {index.ntotal} vectors "
                                   f"of dim {index.d} ({len(deleted)} deleted), the manifest says "
                                   f"{manifest['count']} of dim {manifest['dim']}")
-        return cls(directory, version_dir, index, manifest, deleted, lease)
+        return cls(directory, version_dir, index, manifest, deleted, lease,
+                   None if manifest.get("on_disk") else gpu.search_copy(index))
 
     def __del__(self) -> None:
         if self.lease is not None:
@@ -223,7 +226,8 @@ class GalleryIndex:
         k = max(1, min(k, self.count))
         params = {**self.manifest.get("search_params", {}), **(search_params or {})}
         stored = tuning.Stored(*self.vectors()) if int(params.get("rerank", 1)) > 1 else None
-        return tuning.search(self.faiss_index, queries, k, params, self.deleted, stored)
+        on_gpus = self.gpu_index if not len(self.deleted) else None
+        return tuning.search(self.faiss_index, queries, k, params, self.deleted, stored, on_gpus)
 
     def _query(self, sql: str, args=()) -> list[sqlite3.Row]:
         db = sqlite3.connect(_sqlite_uri(self.version_dir / "metadata.sqlite", read_only=True), uri=True)

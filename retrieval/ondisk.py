@@ -38,6 +38,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from . import gpu
 from .store import IndexStoreError
 
 TRAINED, MERGED, LISTS = "trained.index", "index.faiss", "index.ivfdata"
@@ -96,6 +97,7 @@ class OnDiskIVF:
         if len(sample) < faiss.extract_index_ivf(index).nlist:
             raise OnDiskError(f"{len(sample):,} training vectors for {faiss.extract_index_ivf(index).nlist:,} "
                               "lists: train on at least one vector per list")
+        gpu.train_on_gpus(index)
         index.train(sample)
         self.directory.mkdir(parents=True, exist_ok=True)
         for path in [*self.blocks, self.directory / MERGED, self.directory / LISTS]:  # made with another training

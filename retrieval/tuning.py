@@ -99,16 +99,18 @@ class Stored:
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int, params: dict, deleted: np.ndarray,
-           stored: Stored | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, ids) of the k nearest: `index`'s search with `params`, re-ranked exactly when they ask for it."""
+           stored: Stored | None = None, run_on: faiss.Index | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) of the k nearest: `index`'s search with `params` (run on its copy `run_on`, a GPU one,
+    when given), re-ranked exactly when they ask for it."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     rerank = int(params.get("rerank", 1))
     fp = faiss_params(index, params, deleted)
+    run_on = index if run_on is None else run_on
     if rerank <= 1:
-        return index.search(queries, k, params=fp)
+        return run_on.search(queries, k, params=fp)
     if stored is None:
         raise SearchParamError("rerank needs the index's stored vectors")
-    _, candidates = index.search(queries, k * rerank, params=fp)
+    _, candidates = run_on.search(queries, k * rerank, params=fp)
     scores = np.einsum("qd,qcd->qc", queries, stored(candidates))
     scores[candidates < 0] = -np.inf
     best = np.argsort(-scores, axis=1, kind="stable")[:, :k]

@@ -1,9 +1,10 @@
 """Large-gallery index paths on synthetic vectors: exact re-ranking of lossy codes, on-disk IVF versions."""
 
+import faiss
 import numpy as np
 import pytest
 
-from retrieval import index, store, tuning
+from retrieval import gpu, index, store, tuning
 from retrieval.index import DirectoryStore, GalleryIndex
 
 DIM = 16
@@ -112,3 +113,52 @@ def test_on_disk_auto_picks_ivf_and_refuses_other_kinds(tmp_path):
     with pytest.raises(index.IndexStoreError, match="not an IVF index"):
         write(tmp_path, np.arange(500), clustered(500), index_key="HNSW32", on_disk=True)
     assert not (tmp_path / "CURRENT").exists()  # nothing written
+
+
+class StandInGpuIndex:
+    """What `faiss.index_cpu_to_all_gpus` returns, on a machine without GPUs: a copy that counts its searches."""
+
+    def __init__(self, index):
+        self.index, self.searches = faiss.clone_index(index), 0
+
+    def search(self, queries, k, params=None):
+        self.searches += 1
+        return self.index.search(queries, k, params=params)
+
+
+def test_with_gpus_ivf_training_and_search_use_them_and_filtered_search_stays_on_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2, raising=False)
+    moved = []
+
+    def to_gpus(cpu_index, co=None, ngpu=-1):  # flat indexes (k-means, exact search) must be real FAISS indexes
+        moved.append(type(cpu_index).__name__)
+        return faiss.clone_index(cpu_index) if type(cpu_index) is faiss.IndexFlat else StandInGpuIndex(cpu_index)
+
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_gpus, raising=False)
+    monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", type("Options", (), {}), raising=False)
+    vectors = clustered(1000)
+    trained = index.make_faiss("IVF8,Flat", DIM, vectors)
+    clustering = faiss.downcast_index(faiss.extract_index_ivf(trained).clustering_index)
+    assert moved == ["IndexFlat"] and clustering.metric_type == faiss.METRIC_INNER_PRODUCT and trained.is_trained
+    tuning.exact_search(vectors, vectors[:2], 1)  # recall's exact search too
+    assert moved == ["IndexFlat"] * 2
+
+    write(tmp_path, np.arange(1000), vectors, index_key="IVF8,Flat", recall_target=0.9)
+    gallery = GalleryIndex.open(tmp_path)
+    copy = gallery.gpu_index
+    assert isinstance(copy, StandInGpuIndex)
+    searches = copy.searches
+    found = gallery.search(vectors[:3], 1, {"nprobe": 8})[1][:, 0]
+    assert found.tolist() == [0, 1, 2] and copy.searches == searches + 1
+
+    write(tmp_path / "hnsw", np.arange(1000), vectors, index_key="HNSW8")
+    store.remove(DirectoryStore(tmp_path / "hnsw"), [0])  # HNSW keeps a tombstone: the search filters on the CPU
+    filtered = GalleryIndex.open(tmp_path / "hnsw")
+    before = filtered.gpu_index.searches
+    assert filtered.deleted.tolist() == [0] and 0 not in filtered.search(vectors[:3], 5)[1].ravel().tolist()
+    assert filtered.gpu_index.searches == before
+
+
+def test_without_gpus_nothing_moves(tmp_path):
+    write(tmp_path, np.arange(500), clustered(500), index_key="IVF8,Flat")
+    assert gpu.count() == 0 and GalleryIndex.open(tmp_path).gpu_index is None
