@@ -34,6 +34,10 @@ def _recall_target(parser: argparse.ArgumentParser) -> None:
 
 INDEX_HELP = ("the index: a directory (FAISS), milvus:PATH.db (Milvus Lite, in this process) or "
               "milvus:http://HOST:19530 (a Milvus server); add #NAME for a collection other than matvit")
+GALLERY_HELP = ("or a dataset's --split, read as training reads it: digits, fashion-mnist, folder:PATH (class "
+                "sub-folders), csv:FILE (columns path,label[,split]) or wds:PATTERN (WebDataset shards)")
+ON_DISK_HELP = ("IVF index keys only: build the inverted lists per chunk, merge them on disk with FAISS's on-disk "
+                "merge and search them memory-mapped (for indexes larger than memory)")
 INDEX_KEY_HELP = ("auto, Flat, HNSW32, IVF1024,PQ32, ... (FAISS factory); for Milvus: auto, AUTOINDEX, Flat, HNSW32, "
                   "IVF1024,Flat")
 
@@ -47,6 +51,13 @@ def _index_spec(text: str) -> str | Path:
 
 def _index(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", "--store", dest="index", type=_index_spec, required=True, help=INDEX_HELP)
+
+
+def _gallery(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", type=Path, help="a folder of images, all of them (class per sub-folder, or flat)")
+    parser.add_argument("--dataset", help=GALLERY_HELP)
+    parser.add_argument("--split", choices=["train", "test"], default="train", help="the --dataset split")
+    parser.add_argument("--data-dir", type=Path, help="where the Fashion-MNIST IDX files are")
 
 
 def _wait(parser: argparse.ArgumentParser) -> None:
@@ -129,23 +140,32 @@ def cmd_export(args: argparse.Namespace) -> None:
                       "onnx": args.onnx}))
 
 
+def _check_gallery(args: argparse.Namespace) -> None:
+    if bool(args.images) == bool(args.dataset):
+        raise UserError("give exactly one of --images PATH or --dataset NAME")
+
+
 def _source(args, encoder):
-    from retrieval.build import DatasetSource, FolderSource
+    from retrieval import build
 
     cfg = encoder.config
     if args.images:
-        return FolderSource(args.images, cfg.img_size, cfg.in_chans, workers=args.workers)
-    return DatasetSource(args.dataset, args.split, cfg.img_size, cfg.in_chans, args.data_dir)
+        return build.FolderSource(args.images, cfg.img_size, cfg.in_chans, workers=args.workers)
+    return build.open_gallery(args.dataset, args.split, cfg.img_size, cfg.in_chans, args.data_dir, args.workers)
+
+
+def _on_disk(args: argparse.Namespace) -> dict:
+    """`on_disk=True` when asked for, else nothing (the stores' default)."""
+    return {"on_disk": True} if args.on_disk else {}
 
 
 def cmd_build_index(args: argparse.Namespace) -> None:
     from retrieval import build
 
-    if bool(args.images) == bool(args.dataset):
-        raise UserError("give exactly one of --images PATH or --dataset NAME")
+    _check_gallery(args)
     with _embedding(args) as encoder:
         report = build.build(encoder, _source(args, encoder), args.out, args.submodel, args.index_key,
-                             args.batch_size, args.resume, args.recall_target, args.wait)
+                             args.batch_size, args.resume, args.recall_target, args.wait, **_on_disk(args))
     if report:  # the main process (the others of a torchrun group return nothing)
         print(json.dumps(report, indent=2))
 
@@ -153,9 +173,10 @@ def cmd_build_index(args: argparse.Namespace) -> None:
 def cmd_index_add(args: argparse.Namespace) -> None:
     from retrieval import build
 
+    _check_gallery(args)
     with _embedding(args) as encoder:
-        source = build.FolderSource(args.images, encoder.config.img_size, encoder.config.in_chans, args.workers)
-        report = build.add(encoder, source, args.index, args.batch_size, args.resume, args.recall_target, args.wait)
+        report = build.add(encoder, _source(args, encoder), args.index, args.batch_size, args.resume,
+                           args.recall_target, args.wait)
     if report:
         print(json.dumps(report, indent=2))
 
@@ -182,7 +203,7 @@ def cmd_index_remove(args: argparse.Namespace) -> None:
 def cmd_index_rebuild(args: argparse.Namespace) -> None:
     from retrieval.store import rebuild
 
-    print(json.dumps(rebuild(args.index, args.index_key, args.recall_target, args.wait), indent=2))
+    print(json.dumps(rebuild(args.index, args.index_key, args.recall_target, args.wait, **_on_disk(args)), indent=2))
 
 
 def cmd_index_info(args: argparse.Namespace) -> None:
@@ -413,16 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-index", help="embed a gallery once (with XL) into an index: a FAISS index directory, "
                                            "or Milvus (--out milvus:./gallery.db, milvus:http://HOST:19530)")
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--images", type=Path, help="a folder of images (class per sub-folder, or flat)")
-    p.add_argument("--dataset", help="or a named dataset: digits, fashion-mnist, folder:PATH")
-    p.add_argument("--split", choices=["train", "test"], default="train")
-    p.add_argument("--data-dir", type=Path)
+    _gallery(p)
     p.add_argument("--out", "--store", dest="out", type=_index_spec, required=True, help=INDEX_HELP)
     p.add_argument("--submodel", default="XL", help="the submodel that embeds the gallery")
     p.add_argument("--index-key", default="auto", help=INDEX_KEY_HELP)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2, help="decoding processes")
     p.add_argument("--resume", action="store_true", help="finish an interrupted build without re-embedding")
+    p.add_argument("--on-disk", action="store_true", help=ON_DISK_HELP)
     _recall_target(p)
     _wait(p)
     _device(p)
@@ -433,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = isub.add_parser("add", help="embed more images into an existing index")
     _index(q)
     q.add_argument("--checkpoint", type=Path, required=True)
-    q.add_argument("--images", type=Path, required=True)
+    _gallery(q)
     q.add_argument("--batch-size", type=int, default=256)
     q.add_argument("--workers", type=int, default=2)
     q.add_argument("--resume", action="store_true")
@@ -449,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = isub.add_parser("rebuild", help="re-index the stored vectors with another index kind (no re-embedding)")
     _index(q)
     q.add_argument("--index-key", default="auto", help=INDEX_KEY_HELP)
+    q.add_argument("--on-disk", action="store_true", help=ON_DISK_HELP)
     _recall_target(q)
     _wait(q)
     q.set_defaults(func=cmd_index_rebuild)

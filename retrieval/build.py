@@ -6,6 +6,10 @@ renamed), so an interrupted run loses at most one chunk, leaves the live index u
 `resume=True` embeds only what no chunk holds yet. Every write holds the index's writer lock for its
 whole run.
 
+A gallery (`Source`) is every image file under a folder (`FolderSource`, `--images`), or a split of any
+dataset training reads (`open_gallery`): `digits` and `fashion-mnist` in memory, `folder:PATH` and
+`csv:FILE` as streamed files, `wds:PATTERN` as images read from inside their tar shards.
+
 Under torchrun (`encoder.runtime`), every process embeds its share of the images (every world-th batch)
 into chunks of its own, and the main process, which holds the lock, merges them. Ids follow the images'
 positions in the source, so the index does not depend on the number of processes. Several machines need
@@ -17,17 +21,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
+import tarfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from matvit import data
+from matvit import data, sources
+from matvit import images as imageio
+from matvit.data import DatasetError
 from matvit.images import IMAGE_SUFFIXES
 from matvit.runtime import Runtime
 
@@ -37,30 +47,45 @@ from .store import Gallery, IndexBusy, IndexStoreError, Store, now, open_store
 
 log = logging.getLogger(__name__)
 CHUNK = 4096
+META_MEMBER = r"__[^/]*__($|/)"  # tar members webdataset skips as metadata
 
 
-class FolderSource:
-    """Image files under a folder (class per sub-folder, or flat)."""
+class Source(Protocol):
+    """A gallery: images at stable positions 0 .. len - 1 (ids follow them, whatever the number of processes),
+    decoded in batches of the positions asked."""
 
-    def __init__(self, root: Path, img_size: int, in_chans: int, workers: int = 2) -> None:
-        root = Path(root)
-        if not root.is_dir():
-            raise IndexStoreError(f"image folder not found: {root}")
-        self.root, self.img_size, self.in_chans, self.workers = root.resolve(), img_size, in_chans, workers
-        self.files = data.list_images(self.root)
-        if not self.files:
-            raise IndexStoreError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
-        self.classes = data.list_classes(self.root)
-        self.labels = data.folder_labels(self.files, self.root, self.classes)
-        self.description = f"folder:{self.root} ({len(self.files)} files)"
-        self.root_entry = {"kind": "folder", "path": str(self.root)}
+    classes: list[str]
+    labels: list[int]  # class index per position; -1: none
+    description: str
+    root_entry: dict  # recorded in the index manifest's roots
+
+    def __len__(self) -> int: ...
+
+    def source(self, position: int) -> tuple[str, str | None]:
+        """What the index records for an image: its name and its file relative to the root (None: no file)."""
+
+    def batches(self, todo: list[int], batch_size: int) -> Iterator[data.DecodedBatch]:
+        """`todo`'s images in order, unreadable ones as errors."""
+
+
+class FilesSource:
+    """Image files with labels (-1: none), decoded in worker processes; items record their paths relative to
+    `base` (the index serves files under it), or no path for a file elsewhere."""
+
+    def __init__(self, files: list[Path], labels: list[int], classes: list[str], base: Path, img_size: int,
+                 in_chans: int, workers: int, description: str, root_entry: dict) -> None:
+        self.files, self.labels, self.classes, self.base = files, labels, classes, Path(base).resolve()
+        self.img_size, self.in_chans, self.workers = img_size, in_chans, workers
+        self.description, self.root_entry = description, root_entry
 
     def __len__(self) -> int:
         return len(self.files)
 
     def source(self, position: int) -> tuple[str, str | None]:
-        """What the index records for an image: its name and its file relative to the root."""
-        relative = str(self.files[position].relative_to(self.root))
+        path = Path(os.path.normpath(os.path.abspath(self.files[position])))  # `..` folded, symlinks kept
+        if not path.is_relative_to(self.base):
+            return str(path), None
+        relative = str(path.relative_to(self.base))
         return relative, relative
 
     def batches(self, todo: list[int], batch_size: int) -> Iterator[data.DecodedBatch]:
@@ -68,6 +93,43 @@ class FolderSource:
         for b in data.iter_files(files, self.img_size, self.in_chans, self.workers, batch_size, desc="decoding"):
             errors = [(todo[i], e) for i, e in b.errors]
             yield data.DecodedBatch([todo[i] for i in b.positions], b.images, b.sizes, errors)
+
+
+class FolderSource(FilesSource):
+    """Every image file under a folder (class per sub-folder, or flat), whatever the split."""
+
+    def __init__(self, root: Path, img_size: int, in_chans: int, workers: int = 2) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise IndexStoreError(f"image folder not found: {root}")
+        root = root.resolve()
+        files = data.list_images(root)
+        if not files:
+            raise IndexStoreError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+        classes = data.list_classes(root)
+        super().__init__(files, data.folder_labels(files, root, classes), classes, root, img_size, in_chans,
+                         workers, f"folder:{root} ({len(files)} files)", {"kind": "folder", "path": str(root)})
+        self.root = root
+
+
+def folder_source(root: Path, split: str, img_size: int, in_chans: int, workers: int = 2) -> FilesSource:
+    """`folder:PATH`'s split as training reads it (`sources.folder_files`: the images in class sub-folders),
+    streamed; paths relative to PATH."""
+    root = Path(root).expanduser().resolve()
+    files = sources.folder_files(root, split, img_size, in_chans)
+    return FilesSource(files.files, files.labels, files.classes, root, img_size, in_chans, workers,
+                       f"folder:{root}:{split} ({len(files)} files)",
+                       {"kind": "folder", "path": str(root), "split": split})
+
+
+def csv_source(manifest: Path, split: str, img_size: int, in_chans: int, workers: int = 2) -> FilesSource:
+    """`csv:FILE`'s split as training reads it (`sources.csv_files`), in the manifest's row order, streamed;
+    paths relative to the manifest's folder (a file outside it is recorded without a path)."""
+    manifest = Path(manifest).expanduser().resolve()
+    files = sources.csv_files(manifest, split, img_size, in_chans)
+    return FilesSource(files.files, files.labels, files.classes, manifest.parent, img_size, in_chans, workers,
+                       f"csv:{manifest}:{split} ({len(files)} files)",
+                       {"kind": "csv", "path": str(manifest.parent), "manifest": str(manifest), "split": split})
 
 
 class DatasetSource:
@@ -95,7 +157,156 @@ class DatasetSource:
             yield data.DecodedBatch(positions, images, [size] * len(positions), [])
 
 
-Source = FolderSource | DatasetSource
+def _shard_samples(path: str) -> Iterator[tuple[str, dict[str, tuple[int, int]], bytes | None]]:
+    """A shard's samples as webdataset groups them (consecutive members sharing a key, its metadata members
+    skipped): (key, {suffix: (offset, size)}, the .cls content), from the tar headers and .cls members only."""
+    from webdataset.tariterators import base_plus_ext
+
+    key, members, cls = None, {}, None
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            while (info := tar.next()) is not None:
+                tar.members = []  # keep memory flat over long shards
+                if not info.isreg() or re.match(META_MEMBER, info.name):
+                    continue
+                prefix, suffix = base_plus_ext(info.name)
+                if prefix is None:
+                    continue
+                if prefix != key:
+                    if key is not None:
+                        yield key, members, cls
+                    key, members, cls = prefix, {}, None
+                members.setdefault(suffix.lower(), (info.offset_data, info.size))
+                if suffix.lower() == "cls":
+                    cls = tar.extractfile(info).read(64)
+    except (tarfile.TarError, OSError) as e:
+        log.warning("skipped the rest of shard %s: %s", path, e)
+    if key is not None:
+        yield key, members, cls
+
+
+class ShardImages(Dataset):
+    """Images inside tar shards, each read by its (shard, offset, size) and decoded, as `data.ImageFiles` yields
+    files: (position, image or None, original size, error). A process keeps its last shard open."""
+
+    def __init__(self, shards: list[str], members: list[tuple[int, int, int, str]], img_size: int,
+                 in_chans: int) -> None:
+        self.shards, self.members, self.img_size, self.in_chans = shards, members, img_size, in_chans
+        self._open: tuple[int, tarfile.TarFile] | None = None
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": None}
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        if self._open is None or self._open[0] != shard:
+            self.close()
+            self._open = shard, tarfile.open(self.shards[shard], "r:*")
+        stream = self._open[1].fileobj  # the tar's bytes (decompressed when the shard is compressed)
+        stream.seek(offset)
+        content = stream.read(size)
+        if len(content) != size:
+            raise OSError("the shard ends before the image does")
+        return content
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, tuple[int, int], str]:
+        shard, offset, size, name = self.members[i]
+        try:
+            return i, *imageio.decode(self._read(shard, offset, size), self.img_size, self.in_chans), ""
+        except (OSError, tarfile.TarError) as e:
+            return i, None, (0, 0), f"cannot read {name}: {e}"
+        except imageio.ImageError as e:
+            return i, None, (0, 0), str(e).replace("uploaded image", name, 1)
+
+    def close(self) -> None:
+        if self._open is not None:
+            self._open[1].close()
+            self._open = None
+
+
+class ShardGallery:
+    """One split of WebDataset shards (`wds:PATTERN`, see `matvit.shards`), its positions the samples that have
+    an image, in shard order (the order training's unshuffled reader yields them).
+
+    Opening the source lists every shard's members once (the tar headers and the small .cls files, no image
+    bytes), so the count, labels and names are known before anything is embedded; each batch then reads just its
+    own images by their offsets in the shards, decoded in worker processes, so every process of a torchrun group
+    reads its share only. A sample without a (valid) .cls is indexed without a label. Images inside tars are no
+    files the index can serve: an item records `SHARD#KEY` as its name and no path."""
+
+    def __init__(self, pattern: str, split: str, img_size: int, in_chans: int, workers: int = 2) -> None:
+        from matvit.shards import IMAGE_KEYS, ShardSource
+
+        meta = ShardSource(pattern, split, img_size, in_chans)  # the shards, their classes and declared count
+        self.shards, self.classes = meta.shards, meta.classes
+        self.img_size, self.in_chans, self.workers = img_size, in_chans, workers
+        folder = os.path.commonpath([str(Path(s).resolve().parent) for s in self.shards])
+        names = [os.path.relpath(Path(s).resolve(), folder) for s in self.shards]
+        self.members: list[tuple[int, int, int, str]] = []
+        self.labels: list[int] = []
+        imageless, unlabelled = 0, 0
+        for shard, path in enumerate(self.shards):
+            for key, members, cls in _shard_samples(path):
+                image = next((members[k] for k in IMAGE_KEYS if k in members), None)
+                if image is None:
+                    imageless += 1
+                    continue
+                label = int(cls) if cls is not None and cls.strip().isdigit() else -1
+                label = label if label < len(self.classes) else -1
+                unlabelled += label < 0
+                self.members.append((shard, *image, f"{names[shard]}#{key}"))
+                self.labels.append(label)
+        where = f"the {split} shards of wds:{pattern}"
+        if not self.members:
+            raise DatasetError(f"no images in {where}")
+        if imageless:
+            log.warning("left out %d sample(s) without an image (%s) in %s", imageless, ", ".join(IMAGE_KEYS), where)
+        if unlabelled:
+            log.warning("%d image(s) in %s have no valid .cls: indexed without a label", unlabelled, where)
+        if len(self.members) != len(meta):
+            log.warning("%s hold %d images; their dataset.json says %d", where, len(self.members), len(meta))
+        self.description = f"wds:{pattern}:{split} ({len(self.members)} images in {len(self.shards)} shards)"
+        self.root_entry = {"kind": "dataset", "name": f"wds:{pattern}", "split": split, "data_dir": None}
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def source(self, position: int) -> tuple[str, str | None]:
+        return self.members[position][3], None
+
+    def batches(self, todo: list[int], batch_size: int) -> Iterator[data.DecodedBatch]:
+        images = ShardImages(self.shards, [self.members[p] for p in todo], self.img_size, self.in_chans)
+        loader = DataLoader(images, batch_size=batch_size, num_workers=self.workers,
+                            collate_fn=data.collate_readable)
+        try:
+            for b in loader:
+                errors = [(todo[i], e) for i, e in b.errors]
+                yield data.DecodedBatch([todo[i] for i in b.positions], b.images, b.sizes, errors)
+        finally:
+            images.close()
+
+
+BUILT_IN = ("digits", "fashion-mnist")
+
+
+def open_gallery(dataset: str, split: str, img_size: int, in_chans: int, data_dir: Path | None = None,
+                 workers: int = 2) -> Source:
+    """A dataset's split as a gallery, read as training reads it: `digits` and `fashion-mnist` decoded in
+    memory, `folder:PATH`, `csv:FILE` and `wds:PATTERN` streamed."""
+    if split not in ("train", "test"):
+        raise DatasetError(f"unknown split {split!r}; use train or test")
+    if dataset in BUILT_IN:
+        return DatasetSource(dataset, split, img_size, in_chans, data_dir)
+    kind, _, where = dataset.partition(":")
+    if kind == "folder" and where:
+        return folder_source(Path(where), split, img_size, in_chans, workers)
+    if kind == "csv" and where:
+        return csv_source(Path(where), split, img_size, in_chans, workers)
+    if kind == "wds" and where:
+        return ShardGallery(where, split, img_size, in_chans, workers)
+    raise DatasetError(f"unknown dataset {dataset!r}; choose one of: {', '.join(sources.DATASETS)}")
 
 
 def _save_chunk(building: Path, name: str, positions: list[int], embeddings: list[np.ndarray],
@@ -212,7 +423,7 @@ def item_rows(ids, sources: list[tuple[str, str | None]], root: int, labels: lis
 
 
 def _finish(store: Store, source: Source, chunks: list[dict], seconds: float, manifest: dict,
-            base: Gallery | None, index_key: str | None, recall_target: float) -> dict:
+            base: Gallery | None, index_key: str | None, recall_target: float, on_disk: bool = False) -> dict:
     positions, embeddings, sizes, skipped = _gather(chunks, manifest["dim"])
     if len(positions) == 0:
         raise IndexStoreError(f"no readable images in {source.description}; nothing to index")
@@ -221,7 +432,8 @@ def _finish(store: Store, source: Source, chunks: list[dict], seconds: float, ma
     manifest, root, class_index = grow_manifest(manifest, source.root_entry, source.classes, first_id + len(source))
     labels = [class_index[source.labels[p]] if source.labels[p] >= 0 else None for p in positions]
     rows = item_rows(ids, [source.source(int(p)) for p in positions], root, labels, sizes)
-    report = store.commit(base, ids, embeddings, rows, manifest, index_key, recall_target)
+    report = store.commit(base, ids, embeddings, rows, manifest, index_key, recall_target,
+                          **({"on_disk": True} if on_disk else {}))
     shutil.rmtree(store.files / "building", ignore_errors=True)
     if skipped:
         log.warning("skipped %d unreadable image(s)", skipped)
@@ -231,9 +443,10 @@ def _finish(store: Store, source: Source, chunks: list[dict], seconds: float, ma
 
 def build(encoder: Encoder, source: Source, index: str | Path | Store, submodel: str = "XL",
           index_key: str = "auto", batch_size: int = 256, resume: bool = False,
-          recall_target: float = tuning.RECALL_TARGET, wait: float = 0.0) -> dict:
+          recall_target: float = tuning.RECALL_TARGET, wait: float = 0.0, on_disk: bool = False) -> dict:
     """Embed a whole source with `submodel` into a new index at `index` (a directory, `milvus:URI` or a
-    store), replacing what it held, after waiting up to `wait` seconds for another writer to finish."""
+    store), replacing what it held, after waiting up to `wait` seconds for another writer to finish. With
+    `on_disk`, an IVF index keeps its inverted lists on disk (built per chunk, merged, memory-mapped)."""
     store, spec = open_store(index), encoder.spec(submodel)
     job = {"kind": "build", "fingerprint": encoder.fingerprint, "submodel": spec.text, "source": source.description}
     with _writing(store, wait, encoder.runtime):
@@ -243,7 +456,7 @@ def build(encoder: Encoder, source: Source, index: str | Path | Store, submodel:
         manifest = {"fingerprint": encoder.fingerprint, "submodel": spec.text, "dim": encoder.config.embed_dim,
                     "metric": "inner_product", "source": source.description, "roots": [], "classes": [],
                     "next_id": 0, "created_at": now()}
-        return _finish(store, source, chunks, seconds, manifest, None, index_key, recall_target)
+        return _finish(store, source, chunks, seconds, manifest, None, index_key, recall_target, on_disk)
 
 
 def add(encoder: Encoder, source: Source, index: str | Path | Store, batch_size: int = 256, resume: bool = False,
