@@ -131,12 +131,20 @@ class SearchOptions(BaseModel):
                                  examples=["S"])
     budget_ms: float | None = Field(None, gt=0, description="latency budget at batch 1 on this server")
     budget_gflops: float | None = Field(None, gt=0, description="forward GFLOPs budget per image")
+    nprobe: int | None = Field(None, ge=1, le=1_000_000, description="IVF lists to visit (default: tuned at build)")
+    ef_search: int | None = Field(None, ge=1, le=100_000, description="HNSW search breadth (default: tuned)")
+    rerank: int | None = Field(None, ge=1, le=1000, description="IVF with PQ/SQ codes: re-rank this many times k "
+                                                                "candidates by their stored vectors (default: tuned)")
 
     @model_validator(mode="after")
     def one_choice(self) -> SearchOptions:
         if sum(v is not None for v in (self.submodel, self.budget_ms, self.budget_gflops)) > 1:
             raise ValueError("give at most one of submodel, budget_ms, budget_gflops")
         return self
+
+    def search_params(self) -> dict:
+        """The index search parameters given (the index's tuned values for the others)."""
+        return {name: value for name in ("nprobe", "ef_search", "rerank") if (value := getattr(self, name)) is not None}
 
 
 class SearchForm(SearchOptions):
@@ -388,7 +396,8 @@ class Service:
         retriever = self.ready()
         budget = Budget(ms=options.budget_ms, gflops=options.budget_gflops)
         with self.slots:
-            results = retriever.search(images, k=options.k, submodel=options.submodel, budget=budget)
+            results = retriever.search(images, k=options.k, submodel=options.submodel, budget=budget,
+                                       search_params=options.search_params())
         choice = results[0].submodel
         label = choice.spec if choice.spec in {s.text for s in retriever.encoder.named()} else "mixnmatch"
         self.queries.labels(label).inc(len(images))
@@ -397,14 +406,14 @@ class Service:
                                                                            gflops=choice.gflops),
                                timings_ms=Timings(**r.timings_ms)) for r in results]
 
-    def search_embedding(self, embedding: list[float], k: int) -> SearchResponse:
+    def search_embedding(self, embedding: list[float], k: int, search_params: dict) -> SearchResponse:
         retriever = self.ready()
         index = retriever.index
         dim = index.manifest["dim"]
         if len(embedding) != dim:
             raise ApiError(400, "bad_embedding", f"the embedding has {len(embedding)} values; the index needs {dim}")
         start = time.perf_counter()
-        hits = retriever.search_embeddings([embedding], k, index=index)[0]
+        hits = retriever.search_embeddings([embedding], k, search_params, index=index)[0]
         ms = (time.perf_counter() - start) * 1e3
         return SearchResponse(results=hits, timings_ms=Timings(decode=0, encode=0, search=ms, total=ms))
 
@@ -625,7 +634,7 @@ def create_app(settings: Settings, load_in_background: bool = True) -> FastAPI:
         service.ready()
         body, images = await parse_body(request, SearchJson, SearchForm)
         if getattr(body, "embedding", None) is not None:
-            return await run_in_threadpool(service.search_embedding, body.embedding, body.k)
+            return await run_in_threadpool(service.search_embedding, body.embedding, body.k, body.search_params())
         return (await run_in_threadpool(service.search, images, body))[0]
 
     @app.post("/v1/search/batch", tags=["search"], response_model=BatchResponse, responses=ERRORS,

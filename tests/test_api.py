@@ -23,7 +23,7 @@ from app.api import Settings, create_app
 from matvit import data
 from retrieval import build
 from retrieval.encoder import Encoder
-from retrieval.index import writer
+from retrieval.index import GalleryIndex, writer
 from retrieval.retriever import Retriever
 
 KEY = "s3cret-ключ"
@@ -561,3 +561,21 @@ def test_openapi_documents_every_endpoint_from_the_models(client):
         if path.startswith("/v1/search"):
             assert form["k"]["maximum"] == body["k"]["maximum"] == 1000
     assert {"APIKeyHeader", "HTTPBearer"} <= set(schema["components"]["securitySchemes"])
+
+
+def test_search_parameters_override_the_tuned_ones(trained_dir, tmp_path, queries):
+    build.build(Encoder.load(trained_dir), build.DatasetSource("digits", "train", 8, 1), tmp_path / "ivf",
+                index_key="IVF16,Flat")
+    ids, vectors = GalleryIndex.open(tmp_path / "ivf").vectors()
+    query = np.asarray(vectors[7]) + 0.05 * np.random.default_rng(0).standard_normal(32).astype(np.float32)
+    query /= np.linalg.norm(query)
+    exact = np.asarray(ids)[np.argsort(-(np.asarray(vectors) @ query), kind="stable")[:10]].tolist()
+    with make_client(tmp_path / "ivf", trained_dir) as c:
+        every_list = c.post("/v1/search", json={"embedding": query.tolist(), "k": 10, "nprobe": 16})
+        one_list = search_file(c, queries[0][0], k=10, submodel="S", nprobe=1)
+        refused = search_file(c, queries[0][0], ef_search=64)
+        invalid = search_file(c, queries[0][0], nprobe=0)
+    assert [h["id"] for h in every_list.json()["results"]] == exact  # every list visited: exact search
+    assert one_list.status_code == 200 and 1 <= len(one_list.json()["results"]) <= 10
+    assert refused.status_code == 400 and "ef_search" in refused.json()["error"]["message"]
+    assert invalid.status_code == 422
