@@ -159,6 +159,8 @@ def label_name(manifest: dict, label: int | None) -> str | None:
 def read_item_file(item: dict, root: dict, files: Path, max_bytes: int) -> bytes:
     """The bytes of a file item's image: only a regular file under its indexed root (`files/uploads` for
     images added through the API), at most `max_bytes`."""
+    if not item.get("path") or root["kind"] not in ("uploads", "folder", "csv"):
+        raise ItemNotFound(f"item {item['id']} has no image file the server can send")
     base = (Path(files) / "uploads" if root["kind"] == "uploads" else Path(root["path"])).resolve()
     try:
         path = (base / item["path"]).resolve(strict=True)

@@ -21,7 +21,7 @@ from app.cli import main
 from matvit import data
 from matvit.shards import write_shards
 from retrieval import build
-from retrieval.index import GalleryIndex
+from retrieval.index import GalleryIndex, ItemNotFound
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,8 @@ def test_an_unreadable_image_in_a_csv_is_skipped_and_the_rest_indexed(gallery, t
     assert ids.tolist() == [0, 1, 2, 3, 4]  # positions 5 and 6 were the unreadable rows
     # files outside the manifest's folder keep their absolute path as a name and no servable path
     assert items[0]["source"] == str(gallery / rows[0][0]) and items[0]["path"] is None
+    with pytest.raises(ItemNotFound, match="no image file the server can send"):  # a 404, not a crash
+        GalleryIndex.open(tmp_path / "index").image_file(items[0], 10**6)
     assert sorted({items[i]["label_name"] for i in ids.tolist()}) == sorted({label for _, label, _ in rows})
 
 
