@@ -228,7 +228,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     retriever = Retriever(args.index, args.checkpoint)
     if args.budget_ms is not None:
         retriever.ensure_profile()
-    params = {k: v for k, v in (("nprobe", args.nprobe), ("ef_search", args.ef_search)) if v is not None}
+    params = {k: v for k, v in (("nprobe", args.nprobe), ("ef_search", args.ef_search), ("rerank", args.rerank))
+              if v is not None}
     result = retriever.search([args.image], k=args.k, submodel=args.submodel, budget=_budget(args),
                               search_params=params)[0]
     if args.json:
@@ -488,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--budget-params", type=float)
     p.add_argument("--nprobe", type=int, help="IVF lists to visit (default: the value tuned at build)")
     p.add_argument("--ef-search", type=int, help="HNSW search breadth (default: the value tuned at build)")
+    p.add_argument("--rerank", type=int, help="IVF with PQ/SQ codes: re-rank this many times k candidates by their "
+                                              "stored vectors (default: the value tuned at build)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_search)
 
