@@ -549,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--data-dir", type=Path)
     q.set_defaults(func=cmd_bench_consistency)
-    q = bsub.add_parser("index", help="Flat, HNSW, IVF-PQ and auto over 100k and 1M real embeddings: recall, "
+    q = bsub.add_parser("index", help="Flat, HNSW, IVF-PQ, IVF-SQ8 and auto over 100k and 1M real embeddings: recall, "
                                       "QPS, memory (--speed: build throughput and per-submodel query latency)")
     q.add_argument("--out", type=Path, required=True,
                    help="results directory (with --speed: a path without suffix; .json and .md are written)")
@@ -557,8 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dataset", default="fashion-mnist", help="its train split grows the gallery, test the queries")
     q.add_argument("--data-dir", type=Path)
     q.add_argument("--sizes", type=_ints, default=[100_000, 1_000_000], help="gallery sizes")
-    q.add_argument("--kinds", default="flat,hnsw,ivfpq,auto",
-                   help="index kinds: flat, hnsw, ivfpq, auto, ivfsq8, ivfpq-refine")
+    q.add_argument("--kinds", default="flat,hnsw,ivfpq,ivfsq8,auto",
+                   help="index kinds: flat, hnsw, ivfpq, ivfsq8, auto")
     q.add_argument("--stores", default="faiss,milvus", help="stores measured: faiss, milvus")
     q.add_argument("--cache", type=Path, default=Path("runs/index-scale"), help="cached embeddings")
     _recall_target(q)

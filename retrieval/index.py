@@ -16,9 +16,11 @@ exclusively, and always keeps the version it replaced (a reader may have just re
 FAISS indexes come from `index_factory` strings wrapped in IDMap2, so ids are stable. `auto` follows
 the FAISS wiki's "Guidelines to choose an index": `Flat` below 100k vectors (brute force stays in
 milliseconds), `HNSW32` below 10M (measured at 1M: hundreds of times faster than Flat at recall@10
-0.95; about 800 bytes per vector, so 8 GB at 10M), and `IVF{4*sqrt(n)},PQ{dim/4}` beyond (K between
-4 and 16 sqrt(n) centroids, PQ codes of a ninth of Flat's memory), with exact re-ranking from the
-stored vectors tuned in where the codes alone miss the recall target. A non-exact index gets its
+0.95; about 800 bytes per vector, so 8 GB at 10M), and `IVF{4*sqrt(n)},SQ8` beyond (K between 4 and
+16 sqrt(n) centroids; a byte per dimension, under a third of Flat's memory), with exact re-ranking
+from the stored vectors tuned in where the codes alone miss the recall target (measured at 1M: SQ8
+with 2x re-ranking meets 0.95; PQ with dim/4 bytes takes a ninth of Flat's memory but stays under
+it, so it is for an explicit `--index-key`). A non-exact index gets its
 `efSearch`, `nprobe` (and `rerank`) tuned to a recall target (see `tuning`). Deletions are physical
 where the FAISS index supports `remove_ids`, else the ids are tombstoned and filtered out of every
 search with an `IDSelector` until a rebuild.
@@ -79,7 +81,7 @@ def auto_index_key(count: int, dim: int, on_disk: bool = False) -> str:
         return "Flat"
     if count < HNSW_MAX and not on_disk:
         return "HNSW32"
-    return f"IVF{4 * int(math.sqrt(count))},PQ{max(1, dim // 4)}"
+    return f"IVF{4 * int(math.sqrt(count))},SQ8"
 
 
 def training_sample(vectors: np.ndarray) -> np.ndarray:

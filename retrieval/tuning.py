@@ -28,7 +28,7 @@ from matvit.errors import UserError
 RECALL_TARGET = 0.95  # recall@10 that tuning aims for
 PROBES = 1000  # recall queries
 EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
-RERANK = (1, 2, 4, 8, 16, 32)  # candidates re-ranked exactly, per result wanted
+RERANK = (1, 2, 4, 8, 16, 32, 64, 128)  # candidates re-ranked exactly, per result wanted
 BLOCK = 262_144  # stored vectors in memory at once during exact search
 METHOD = ("1,000 stored vectors moved by Gaussian noise as long as the distance to their nearest other "
           "vector, against exact search over the whole index")

@@ -9,6 +9,7 @@ import torch
 
 from app.bench import index_scale
 from app.cli import main
+from retrieval import tuning
 
 
 def test_bench_index_speed_writes_its_report(trained_dir, tmp_path, capsys):
@@ -58,7 +59,7 @@ def test_bench_index_scale_rows_and_exact_recall(scale_run):
     tmp, _ = scale_run
     r = json.loads((tmp / "out" / "index-scale.json").read_text())
     assert [(row["size"], row["store"], row["kind"]) for row in r["rows"]] == [
-        (n, "faiss", k) for n in (2000, 4000) for k in ("flat", "hnsw", "ivfpq", "auto")]
+        (n, "faiss", k) for n in (2000, 4000) for k in ("flat", "hnsw", "ivfpq", "ivfsq8", "auto")]
     for row in r["rows"]:
         assert (tmp / "out" / "steps" / f"{row['size']}-{row['kind']}.json").is_file()
         assert set(row["queries"]) == {"S", "XL"} and row["bytes_per_vector"] > 0 and row["build_seconds"] >= 0
@@ -75,7 +76,7 @@ def test_bench_index_scale_rows_and_exact_recall(scale_run):
     assert ivfpq["index_key"] == "IVF252,PQ8np" and "nprobe" in ivfpq["search_params"]
     assert [p["nprobe"] for p in ivfpq["sweep"] if "rerank" not in p] == [1, 2, 4, 8, 16, 32, 64, 128, 252]
     reranked = [p for p in ivfpq["sweep"] if "rerank" in p]  # along rerank at the tuned nprobe, where tuned in
-    assert [p["rerank"] for p in reranked] == ([2, 4, 8, 16, 32] if ivfpq["search_params"].get("rerank") else [])
+    assert [p["rerank"] for p in reranked] == (list(tuning.RERANK[1:]) if ivfpq["search_params"].get("rerank") else [])
     assert all(p["nprobe"] == ivfpq["search_params"]["nprobe"] for p in reranked)
     hnsw = next(row for row in r["rows"] if row["kind"] == "hnsw" and row["size"] == 4000)
     assert hnsw["hnsw_ef_construction"] == 40 and "ef_search" in hnsw["search_params"]

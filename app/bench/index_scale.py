@@ -1,4 +1,4 @@
-"""The index at real scale: exact, HNSW, IVF-PQ and `auto` over 100k and 1M real embeddings.
+"""The index at real scale: exact, HNSW, IVF-PQ, IVF-SQ8 and `auto` over 100k and 1M real embeddings.
 
     matvit bench index --out docs/results/index-scale/ [--checkpoint runs/fmnist]
 
@@ -12,22 +12,21 @@ directory (npy, keyed by the checkpoint's fingerprint), so a rerun never embeds 
 
 For each gallery size and index kind (`KINDS`), one step builds the index the way `build-index`
 does (`retrieval.index.make_faiss`: IDMap2, trained on `TRAIN_SAMPLE` vectors), tunes `efSearch` /
-`nprobe` with `retrieval.tuning.tune` to the recall target, and measures: build and tuning time,
-bytes per vector (serialized index / n), queries per second at batch 1 and batch 64, recall@1 and
-recall@10 of the S and XL test queries against exact search over the same vectors, 1-NN label
-accuracy, and recall against speed at every efSearch / nprobe of the tuning grid. Each step writes
+`nprobe` (and for PQ / SQ codes `rerank`, exact re-ranking from the memory-mapped gallery) with
+`retrieval.tuning.tune` to the recall target, and measures: build and tuning time, bytes per vector
+(serialized index / n), queries per second at batch 1 and batch 64, recall@1 and recall@10 of the S
+and XL test queries against exact search over the same vectors, 1-NN label accuracy, and recall
+against speed at every efSearch / nprobe of the tuning grid (and every rerank at the tuned nprobe). Each step writes
 `OUT/steps/SIZE-KIND.json` when it ends and is skipped on a rerun with the same settings, so an
 interrupted run continues where it stopped. `auto` is the kind `retrieval.index.auto_index_key`
 picks at that size; when another kind of the run has the same factory string, its row is that
-kind's measurement. Stores other than the FAISS directory (`STORES`) get rows once their module
-exists.
+kind's measurement. Milvus Lite gets a row per size, with the index the Milvus store's `auto` picks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import importlib.util
 import json
 import math
 import os
@@ -58,21 +57,24 @@ TIMING_REPEATS = 3  # QPS is the best of this many passes over the same queries 
 TIMING_BUDGET = 20.0  # ... or of fewer, once the passes have taken this many seconds
 
 
+def _ivf_lists(n: int) -> int:
+    """The IVF list count `auto_index_key` uses at size n: 4 sqrt(n)."""
+    return 4 * int(math.sqrt(n))
+
+
 def _ivfpq_key(n: int, dim: int) -> str:
-    """The IVF-PQ that `auto_index_key` picks past HNSW_MAX, at size n: 4 sqrt(n) lists, dim/4 bytes per code."""
-    return f"IVF{4 * int(math.sqrt(n))},PQ{max(1, dim // 4)}"
+    """The memory-lean IVF-PQ: dim/4 bytes per code."""
+    return f"IVF{_ivf_lists(n)},PQ{max(1, dim // 4)}"
 
 
 KINDS: dict[str, Callable[[int, int], str]] = {
     "flat": lambda n, dim: "Flat",
     "hnsw": lambda n, dim: "HNSW32",
     "ivfpq": _ivfpq_key,
+    "ivfsq8": lambda n, dim: f"IVF{_ivf_lists(n)},SQ8",  # what `auto` picks past HNSW_MAX
     "auto": auto_index_key,
-    # measured on request (--kinds): other documented choices past 1M
-    "ivfsq8": lambda n, dim: f"IVF{4 * int(math.sqrt(n))},SQ8",
-    "ivfpq-refine": lambda n, dim: f"{_ivfpq_key(n, dim)},RFlat",
 }
-STORES = ("faiss", "milvus")  # the FAISS index directory and Milvus (rows once retrieval/milvus_store.py exists)
+STORES = ("faiss", "milvus")  # the FAISS index directory and Milvus Lite
 
 
 class IndexBenchError(UserError):
@@ -86,7 +88,7 @@ class ScaleOptions:
     dataset: str = "fashion-mnist"
     data_dir: Path | None = None
     sizes: tuple[int, ...] = (100_000, 1_000_000)
-    kinds: tuple[str, ...] = ("flat", "hnsw", "ivfpq", "auto")
+    kinds: tuple[str, ...] = ("flat", "hnsw", "ivfpq", "ivfsq8", "auto")
     stores: tuple[str, ...] = STORES
     cache: Path = Path("runs/index-scale")
     recall_target: float = tuning.RECALL_TARGET
@@ -426,12 +428,9 @@ class Bench:
                     self.step(n, kind)
                     self.report()
         if "milvus" in self.opts.stores:
-            if milvus_store_exists():
-                for n in self.opts.sizes:
-                    self.milvus_step(n)
-                    self.report()
-            else:
-                self.log("retrieval/milvus_store.py does not exist: no Milvus rows")
+            for n in self.opts.sizes:
+                self.milvus_step(n)
+                self.report()
         return self.report(plot_to=self.out / "index-scale.png")
 
     def report(self, plot_to: Path | None = None) -> dict:
@@ -460,10 +459,6 @@ class Bench:
         return result
 
 
-def milvus_store_exists() -> bool:
-    return importlib.util.find_spec("retrieval.milvus_store") is not None
-
-
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -478,8 +473,7 @@ def stores_status(stores: tuple[str, ...], rows: list[dict]) -> dict:
         sizes = sorted({row["size"] for row in rows if row.get("store", "faiss") == store})
         out[store] = {"measured": bool(sizes), "sizes": sizes}
         if not sizes:
-            out[store]["reason"] = ("retrieval/milvus_store.py does not exist yet" if store == "milvus"
-                                    and not milvus_store_exists() else "not run yet")
+            out[store]["reason"] = "not run yet"
     return out
 
 
@@ -641,8 +635,7 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-COLORS = {"flat": "black", "hnsw": "tab:blue", "ivfpq": "tab:orange", "ivfsq8": "tab:green",
-          "ivfpq-refine": "tab:red"}
+COLORS = {"flat": "black", "hnsw": "tab:blue", "ivfpq": "tab:orange", "ivfsq8": "tab:green"}
 
 
 def plot(r: dict, path: Path) -> None:
