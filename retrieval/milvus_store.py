@@ -38,7 +38,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from urllib.parse import urlparse
 
-import faiss
 import numpy as np
 
 from . import tuning
@@ -470,9 +469,7 @@ class MilvusStore:
         kind = knob(key)
         queries = tuning.probe_queries(vectors)
         k = min(10, len(ids))
-        exact = faiss.IndexFlatIP(vectors.shape[1])
-        exact.add(vectors)
-        truth = ids[exact.search(queries, k)[1]]
+        truth = ids[tuning.exact_search(vectors, queries, k)[1]]
         if kind == "nprobe":
             nlist = gallery.manifest["milvus_index"]["params"]["nlist"]
             values = sorted({min(nlist, 2**i) for i in range(int(np.log2(nlist)) + 2)})
@@ -480,9 +477,7 @@ class MilvusStore:
             values = list(tuning.EF_SEARCH) if kind else [None]
         for value in values:
             params = {} if value is None else {kind: value}
-            found = gallery.search(queries, k, params)[1]
-            overlap = [len(set(a) & set(b)) / k for a, b in zip(found.tolist(), truth.tolist(), strict=True)]
-            measured = {"at_1": float(np.mean(found[:, 0] == truth[:, 0])), "at_10": float(np.mean(overlap))}
+            measured = tuning.overlap(gallery.search(queries, k, params)[1], truth)
             if measured["at_10"] >= target:
                 break
         return params, {**measured, "target": target, "met": measured["at_10"] >= target, "queries": len(queries),
