@@ -59,7 +59,7 @@ BATCHED_TOLERANCE = 0.15  # ... and this at the batched size
 INDEX_TARGET = 0.9  # build-index images/s against the pure XL forward
 TRAIN_TARGET = 1.0  # joint epoch against the four baselines' epochs together
 
-MIN_SAMPLE_SECONDS = 0.2  # a batch-1 sample repeats the call until it takes about this long
+MIN_SAMPLE_SECONDS = 0.2  # a model is called as often in a row as takes about this long (each call timed)
 MAX_CALLS = 50
 INDEX_SECONDS = 8.0  # default indexing size: about this many seconds of XL forward
 INDEX_LIMITS = (64, 8192)
@@ -329,7 +329,7 @@ class Bench:
                 calls[f"extracted:{sp.id}"] = plain_call(extracted[sp.id], x)
                 calls[f"plain:{sp.id}"] = plain_call(plain[sp.id], x)
             with torch.inference_mode():
-                t = interleaved(calls, repeats, warmup=1, min_seconds=MIN_SAMPLE_SECONDS if b == 1 else 0.0)
+                t = interleaved(calls, repeats, warmup=1, min_seconds=MIN_SAMPLE_SECONDS)
             rows = []
             for sp in spec_list:
                 k = sp.id
@@ -502,8 +502,8 @@ class Bench:
 
 
 METHOD = ("torch.set_num_threads fixed (recorded); every model warmed up, then timed in R rounds with the compared "
-          "models interleaved (each in turn, the order rotated every round; at batch 1 a model is called as often in "
-          "a row as takes about 0.2 s, every call timed on its own); a time is the median of all its timed calls and "
+          "models interleaved (each in turn, the order rotated every round; a model is called as often in a row as "
+          "takes about 0.2 s, every call timed on its own); a time is the median of all its timed calls and "
           "a ratio is the ratio of two such medians from the same rounds, so a burst of load from other jobs falls "
           "on both sides or is voted out by the median. Network inputs: seeded random images; everything under "
           "torch.inference_mode.")
