@@ -70,7 +70,7 @@ from .store import (  # noqa: F401  (the errors and the lock are imported from h
 
 FORMAT = 2
 FLAT_MAX, HNSW_MAX = 100_000, 10_000_000
-TRAIN_SAMPLE = 100_000  # vectors an IVF quantizer is trained on
+TRAIN_SAMPLE = 100_000  # vectors an IVF quantizer is trained on (at least)
 SQL_CHUNK = 500  # ids per `IN (...)` query
 ONDISK_CHUNK = 100_000  # vectors per block of an on-disk build
 
@@ -84,11 +84,21 @@ def auto_index_key(count: int, dim: int, on_disk: bool = False) -> str:
     return f"IVF{4 * int(math.sqrt(count))},SQ8"
 
 
-def training_sample(vectors: np.ndarray) -> np.ndarray:
-    """A seeded sample of at most TRAIN_SAMPLE `vectors` (read in order from a memory-mapped array)."""
+def training_size(count: int, key: str, dim: int) -> int:
+    """How many of `count` vectors index kind `key` is trained on: TRAIN_SAMPLE, or 40 per IVF list when that is
+    more (FAISS's k-means wants 39), or all of them when fewer."""
+    try:
+        lists = faiss.extract_index_ivf(faiss.index_factory(dim, key)).nlist
+    except RuntimeError:  # not IVF
+        lists = 0
+    return min(max(TRAIN_SAMPLE, 40 * lists), count)
+
+
+def training_sample(vectors: np.ndarray, key: str) -> np.ndarray:
+    """A seeded sample of `training_size` `vectors` (read in order from a memory-mapped array)."""
     rng = np.random.default_rng(0)
-    chosen = np.sort(rng.choice(len(vectors), min(TRAIN_SAMPLE, len(vectors)), replace=False))
-    return np.ascontiguousarray(vectors[chosen], dtype=np.float32)
+    size = training_size(len(vectors), key, vectors.shape[1])
+    return np.ascontiguousarray(vectors[np.sort(rng.choice(len(vectors), size, replace=False))], dtype=np.float32)
 
 
 def make_faiss(key: str, dim: int, train_vectors: np.ndarray) -> faiss.Index:
@@ -98,7 +108,7 @@ def make_faiss(key: str, dim: int, train_vectors: np.ndarray) -> faiss.Index:
     except RuntimeError as e:
         raise IndexStoreError(f"bad --index-key {key!r}: {str(e).strip().splitlines()[-1]}") from e
     if not index.is_trained:
-        sample = training_sample(train_vectors)
+        sample = training_sample(train_vectors, key)
         gpu.train_on_gpus(index)
         try:
             index.train(sample)
@@ -382,7 +392,7 @@ def commit(directory: Path, base: GalleryIndex | None, new_ids: np.ndarray, new_
         deleted = np.zeros(0, np.int64)
         if on_disk:
             shutil.rmtree(staged, ignore_errors=True)
-            index = ondisk.build(staged, key, training_sample(vectors), _chunks(ids, vectors))
+            index = ondisk.build(staged, key, training_sample(vectors, key), _chunks(ids, vectors))
         else:
             index = make_faiss(key, dim, vectors)
             index.add_with_ids(vectors, ids)

@@ -46,7 +46,7 @@ from matvit import data, provenance
 from matvit.errors import UserError
 from retrieval import tuning
 from retrieval.encoder import Encoder
-from retrieval.index import FLAT_MAX, HNSW_MAX, TRAIN_SAMPLE, auto_index_key, make_faiss
+from retrieval.index import FLAT_MAX, HNSW_MAX, TRAIN_SAMPLE, auto_index_key, make_faiss, training_size
 
 K = 10  # neighbours per query: recall@10
 BATCH = 64  # the batched-search size
@@ -296,7 +296,7 @@ def build_index(key: str, vectors: np.ndarray) -> tuple[faiss.Index, dict]:
     index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
     done = time.perf_counter()
     return index, {"train_seconds": round(trained - start, 2), "add_seconds": round(done - trained, 2),
-                   "build_seconds": round(done - start, 2)}
+                   "build_seconds": round(done - start, 2), "train_vectors": training_size(len(vectors), key, dim)}
 
 
 # --- the benchmark -------------------------------------------------------------------------------------
@@ -551,7 +551,7 @@ def findings(r: dict) -> list[str]:
                     out.append(f"- {name}: tuning keeps {_param(row)}, the most accurate setting it tried.")
             if row.get("train_seconds", 0) > 1:
                 out.append(f"- {name}: building took {row['build_seconds']:,.0f} s, {row['train_seconds']:,.0f} s of "
-                           f"them training on {min(n, TRAIN_SAMPLE):,} vectors.")
+                           f"them training on {row.get('train_vectors', min(n, TRAIN_SAMPLE)):,} vectors.")
             if flat:
                 cost = max(flat["queries"][s]["knn1"] - q["knn1"] for s, q in row["queries"].items())
                 mine, exact = (" / ".join(f"{q['knn1']:.4f}" for q in x["queries"].values()) for x in (row, flat))
