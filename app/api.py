@@ -73,6 +73,8 @@ class Settings:
     max_item_image_bytes: int = 32 * 1024 * 1024  # a gallery image file the server sends back
     inference_slots: int = 2
     encoder_cache: int = 8
+    backend: str = "eager"  # the query encoder's backend: eager, compile, onnx, onnx-int8, or auto (the fastest
+    # that matches eager, per submodel, measured with the profile at start)
     write_wait: float = 30.0  # seconds an add or delete waits for another writer of the index before 409
 
     def images_per_request(self, path: str) -> int:
@@ -269,6 +271,8 @@ class SubmodelUsed(BaseModel):
     id: str
     spec: str
     gflops: float
+    backend: str | None = Field(None, description="the backend that encoded the query (eager, compile, onnx, "
+                                                  "onnx-int8)")
 
 
 class Timings(BaseModel):
@@ -287,7 +291,7 @@ class SearchResponse(BaseModel):
         "results": [{"rank": 1, "id": 5012, "score": 0.97, "label": "ankle-boot",
                      "metadata": {"id": 5012, "source": "fashion-mnist:train:5012", "label": 9, "width": 28,
                                   "height": 28, "added_at": "2026-11-22T11:26:00+00:00", "label_name": "ankle-boot"}}],
-        "submodel": {"id": "S", "spec": "S", "gflops": 0.0178},
+        "submodel": {"id": "S", "spec": "S", "gflops": 0.0178, "backend": "onnx"},
         "timings_ms": {"decode": 0.5, "encode": 3.6, "search": 5.1, "total": 9.2}}]})
 
 
@@ -316,18 +320,32 @@ class IndexInfo(BaseModel):
         "submodel": "XL", "version": "v000003"}]})
 
 
+class BackendTrial(BaseModel):
+    """A backend tried on a submodel when the profile was measured."""
+
+    backend: str
+    passed: bool = Field(description="its probe embeddings matched eager's (cosine at least 0.999 on every row)")
+    cosine: float | None = Field(None, description="the worst probe row's cosine against eager")
+    latency_ms_b1: float | None = None
+    error: str | None = Field(None, description="why it could not run here")
+
+
 class SubmodelRow(BaseModel):
     id: str
     spec: str
     params: int
     gflops: float
+    backend: str = Field(description="the backend serving this submodel; the latencies are its own")
     latency_ms_b1: float | None = None
     latency_ms_b32: float | None = None
     knn1: float | None = None
+    backends: list[BackendTrial] | None = Field(None, description="every backend tried when profiling")
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "id": "S-S-M-M-L-XL", "spec": "S,S,M,M,L,XL", "params": 706442, "gflops": 0.0245, "latency_ms_b1": 2.9,
-        "latency_ms_b32": 21.4, "knn1": 0.851}]})
+        "id": "S-S-M-M-L-XL", "spec": "S,S,M,M,L,XL", "params": 706442, "gflops": 0.0245, "backend": "onnx",
+        "latency_ms_b1": 2.9, "latency_ms_b32": 21.4, "knn1": 0.851,
+        "backends": [{"backend": "eager", "passed": True, "cosine": 1.0, "latency_ms_b1": 3.4},
+                     {"backend": "onnx", "passed": True, "cosine": 0.999998, "latency_ms_b1": 2.9}]}]})
 
 
 class ErrorDetail(BaseModel):
@@ -370,7 +388,8 @@ class Service:
         """Open the checkpoint and index, then measure the submodels' cost here unless a profile exists
         (so no request ever profiles); ready only when both are done."""
         try:
-            encoder = Encoder.load(self.settings.checkpoint, cache_size=self.settings.encoder_cache)
+            encoder = Encoder.load(self.settings.checkpoint, cache_size=self.settings.encoder_cache,
+                                   backend=self.settings.backend)
             retriever = Retriever(self.settings.index, encoder=encoder, max_pixels=self.settings.max_pixels)
             retriever.ensure_profile()
         except (UserError, OSError) as e:
@@ -402,8 +421,8 @@ class Service:
         label = choice.spec if choice.spec in {s.text for s in retriever.encoder.named()} else "mixnmatch"
         self.queries.labels(label).inc(len(images))
         self.encode_latency.labels(label).observe(results[0].timings_ms["encode"] * len(images) / 1e3)
-        return [SearchResponse(results=r.neighbours, submodel=SubmodelUsed(id=choice.id, spec=choice.spec,
-                                                                           gflops=choice.gflops),
+        used = SubmodelUsed(id=choice.id, spec=choice.spec, gflops=choice.gflops, backend=choice.backend)
+        return [SearchResponse(results=r.neighbours, submodel=used,
                                timings_ms=Timings(**r.timings_ms)) for r in results]
 
     def search_embedding(self, embedding: list[float], k: int, search_params: dict) -> SearchResponse:
@@ -624,7 +643,8 @@ def create_app(settings: Settings, load_in_background: bool = True) -> FastAPI:
             spec = retriever.encoder.spec(text)
             out.append(SubmodelRow(**{**row, "id": spec.id, "spec": spec.text,
                                       "params": retriever.encoder.params(spec),
-                                      "gflops": retriever.encoder.gflops(spec)}))
+                                      "gflops": retriever.encoder.gflops(spec),
+                                      "backend": retriever.encoder.serving(spec)}))
         return out
 
     @app.post("/v1/search", tags=["search"], response_model=SearchResponse, responses=ERRORS,

@@ -1,8 +1,10 @@
 """Device budgets: measure what each submodel costs on this machine and pick the best one that fits.
 
-A profile row holds a submodel's parameters, GFLOPs, median latency at batch 1 and 32, and, when
-measured against an index, its 1-NN accuracy. Selection takes the most accurate row within the
-budget (by measured accuracy when every candidate has it, else by GFLOPs as the proxy).
+A profile row holds a submodel's parameters, GFLOPs, the backend that serves it (`retrieval.backends`:
+every backend tried, its probe cosine against eager and batch-1 latency), that backend's median latency
+at batch 1 and 32, and, when measured against an index, its 1-NN accuracy. Selection takes the most
+accurate row within the budget (by measured accuracy when every candidate has it, else by GFLOPs as the
+proxy), so a latency budget is held against the backend that actually serves.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import logging
 import os
 import platform
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from matvit import spec as specs
 from matvit.errors import UserError
 from matvit.spec import Submodel
 
+from .backends import median_latency_ms
 from .encoder import Encoder
 
 log = logging.getLogger(__name__)
@@ -72,39 +74,33 @@ def candidates(encoder: Encoder, which: str) -> list[Submodel]:
     return [encoder.spec(t) for t in which.split(";")]
 
 
-@torch.inference_mode()
-def median_latency_ms(fn, images: torch.Tensor, warmup: int = 3, repeats: int = 15) -> float:
-    for _ in range(warmup):
-        fn(images)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(images)
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
-
-
 def measure(encoder: Encoder, spec: Submodel | str, repeats: int = 15) -> dict:
-    """Parameters and GFLOPs (embedding path, and with the classifier head), and median latency at batch 1
-    and 32 of one submodel on this machine."""
+    """Parameters and GFLOPs (embedding path, and with the classifier head), the backend chosen to serve
+    it (see `Encoder.select`), and that backend's median latency at batch 1 and 32 on this machine."""
     cfg, spec = encoder.config, encoder.spec(spec)
-    embedder = encoder.embedder(spec)
-    one = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size)
+    trials = encoder.select(spec, repeats)
+    backend = encoder.serving(spec)
+    runner = encoder.runner(spec)
+    one = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size, device=encoder.runtime.device)
     return {"params": encoder.params(spec), "gflops": encoder.gflops(spec),
             "params_with_head": encoder.params(spec, head=True), "gflops_with_head": encoder.gflops(spec, head=True),
-            "latency_ms_b1": median_latency_ms(embedder, one, repeats=repeats),
-            "latency_ms_b32": median_latency_ms(embedder, one.expand(32, -1, -1, -1), repeats=max(3, repeats // 3))}
+            "backend": backend,
+            "latency_ms_b1": median_latency_ms(runner, one, repeats=repeats),
+            "latency_ms_b32": median_latency_ms(runner, one.expand(32, -1, -1, -1), repeats=max(3, repeats // 3)),
+            "backends": [t.to_dict() for t in trials]}
 
 
 def profile(encoder: Encoder, submodels: list[Submodel], accuracy=None, repeats: int = 15) -> dict:
-    """Measure every submodel; `accuracy(spec) -> float` adds its 1-NN accuracy when given."""
+    """Measure every submodel; `accuracy(spec) -> float` adds its 1-NN accuracy (with the backend that
+    serves it) when given."""
     rows = []
     for spec in tqdm(submodels, desc="profiling", unit="submodel"):
         row = {"id": spec.id, "spec": spec.text, **measure(encoder, spec, repeats)}
         if accuracy is not None:
             row["knn1"] = accuracy(spec)
         rows.append(row)
-    return {"fingerprint": encoder.fingerprint, "host": host(), **provenance.record(), "rows": rows}
+    return {"fingerprint": encoder.fingerprint, "host": host(), "backend": encoder.backend, **provenance.record(),
+            "rows": rows}
 
 
 def host() -> dict:
@@ -132,9 +128,10 @@ def save_profile(result: dict, path: Path) -> None:
     os.replace(f.name, path)
 
 
-def load_profile(path: Path, fingerprint: str, this_host: bool = True) -> dict | None:
+def load_profile(path: Path, fingerprint: str, this_host: bool = True, backend: str | None = None) -> dict | None:
     """The stored profile at `path` when it was measured for this model (and, with `this_host`, on this
-    machine with this many threads), else None (with a warning when it is stale)."""
+    machine with this many threads; with `backend`, choosing among the same backends), else None (with a
+    warning when it is stale)."""
     try:
         result = json.loads(Path(path).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
@@ -145,14 +142,19 @@ def load_profile(path: Path, fingerprint: str, this_host: bool = True) -> dict |
         log.warning("the profile in %s was measured on %s, not on %s: its latencies are stale",
                     path, result.get("host"), host())
         return None
+    if backend is not None and result.get("backend", "eager") != backend:
+        log.warning("the profile in %s was measured with backend %s, not %s: it is stale",
+                    path, result.get("backend", "eager"), backend)
+        return None
     return result
 
 
 def ensure_profile(encoder: Encoder, path: Path) -> dict:
-    """The profile at `path` if it is this machine's; else the same submodels (the trained granularities
+    """The profile at `path` if it is this machine's and backend setting's (each row's backend then serves
+    its submodel again, once it passes the probe check); else the same submodels (the trained granularities
     when there is none) measured here and stored, keeping the 1-NN accuracy already measured."""
-    current = load_profile(path, encoder.fingerprint)
-    if current is not None:
+    current = load_profile(path, encoder.fingerprint, backend=encoder.backend)
+    if current is not None and adopt(encoder, current):
         return current
     stale = load_profile(path, encoder.fingerprint, this_host=False)
     rows = stale["rows"] if stale else []
@@ -162,6 +164,20 @@ def ensure_profile(encoder: Encoder, path: Path) -> dict:
     result = profile(encoder, submodels, accuracy)
     save_profile(result, path)
     return result
+
+
+def adopt(encoder: Encoder, result: dict) -> bool:
+    """Serve each profiled submodel with the backend its row names (built now, not in a request); False
+    when one of them no longer passes its probe check here (then that submodel is served with eager and
+    the profile's latencies are stale)."""
+    fine = True
+    for row in result["rows"]:
+        backend = row.get("backend", "eager")
+        if encoder.serve(row["spec"], backend).passed:
+            continue
+        log.warning("the profile's backend %s for %s no longer passes its check: re-measuring", backend, row["spec"])
+        fine = False
+    return fine
 
 
 def choose(rows: list[dict], budget: Budget) -> tuple[dict, str]:

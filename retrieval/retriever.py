@@ -1,4 +1,5 @@
-"""Query path: decode, pick the submodel (a spec or a budget), encode with its extracted model, search.
+"""Query path: decode, pick the submodel (a spec or a budget), encode with its extracted model (run by the
+backend that serves it, named in the result), search.
 
 A `Retriever` follows its index (any `retrieval.store.Store`): when another process (or its own
 `add`/`remove`) commits a new version, the next request opens it and swaps it in atomically; a request
@@ -31,13 +32,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Choice:
-    """The submodel a query ran with, and why."""
+    """The submodel a query ran with, why, and the backend that encodes with it."""
 
     id: str
     spec: str
     gflops: float
     params: int
     reason: str
+    backend: str = "eager"
 
 
 @dataclass
@@ -56,12 +58,13 @@ class Retriever:
     """An index opened with the checkpoint that built it; refuses any other checkpoint."""
 
     def __init__(self, index: str | Path | Store, checkpoint_dir: Path | None = None, encoder: Encoder | None = None,
-                 max_pixels: int | None = None, refresh_seconds: float = 0.1) -> None:
+                 max_pixels: int | None = None, refresh_seconds: float = 0.1, backend: str = "eager") -> None:
         """`index`: a directory, `milvus:URI` or a store; `max_pixels`: images whose header declares more are
-        refused before decoding; `refresh_seconds`: how often the store is asked for a new version."""
+        refused before decoding; `refresh_seconds`: how often the store is asked for a new version; `backend`:
+        the query encoder's backend (`retrieval.backends.CHOICES`) when the encoder is loaded here."""
         self.store = open_store(index)
         self._index = self.store.open()
-        self.encoder = encoder or Encoder.load(checkpoint_dir)
+        self.encoder = encoder or Encoder.load(checkpoint_dir, backend=backend)
         self._index.check_model(self.encoder.fingerprint)
         self.profile_path = self.store.files / budgets.PROFILE_FILE
         self.max_pixels = max_pixels
@@ -109,7 +112,9 @@ class Retriever:
     def profile_rows(self) -> list[dict]:
         """The profile's rows (never measured here: see `ensure_profile`)."""
         if self._profile is None:
-            self._profile = budgets.load_profile(self.profile_path, self.encoder.fingerprint)
+            found = budgets.load_profile(self.profile_path, self.encoder.fingerprint, backend=self.encoder.backend)
+            if found is not None and budgets.adopt(self.encoder, found):
+                self._profile = found
         if self._profile is None:
             raise budgets.BudgetError(f"no profile of this model on this machine in {self.store.files}; measure one "
                                       f"with `matvit profile --index {self.store.name} --checkpoint ...`")
@@ -125,7 +130,14 @@ class Retriever:
         else:
             spec = self.encoder.spec(submodel or "XL")
             reason = "requested" if submodel else "default (XL)"
-        return Choice(spec.id, spec.text, self.encoder.gflops(spec), self.encoder.params(spec), reason)
+        return Choice(spec.id, spec.text, self.encoder.gflops(spec), self.encoder.params(spec), reason,
+                      self.encoder.serving(spec))
+
+    def backends(self) -> dict[str, str]:
+        """The backend serving each profiled (or named) submodel, by spec text."""
+        texts = [r["spec"] for r in self._profile["rows"]] if self._profile else []
+        texts += [s.text for s in self.encoder.named() if s.text not in texts]
+        return {text: self.encoder.serving(text) for text in texts}
 
     def _cost_rows(self) -> list[dict]:
         """Profiled rows when there is a profile, else the trained granularities' computed costs."""
