@@ -47,6 +47,7 @@ class Encoder:
         self._cache: OrderedDict[str, Embedder] = OrderedDict()
         self._runners: OrderedDict[tuple[str, str], Runner] = OrderedDict()
         self._serving: dict[str, str] = {}  # spec id -> the backend that serves it, once checked
+        self._planned: dict[str, str] = {}  # spec id -> the backend a stored profile chose, checked at first use
         self._lock = threading.Lock()
         self._building = threading.Lock()
         self._probe: torch.Tensor | None = None  # the backends' check batch, and eager's embeddings of it
@@ -77,12 +78,21 @@ class Encoder:
 
     # --- backends ---------------------------------------------------------------------------
     def serving(self, spec: str | Submodel) -> str:
-        """The backend that serves `spec`: the one chosen for it, else the encoder's (checked now), else eager
-        (`auto` before any choice)."""
+        """The backend that serves `spec`: the one chosen for it, else the planned one or the encoder's (checked
+        now), else eager (`auto` before any choice)."""
         spec = self.spec(spec)
-        if spec.id not in self._serving and self.backend not in ("auto", "eager"):
-            self.serve(spec, self.backend)
+        if spec.id not in self._serving:
+            planned = self._planned.get(spec.id, self.backend)
+            if planned not in ("auto", "eager"):
+                self.serve(spec, planned)
         return self._serving.get(spec.id, "eager")
+
+    def plan(self, spec: str | Submodel, name: str) -> None:
+        """Serve `spec` with backend `name` from its first use on (checked then, eager if it fails)."""
+        spec = self.spec(spec)
+        with self._lock:
+            self._planned[spec.id] = backends.check_name(name)
+            self._serving.pop(spec.id, None)
 
     def runner(self, spec: str | Submodel) -> Runner:
         """The embedding function of `spec` with the backend that serves it (built on first use, then cached)."""

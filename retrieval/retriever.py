@@ -109,13 +109,20 @@ class Retriever:
         self._profile = budgets.ensure_profile(self.encoder, self.profile_path)
         return self._profile
 
-    def profile_rows(self) -> list[dict]:
-        """The profile's rows (never measured here: see `ensure_profile`)."""
+    def stored_profile(self) -> dict | None:
+        """The stored profile of this model on this machine and backend setting, loaded once (never measured
+        here: see `ensure_profile`); each row's backend serves its submodel from its first use."""
         if self._profile is None:
             found = budgets.load_profile(self.profile_path, self.encoder.fingerprint, backend=self.encoder.backend)
-            if found is not None and budgets.adopt(self.encoder, found):
+            if found is not None:
+                for row in found["rows"]:
+                    self.encoder.plan(row["spec"], row.get("backend", "eager"))
                 self._profile = found
-        if self._profile is None:
+        return self._profile
+
+    def profile_rows(self) -> list[dict]:
+        """The profile's rows (never measured here: see `ensure_profile`)."""
+        if self.stored_profile() is None:
             raise budgets.BudgetError(f"no profile of this model on this machine in {self.store.files}; measure one "
                                       f"with `matvit profile --index {self.store.name} --checkpoint ...`")
         return self._profile["rows"]
@@ -123,6 +130,8 @@ class Retriever:
     def choose(self, submodel: str | None = None, budget: budgets.Budget | None = None) -> Choice:
         if submodel is not None and budget is not None and budget.limit is not None:
             raise budgets.BudgetError("give either a submodel or a budget, not both")
+        if self.encoder.backend == "auto":
+            self.stored_profile()  # the backends it chose serve, even when no budget is given
         if budget is not None and budget.limit is not None:
             rows = self.profile_rows() if budget.ms is not None else self._cost_rows()
             row, reason = budgets.choose(rows, budget)

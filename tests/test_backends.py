@@ -164,11 +164,16 @@ def test_profile_records_the_serving_backend_and_the_budget_uses_its_latency(tra
         retriever.choose(budget=budget.Budget(ms=2))
     assert retriever.backends() == {"S": "onnx", "M": "onnx", "L": "onnx", "XL": "onnx"}
 
-    # A new process finds the stored profile: it serves with the recorded backends without measuring again.
-    again = Retriever(index, trained_dir, backend="auto")
-    again.encoder.select = lambda *a, **k: pytest.fail("measured again")
-    again.ensure_profile()
-    assert again.choose("S").backend == "onnx"
+    # A new process finds the stored profile: it serves with the recorded backends without measuring again,
+    # built at start (a server) or at first use (a one-off search, with no budget).
+    for start in (True, False):
+        again = Retriever(index, trained_dir, backend="auto")
+        again.encoder.select = lambda *a, **k: pytest.fail("measured again")
+        if start:
+            again.ensure_profile()
+        assert again.choose("S").backend == "onnx"
+        assert again.search(data.load("digits", "test", 8, 1).images[:1], k=1, submodel="L")[0].submodel.backend \
+            == "onnx"
 
     # A profile measured with another backend setting is stale for this one.
     eager = Retriever(index, trained_dir, backend="eager")
