@@ -426,6 +426,7 @@ class MilvusStore:
         try:
             with _milvus_errors(f"cannot write {self.name}"):
                 ids, vectors = self._fill(collection, base, rows, new_vectors, removed)
+                client.flush(collection)  # seal the inserted segments, so that Milvus indexes them
                 count = self._count(collection)
             final = self._final({**manifest, "index_key": key, "milvus_index": {"type": index_type,
                                                                                  "params": build_params}},
