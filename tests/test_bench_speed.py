@@ -100,6 +100,7 @@ def test_steps_resume_without_measuring_again(finished, monkeypatch):
     monkeypatch.setattr(speed, "interleaved", no_timing)
     again = speed.run(tiny_options(out))
     assert again["models"] == r["models"] and again["training"] == r["training"]
+    assert again["load_check"] == r["load_check"] and "load_1min" in again["load_check"]  # kept by the first step
     with pytest.raises(AssertionError, match="measured again"):  # other settings: that step is measured afresh
         speed.run(tiny_options(out, repeats=2))
 

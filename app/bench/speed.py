@@ -296,10 +296,11 @@ class Bench:
     def _begin(self) -> dict:
         """The load check (before the first measurement of the run only: later, this run's own threads are in the
         load average), then the load as the step starts."""
-        if self.quiet is None:
+        first = self.quiet is None
+        if first:
             self.quiet = wait_for_quiet(self.opts.max_load, self.opts.load_wait, self.log)
         torch.set_num_threads(self.opts.threads)
-        return {"load_1min_at_start": load_average()}
+        return {**({"load_check": self.quiet} if first else {}), "load_1min_at_start": load_average()}
 
     # 1 and 2: nesting and smaller specs
     def timing_step(self, s: Subject) -> dict:
@@ -487,10 +488,12 @@ class Bench:
             if timing or index:
                 models.append({"model": (timing or index)["model"], "timing": timing, "index": index})
         training = [t for p in self.train_names if (t := load(f"train-{p}"))]
+        steps = [row for m in models for row in (m["timing"], m["index"]) if row] + training
+        checked = self.quiet or next((row["load_check"] for row in steps if row.get("load_check")), None)
         options = {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
                    for k, v in dataclasses.asdict(self.opts).items() if k != "log"}
         result = {**self.origin, "threads": self.opts.threads, "torch": torch.__version__, "options": options,
-                  "load_check": self.quiet, "method": METHOD, "retriever_uses": RETRIEVER_PATH,
+                  "load_check": checked, "method": METHOD, "retriever_uses": RETRIEVER_PATH,
                   "models": models, "training": training}
         result["targets"] = targets(result)
         result["findings"] = findings(result)
@@ -612,17 +615,23 @@ def findings(r: dict) -> list[str]:
                 f"ms/GFLOP, i.e. {f['fixed_share_of_xl']:.0%} of XL's {xl['ms']['extracted']:.2f} ms does not "
                 "shrink with the FLOPs.")
         if _is_trained_small(m):
+            devs = ", ".join(f"{row['deviation']['extracted']:+.0%} at batch {b['batch']}"
+                             for b in timing["batches"].values() for row in b["rows"] if row["spec"] == "S")
             out.append(
                 f"- {name} is a trained small model ({timing['tokens']} tokens of width "
-                f"{timing['config']['embed_dim']}): its matmuls are so small that per-layer costs independent of "
-                "the FFN width (operator dispatch, layer norms, attention's softmax and reshapes, the patch "
-                "embedding) are a large share of a forward, which is why its latency ratios sit above its FLOP "
-                "ratios, most at batch 1.")
+                f"{timing['config']['embed_dim']}); its extracted S is off its FLOP ratio by {devs}. Its matmuls are "
+                "so small that costs independent of the FFN width (per-operator dispatch in every layer, layer "
+                "norms, attention's softmax and reshapes, the patch embedding) are a large share of a forward, so "
+                "the latency ratios cannot follow the FLOP ratios down.")
+    limit = r["options"].get("max_load")
+    for row in [x for m in r["models"] for x in (m["timing"], m["index"]) if x] + r["training"]:
+        peak = max(v for v in (row.get("load_1min_at_start"), row.get("load_1min_at_end")) if v is not None)
+        if limit is not None and peak > limit:
+            what = row.get("model") or f"training {row.get('preset')}"
+            out.append(f"- {what} ({row['settings']['kind']}): the 1-minute load reached {peak} during this step "
+                       f"(limit {limit}): other jobs shared the cores, so its absolute times, and the ratios of its "
+                       "shortest calls most, carry that noise.")
     return out
-
-
-def _f(v: float, fmt: str = ".3f") -> str:
-    return format(v, fmt)
 
 
 def markdown(r: dict) -> str:
