@@ -2,9 +2,14 @@
 `torch.compile`, ONNX Runtime, or ONNX Runtime with dynamic int8 weights.
 
 A backend serves only after matching eager on a fixed, seeded probe batch (cosine at least `MIN_COSINE`
-for every row); `auto` takes, of those that match, the fastest at batch 1 on this machine. ONNX files are
-exported once per checkpoint fingerprint and spec into a cache directory; compiled modules live as long
-as the process (inductor keeps its own on-disk cache).
+for every row); `auto` takes, of those in `AUTO` that match, the fastest at batch 1 on this machine. ONNX
+files are exported once per checkpoint fingerprint and spec into a cache directory; compiled modules live
+as long as the process (inductor keeps its own on-disk cache).
+
+`compile` is never chosen by `auto`: inductor's C++ kernels bring an OpenMP thread pool of their own that
+competes with torch's, and on a small shared CPU eager ops in the same process slowed by 4x and more once
+compiled kernels had run (docs/results/backends-compile-in-process.md); ask for it explicitly where cores
+are free. ONNX Runtime's pool is told not to spin, for the same reason.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from matvit.spec import Submodel
 log = logging.getLogger(__name__)
 
 BACKENDS = ("eager", "compile", "onnx", "onnx-int8")
+AUTO = ("eager", "onnx", "onnx-int8")  # what `auto` chooses from (see above for compile)
 CHOICES = ("auto", *BACKENDS)
 MIN_COSINE = 0.999
 PROBE_SIZE = 8
@@ -143,6 +149,8 @@ def onnx_runner(path: Path, threads: int | None = None) -> Runner:
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # idle workers sleep instead of spinning: a spinning pool starves torch's threads in the same process
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def run(images: torch.Tensor) -> torch.Tensor:

@@ -117,10 +117,10 @@ class Encoder:
         return trial
 
     def select(self, spec: str | Submodel, repeats: int = 15) -> list[Trial]:
-        """Check every backend this encoder may use for `spec` against eager (all of them with `auto`), time
-        at batch 1 those that pass, and serve `spec` with the fastest; returns every trial."""
+        """Check every backend this encoder may use for `spec` against eager (`backends.AUTO` with `auto`),
+        time at batch 1 those that pass, and serve `spec` with the fastest; returns every trial."""
         spec = self.spec(spec)
-        names = backends.BACKENDS if self.backend == "auto" else list(dict.fromkeys([self.backend, "eager"]))
+        names = backends.AUTO if self.backend == "auto" else list(dict.fromkeys([self.backend, "eager"]))
         one = self._probe_batch()[:1]
         trials: list[Trial] = []
         for name in names:

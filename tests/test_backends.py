@@ -1,7 +1,11 @@
 """Query-encoder backends: each matches eager or is refused, `auto` picks the fastest that passes, the profile
 records the serving backend and the latency budget holds against it, and the API says which backend serves."""
 
+import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,14 +63,28 @@ def test_onnx_plain_backend_passes(trained_dir, cache):
     assert trial.passed and trial.cosine > 0.99999
 
 
-def test_compile_matches_eager(trained_dir, queries, eager_embeddings):
-    encoder = Encoder.load(trained_dir, backend="compile")
-    trial = encoder.serve("S", "compile")
-    assert trial.passed and trial.cosine >= backends.MIN_COSINE
-    assert encoder.serving("S") == "compile"
-    one = encoder.encode(queries[:1], "S")  # the compiled batch-1 path
-    np.testing.assert_allclose(one, eager_embeddings["S"][:1], atol=1e-4)
-    np.testing.assert_allclose(encoder.encode(queries, "S"), eager_embeddings["S"], atol=1e-4)
+COMPILE_CHECK = """
+import json, sys
+import numpy as np
+from matvit import data
+from retrieval.encoder import Encoder
+queries = data.load("digits", "test", 8, 1).images[:16]
+eager = Encoder.load(sys.argv[1]).encode(queries, "S")
+encoder = Encoder.load(sys.argv[1], backend="compile")
+trial = encoder.serve("S", "compile")
+one = np.concatenate([encoder.encode(queries[i:i + 1], "S") for i in range(len(queries))])
+print(json.dumps({**trial.to_dict(), "serving": encoder.serving("S"), "gap": float(np.abs(one - eager).max())}))
+"""
+
+
+def test_compile_matches_eager(trained_dir):
+    """In a process of its own: inductor's kernels leave an OpenMP pool that slows every later eager op."""
+    done = subprocess.run([sys.executable, "-c", COMPILE_CHECK, str(trained_dir)], capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["passed"] and result["cosine"] >= backends.MIN_COSINE and result["serving"] == "compile"
+    assert result["gap"] < 1e-4  # the compiled batch-1 path, query by query
 
 
 def test_onnx_export_is_cached(trained_dir, cache, monkeypatch):
@@ -87,8 +105,8 @@ FAKE_MS = {"eager": 40.0, "onnx": 5.0, "onnx-int8": 1.0}
 
 @pytest.fixture
 def fake_backends(monkeypatch):
-    """`onnx`: eager's embeddings, 5 ms; `onnx-int8`: the fastest (1 ms) but wrong; `compile`: cannot build;
-    eager: 40 ms. Latency is read from the runner, so every timing is deterministic."""
+    """`onnx`: eager's embeddings, 5 ms; `onnx-int8`: the fastest (1 ms) but wrong; `compile`: cannot build
+    here; eager: 40 ms. Latency is read from the runner, so every timing is deterministic."""
     real_eager = backends.eager
 
     def tagged(runner, ms):
@@ -129,8 +147,7 @@ def digits_index(trained_dir, tmp_path_factory):
 def test_auto_picks_the_fastest_backend_that_passes(trained_dir, fake_backends):
     encoder = Encoder.load(trained_dir, backend="auto")
     trials = {t.backend: t for t in encoder.select("S", repeats=1)}
-    assert set(trials) == set(backends.BACKENDS)
-    assert not trials["compile"].passed and "no C++ compiler" in trials["compile"].error
+    assert set(trials) == set(backends.AUTO) == {"eager", "onnx", "onnx-int8"}
     assert not trials["onnx-int8"].passed and trials["onnx-int8"].cosine < backends.MIN_COSINE
     assert trials["onnx-int8"].latency_ms_b1 is None  # a refused backend is not even timed
     assert trials["onnx"].passed and trials["onnx"].latency_ms_b1 == 5.0
@@ -142,6 +159,10 @@ def test_an_asked_for_backend_that_fails_falls_back_to_eager(trained_dir, fake_b
     trials = encoder.select("XL", repeats=1)
     assert [(t.backend, t.passed) for t in trials] == [("onnx-int8", False), ("eager", True)]
     assert encoder.serving("XL") == "eager"
+    broken = Encoder.load(trained_dir, backend="compile")
+    trial = broken.serve("S", "compile")
+    assert not trial.passed and trial.cosine is None and "no C++ compiler" in trial.error
+    assert broken.serving("S") == "eager"
 
 
 def test_profile_records_the_serving_backend_and_the_budget_uses_its_latency(trained_dir, digits_index,
@@ -153,8 +174,7 @@ def test_profile_records_the_serving_backend_and_the_budget_uses_its_latency(tra
     for row in profile["rows"]:
         assert row["backend"] == "onnx"
         assert row["latency_ms_b1"] == FAKE_MS["onnx"] and row["latency_ms_b32"] == 32 * FAKE_MS["onnx"]
-        assert {t["backend"]: t["passed"] for t in row["backends"]} == {
-            "eager": True, "compile": False, "onnx": True, "onnx-int8": False}
+        assert {t["backend"]: t["passed"] for t in row["backends"]} == {"eager": True, "onnx": True, "onnx-int8": False}
     # 10 ms holds for onnx (5 ms), not for eager (40 ms): the budget is met because onnx serves
     choice = retriever.choose(budget=budget.Budget(ms=10))
     assert choice.spec == "XL" and choice.backend == "onnx"

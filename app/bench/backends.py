@@ -51,7 +51,7 @@ def knn1(gallery: np.ndarray, labels: np.ndarray, queries: np.ndarray, truth: np
 
 
 def bench_model(name: str, model: MatViT, submodels: list[str], cache: Path, images: torch.Tensor | None,
-                repeats: int) -> dict:
+                repeats: int, names: tuple[str, ...] = backends.AUTO) -> dict:
     """Every backend on every submodel of `model`; `images`: real uint8 images for the cosine on data."""
     fingerprint = checkpoint.fingerprint(model)
     c = model.config
@@ -65,7 +65,7 @@ def bench_model(name: str, model: MatViT, submodels: list[str], cache: Path, ima
         reference = backends.eager(embedder)(probe)
         real = to_input(images) if images is not None else None
         real_reference = backends.eager(embedder)(real) if real is not None else None
-        for backend in backends.BACKENDS:
+        for backend in names:
             load = wait_for_quiet_cpu()
             start = time.perf_counter()
             runner = backends.build(backend, model, fingerprint, spec, embedder, torch.device("cpu"), cache)
@@ -141,7 +141,7 @@ def write_markdown(result: dict, path: Path) -> None:
                   "|---|---|---:|---:|---:|---:|---:|---:|:-:|---:|"]
         eager = {(r["submodel"]): r for r in model["rows"] if r["backend"] == "eager"}
         for r in model["rows"]:
-            e = eager[r["submodel"]]
+            e = eager.get(r["submodel"], r)
             data_cos = (f"{r['data_cosine_min']:.5f} / {r['data_cosine_mean']:.5f}" if "data_cosine_min" in r
                         else "-")
             lines.append(f"| {r['submodel']} | {r['backend']} | {r['latency_ms_b1']:.2f} | {r['latency_ms_b32']:.1f} "
@@ -178,7 +178,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gallery", type=int, default=5000)
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--data-dir", type=Path)
+    parser.add_argument("--backends", default=",".join(backends.AUTO),
+                        help="timed side by side in this process (compile slows every later eager op: see "
+                             "retrieval/backends.py)")
+    parser.add_argument("--patience", type=int, default=1200, help="seconds to wait in all for a 1-minute load "
+                                                                   "under 2.5 before timing anyway")
     args = parser.parse_args(argv)
+    names = tuple(args.backends.split(","))
+    _patience["deadline"] = time.monotonic() + args.patience
     import onnxruntime
 
     cache = Path(tempfile.mkdtemp(prefix="matvit-backends-"))
@@ -201,13 +208,13 @@ def main(argv: list[str] | None = None) -> None:
         result["int8_knn"] = int8_knn(trained, cache, args.data_dir, args.gallery, args.queries)
         save()
         result["models"].append(bench_model(f"trained {args.checkpoint.name} ({args.checkpoint.parent.name})",
-                                            trained, submodels, cache, test.images[:512], args.repeats))
+                                            trained, submodels, cache, test.images[:512], args.repeats, names))
         save()
     if args.preset:
         torch.manual_seed(0)
         model = MatViT(get_preset(args.preset).model).eval()
         result["models"].append(bench_model(f"{args.preset}, random weights (seed 0)", model, submodels, cache, None,
-                                            args.repeats))
+                                            args.repeats, names))
         save()
 
 
