@@ -27,6 +27,13 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
 
 
+def _backend(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="auto",
+                        help="query encoder backend: auto (default) serves each submodel with the fastest of eager, "
+                             "onnx and onnx-int8 whose embeddings match eager (cosine >= 0.999), measured with the "
+                             "profile; or eager, compile, onnx, onnx-int8")
+
+
 def _recall_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recall-target", type=float, default=0.95,
                         help="recall@10 an approximate index's nprobe / efSearch is tuned to")
@@ -225,7 +232,7 @@ def _budget(args):
 def cmd_search(args: argparse.Namespace) -> None:
     from retrieval.retriever import Retriever
 
-    retriever = Retriever(args.index, args.checkpoint)
+    retriever = Retriever(args.index, args.checkpoint, backend=args.backend)
     if args.budget_ms is not None:
         retriever.ensure_profile()
     params = {k: v for k, v in (("nprobe", args.nprobe), ("ef_search", args.ef_search), ("rerank", args.rerank))
@@ -250,7 +257,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     from retrieval.encoder import Encoder
     from retrieval.store import open_store
 
-    encoder = Encoder.load(args.checkpoint)
+    encoder = Encoder.load(args.checkpoint, backend=args.backend)
     accuracy = None
     store = open_store(args.index) if args.index else None
     if store:
@@ -354,7 +361,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = Settings(index=args.index, checkpoint=args.checkpoint, api_key=api_key,
                         metrics_need_key=args.metrics_need_key, max_upload_bytes=args.max_upload_mb * 1024 * 1024,
                         max_pixels=args.max_pixels, max_batch=args.max_batch,
-                        max_item_image_bytes=args.max_item_image_mb * 1024 * 1024, write_wait=args.write_wait)
+                        max_item_image_bytes=args.max_item_image_mb * 1024 * 1024, write_wait=args.write_wait,
+                        backend=args.backend)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
 
 
@@ -478,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_index_info)
 
     p = sub.add_parser("search", help="find the nearest gallery images of a query image")
+    _backend(p)
     _index(p)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--image", type=Path, required=True)
@@ -495,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("profile", help="measure latency, size and (with --index) accuracy of submodels")
+    _backend(p)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--submodels", default="uniform", help="uniform, monotone, all, or specs separated by ';'")
     p.add_argument("--index", "--store", dest="index", type=_index_spec,
@@ -515,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval_grid)
 
     p = sub.add_parser("serve", help="serve the REST API (OpenAPI docs at /docs)")
+    _backend(p)
     _index(p)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--host", default="127.0.0.1")
