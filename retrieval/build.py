@@ -135,8 +135,10 @@ def csv_source(manifest: Path, split: str, img_size: int, in_chans: int, workers
 class DatasetSource:
     """A split of a named dataset (digits, fashion-mnist, folder:PATH), already decoded in memory."""
 
-    def __init__(self, name: str, split: str, img_size: int, in_chans: int, data_dir: Path | None = None) -> None:
-        self.set = data.load(name, split, img_size, in_chans, data_dir)
+    def __init__(self, name: str, split: str, img_size: int, in_chans: int, data_dir: Path | None = None,
+                 images: data.ImageSet | None = None) -> None:
+        """The split as `data.load` reads it, or `images` when given (e.g. some of its images, loaded already)."""
+        self.set = data.load(name, split, img_size, in_chans, data_dir) if images is None else images
         self.classes = self.set.classes
         self.labels = self.set.labels.tolist()
         self.description = f"{name}:{split} ({len(self.set)} images)"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from app.bench import speed
+from app.cli import main
 from matvit import checkpoint
 from matvit import spec as specs
 from matvit.config import get_preset
@@ -149,7 +150,7 @@ def test_add_parser_registers_the_subcommand(tmp_path):
                               "--threads", "2"])
     assert args.func is speed.cmd_speed and args.preset == ["matvit-ti16", "matvit-s16"] and args.threads == 2
     assert args.checkpoint is None and args.batch == 32 and args.max_load == 2.5
-    assert speed.main(["--out", str(tmp_path)]) == 2  # neither --preset nor --checkpoint: a one-line error
+    assert main(["bench", "speed", "--out", str(tmp_path)]) == 2  # neither --preset nor --checkpoint: one line
 
 
 def test_wait_for_quiet_records_the_load(monkeypatch):

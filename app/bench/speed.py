@@ -385,7 +385,7 @@ class Bench:
         n = len(gallery.images)
         x = to_input(gallery.images)
         encoder = Encoder(s.model)
-        source = InMemoryGallery(gallery, f"{s.dataset}:test[:{n}]")
+        source = build.DatasetSource(s.dataset, "test", cfg.img_size, cfg.in_chans, o.data_dir, images=gallery)
         scratch = Path(tempfile.mkdtemp(prefix="matvit-speed-"))
 
         def forward() -> None:
@@ -510,28 +510,6 @@ METHOD = ("torch.set_num_threads fixed (recorded); every model warmed up, then t
           "a ratio is the ratio of two such medians from the same rounds, so a burst of load from other jobs falls "
           "on both sides or is voted out by the median. Network inputs: seeded random images; everything under "
           "torch.inference_mode.")
-
-
-class InMemoryGallery:
-    """A decoded `ImageSet` as a `retrieval.build` gallery source."""
-
-    def __init__(self, images: data.ImageSet, description: str) -> None:
-        self.set, self.classes, self.labels = images, images.classes, images.labels.tolist()
-        self.description = description
-        self.root_entry = {"kind": "dataset", "name": description, "split": "test", "data_dir": None}
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def source(self, position: int) -> tuple[str, str | None]:
-        return self.set.sources[position], None
-
-    def batches(self, todo: list[int], batch_size: int) -> Iterator[data.DecodedBatch]:
-        for i in range(0, len(todo), batch_size):
-            positions = todo[i:i + batch_size]
-            images = self.set.images[positions]
-            size = (int(images.shape[-1]), int(images.shape[-2]))
-            yield data.DecodedBatch(positions, images, [size] * len(positions), [])
 
 
 NATIVE = {"digits": (8, 1), "fashion-mnist": (28, 1)}
@@ -807,24 +785,3 @@ def add_parser(bench_subparsers) -> None:
     q.add_argument("--load-wait", type=float, default=1200.0, help="seconds to wait at most for the load to drop")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_speed)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m app.bench.speed ...`: the same options as `matvit bench speed`."""
-    import sys
-
-    parser = argparse.ArgumentParser(prog="matvit bench")
-    add_parser(parser.add_subparsers(dest="bench_command", required=True))
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(["speed", *argv])
-    provenance.set_command(["matvit", "bench", "speed", *argv])
-    try:
-        args.func(args)
-    except UserError as e:
-        print(f"matvit: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
