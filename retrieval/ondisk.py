@@ -11,8 +11,7 @@ in memory:
 3. `merge`: reads every block with `faiss.IO_FLAG_MMAP` (the blocks stay on disk) and writes the merged
    inverted lists into one file, `index.ivfdata`, with FAISS's `OnDiskInvertedLists.merge_from_multiple`
    (what `faiss.contrib.ondisk.merge_ondisk` does, here with the lists of an earlier merged index first
-   when growing one); then `index.faiss` is written: the quantizer and the lists' offsets only. The
-   blocks can then be dropped (`drop_blocks`);
+   when growing one); then `index.faiss` is written: the quantizer and the lists' offsets only;
 4. `open`: read `index.faiss`; its `OnDiskInvertedLists` memory-map `index.ivfdata` themselves
    (read-only, found beside `index.faiss` with `IO_FLAG_ONDISK_SAME_DIR`, so the directory may
    move): the operating system pages in the lists a search probes, and memory holds the quantizer and
@@ -148,10 +147,6 @@ class OnDiskIVF:
         lists.this.disown()  # the index owns its lists now
         _write(index, self.directory / MERGED)
         return self.directory / MERGED
-
-    def drop_blocks(self) -> None:
-        """Remove the blocks (merged into `index.ivfdata`, they only double the disk used)."""
-        shutil.rmtree(self.directory / "blocks", ignore_errors=True)
 
     def open(self) -> faiss.Index:
         """The merged index, its inverted lists memory-mapped from `index.ivfdata`."""
