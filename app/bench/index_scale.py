@@ -48,6 +48,8 @@ from retrieval import tuning
 from retrieval.encoder import Encoder
 from retrieval.index import FLAT_MAX, HNSW_MAX, TRAIN_SAMPLE, auto_index_key, make_faiss, training_size
 
+from . import steps
+
 K = 10  # neighbours per query: recall@10
 BATCH = 64  # the batched-search size
 SWEEP_QUERIES = 1000  # XL queries of the recall-against-speed sweep
@@ -323,9 +325,7 @@ class Bench:
         if path.is_file():
             saved = np.load(path)
             return {spec: saved[spec] for spec in self.emb.queries}
-        exact = faiss.IndexFlatIP(self.dim)
-        exact.add(np.ascontiguousarray(self.emb.gallery[:n]))
-        found = {spec: exact.search(q, K)[1] for spec, q in self.emb.queries.items()}
+        found = {spec: tuning.exact_search(self.emb.gallery[:n], q, K)[1] for spec, q in self.emb.queries.items()}
         np.savez(path, **found)
         return found
 
@@ -333,11 +333,8 @@ class Bench:
         key = KINDS[kind](n, self.dim)
         settings = self.settings(n, kind, key)
         path = self.out / "steps" / f"{n}-{kind}.json"
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get("settings") == settings:
-                self.log(f"[{n}-{kind}] done before: {path}")
-                return saved
+        if (row := steps.saved(path, settings, self.log)) is not None:
+            return row
         twin = next((k for k in self.opts.kinds if k != kind and k != "auto" and KINDS[k](n, self.dim) == key), None)
         if kind == "auto" and twin is not None:
             row = {**self.step(n, twin), "settings": settings, "same_as": twin}
@@ -345,7 +342,7 @@ class Bench:
             self.log(f"[{n}-{kind}] building {key} over {n:,} vectors")
             row = {"settings": settings, **self.measure_faiss(n, key)}
         row.update({"kind": kind, "size": n, "index_key": key, **provenance.record()})
-        path.write_text(json.dumps(row, indent=2))
+        steps.write(path, row)
         self.log(f"[{n}-{kind}] {key}: " + ", ".join(
             f"{s} recall@10 {r['at_10']:.4f} qps@1 {r['qps_batch_1']:,.0f}" for s, r in row["queries"].items())
             + f"; wrote {path}")
@@ -382,14 +379,11 @@ class Bench:
         """Milvus Lite with the `auto` index the Milvus store picks, built and tuned by the store itself."""
         settings = {**self.settings(n, "auto", "auto"), "store": "milvus", **self.milvus_timing(), "reloaded": True}
         path = self.out / "steps" / f"{n}-milvus-auto.json"
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get("settings") == settings:
-                self.log(f"[{n}-milvus-auto] done before: {path}")
-                return saved
+        if (row := steps.saved(path, settings, self.log)) is not None:
+            return row
         self.log(f"[{n}-milvus-auto] filling a Milvus Lite collection with {n:,} vectors")
         row = {"settings": settings, **self.measure_milvus(n), "kind": "auto", "size": n, **provenance.record()}
-        path.write_text(json.dumps(row, indent=2))
+        steps.write(path, row)
         self.log(f"[{n}-milvus-auto] {row['index_key']}: " + ", ".join(
             f"{s} recall@10 {r['at_10']:.4f} qps@1 {r['qps_batch_1']:,.0f}" for s, r in row["queries"].items())
             + f"; wrote {path}")

@@ -32,6 +32,7 @@ from matvit.train import Trainer, TrainOptions
 from retrieval.encoder import Encoder
 from retrieval.grid import grid_from_embeddings
 
+from . import steps
 from .consistency import _run_matches
 
 
@@ -81,17 +82,14 @@ class Bench:
     def step(self, name: str, settings: dict, make) -> dict:
         """The step's result file when it was written with these settings, else `make()`'s result, written."""
         path = self.out / "steps" / f"{name}.json"
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get("settings") == settings:
-                self.log(f"[{name}] done before: {path}")
-                return saved
+        if (row := steps.saved(path, settings, self.log)) is not None:
+            return row
         self.log(f"[{name}] running")
         start = time.perf_counter()
         result = {"name": name, "settings": settings, **make()}
         result["step_seconds"] = round(time.perf_counter() - start, 1)
         result.update(self.origin)  # the command and code of the process that ran this step
-        path.write_text(json.dumps(result, indent=2))
+        steps.write(path, result)
         self.log(f"[{name}] diagonal 1-NN " + ", ".join(f"{g} {v:.4f}" for g, v in result["diagonal"].items())
                  + f"; wrote {path}")
         self.report()

@@ -52,6 +52,8 @@ from matvit.errors import UserError
 from matvit.images import to_input
 from matvit.spec import Submodel
 
+from . import steps
+
 # Targets of issue "Smaller must be faster".
 NESTING_TARGET = 0.97  # throughput against a plain timm ViT of the same widths
 FLOP_TOLERANCE = {1: 0.25}  # latency ratio within this share of the FLOP ratio at batch 1 ...
@@ -279,17 +281,10 @@ class Bench:
         return {"kind": kind, "threads": o.threads, "seed": o.seed, **extra}
 
     def _cached(self, path: Path, settings: dict) -> dict | None:
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get("settings") == settings:
-                self.log(f"[{path.stem}] done before: {path}")
-                return saved
-        return None
+        return steps.saved(path, settings, self.log)
 
     def _write(self, path: Path, row: dict) -> dict:
-        tmp = path.with_name(f".{path.name}")
-        tmp.write_text(json.dumps(row, indent=2))
-        tmp.replace(path)
+        steps.write(path, row)
         self.report()
         return row
 
