@@ -4,7 +4,8 @@ Errors are JSON `{"error": {"code", "message", "request_id"}}`: user input never
 unexpected failure is a JSON 500 whose traceback is logged once. Every response carries `X-Request-ID`.
 Limits live in `Settings`; a request body is refused (413) as soon as it passes its route's byte limit,
 whatever its content type or transfer encoding. Inference and index writes run in worker threads,
-never on the event loop; at most `inference_slots` requests encode at a time (writes take no slot).
+never on the event loop; concurrent queries for one submodel are encoded as one batch (`retrieval.batching`),
+at most `inference_slots` batches at a time (writes take no slot).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, get_args, get_origin
 
+import faiss
 import torch
 from fastapi import Depends, FastAPI, Request, Security, UploadFile
 from fastapi import Path as PathParam
@@ -71,7 +73,9 @@ class Settings:
     max_batch: int = 32  # images in a batch search or an item add
     max_field_bytes: int = 4096  # a text field of a multipart form (an option, a label, a name)
     max_item_image_bytes: int = 32 * 1024 * 1024  # a gallery image file the server sends back
-    inference_slots: int = 2
+    inference_slots: int = 2  # query batches encoding at once; torch gets cores / slots threads each
+    batch_wait_ms: float = 2.0  # how long a query batch waits for requests still decoding to join it (it stops
+    # waiting once it holds max_batch images)
     encoder_cache: int = 8
     backend: str = "eager"  # the query encoder's backend: eager, compile, onnx, onnx-int8, or auto (the fastest
     # that matches eager, per submodel, measured with the profile at start)
@@ -276,7 +280,10 @@ class SubmodelUsed(BaseModel):
 
 
 class Timings(BaseModel):
+    """Per query image, in milliseconds: `queue` is the wait for its batch to be encoded, `encode` that batch's."""
+
     decode: float
+    queue: float = 0.0
     encode: float
     search: float
     total: float
@@ -286,13 +293,15 @@ class SearchResponse(BaseModel):
     results: list[Neighbour]
     submodel: SubmodelUsed | None = Field(None, description="None for embedding queries")
     timings_ms: Timings
+    encode_batch: int = Field(1, description="query images encoded in one batch with this one (micro-batching)")
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "results": [{"rank": 1, "id": 5012, "score": 0.97, "label": "ankle-boot",
                      "metadata": {"id": 5012, "source": "fashion-mnist:train:5012", "label": 9, "width": 28,
                                   "height": 28, "added_at": "2026-11-22T11:26:00+00:00", "label_name": "ankle-boot"}}],
         "submodel": {"id": "S", "spec": "S", "gflops": 0.0178, "backend": "onnx"},
-        "timings_ms": {"decode": 0.5, "encode": 3.6, "search": 5.1, "total": 9.2}}]})
+        "timings_ms": {"decode": 0.5, "queue": 0.4, "encode": 3.6, "search": 5.1, "total": 9.6},
+        "encode_batch": 3}]})
 
 
 class BatchResponse(BaseModel):
@@ -373,7 +382,6 @@ class Service:
         self.settings = settings
         self.retriever: Retriever | None = None
         self.load_error: str | None = None
-        self.slots = threading.Semaphore(settings.inference_slots)
         self.registry = CollectorRegistry()
         self.requests = Counter("matvit_requests_total", "HTTP requests", ["endpoint", "method", "status"],
                                 registry=self.registry)
@@ -383,6 +391,8 @@ class Service:
                                ["submodel"], registry=self.registry)
         self.encode_latency = Histogram("matvit_encode_seconds", "query encoding latency per request",
                                         ["submodel"], registry=self.registry)
+        self.encode_batch = Histogram("matvit_encode_batch_images", "images in the batch a query was encoded in",
+                                      ["submodel"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
 
     def load(self) -> None:
         """Open the checkpoint and index, then measure the submodels' cost here unless a profile exists
@@ -390,7 +400,9 @@ class Service:
         try:
             encoder = Encoder.load(self.settings.checkpoint, cache_size=self.settings.encoder_cache,
                                    backend=self.settings.backend)
-            retriever = Retriever(self.settings.index, encoder=encoder, max_pixels=self.settings.max_pixels)
+            retriever = Retriever(self.settings.index, encoder=encoder, max_pixels=self.settings.max_pixels,
+                                  encode_slots=self.settings.inference_slots,
+                                  batch_wait_ms=self.settings.batch_wait_ms, max_batch=self.settings.max_batch)
             retriever.ensure_profile()
         except (UserError, OSError) as e:
             self.load_error = str(e)
@@ -414,16 +426,16 @@ class Service:
     def search(self, images: list[bytes], options: SearchOptions) -> list[SearchResponse]:
         retriever = self.ready()
         budget = Budget(ms=options.budget_ms, gflops=options.budget_gflops)
-        with self.slots:
-            results = retriever.search(images, k=options.k, submodel=options.submodel, budget=budget,
-                                       search_params=options.search_params())
+        results = retriever.search(images, k=options.k, submodel=options.submodel, budget=budget,
+                                   search_params=options.search_params())
         choice = results[0].submodel
         label = choice.spec if choice.spec in {s.text for s in retriever.encoder.named()} else "mixnmatch"
         self.queries.labels(label).inc(len(images))
         self.encode_latency.labels(label).observe(results[0].timings_ms["encode"] * len(images) / 1e3)
+        self.encode_batch.labels(label).observe(results[0].encode_batch)
         used = SubmodelUsed(id=choice.id, spec=choice.spec, gflops=choice.gflops, backend=choice.backend)
-        return [SearchResponse(results=r.neighbours, submodel=used,
-                               timings_ms=Timings(**r.timings_ms)) for r in results]
+        return [SearchResponse(results=r.neighbours, submodel=used, timings_ms=Timings(**r.timings_ms),
+                               encode_batch=r.encode_batch) for r in results]
 
     def search_embedding(self, embedding: list[float], k: int, search_params: dict) -> SearchResponse:
         retriever = self.ready()
@@ -526,7 +538,9 @@ def create_app(settings: Settings, load_in_background: bool = True) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.inference_slots))
+        threads = max(1, (os.cpu_count() or 1) // settings.inference_slots)
+        torch.set_num_threads(threads)  # one share of the cores per encode slot, and as many for a
+        faiss.omp_set_num_threads(threads)  # search, so concurrent queries never oversubscribe the cores
         if load_in_background:
             threading.Thread(target=service.load, daemon=True).start()
         else:

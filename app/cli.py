@@ -362,7 +362,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                         metrics_need_key=args.metrics_need_key, max_upload_bytes=args.max_upload_mb * 1024 * 1024,
                         max_pixels=args.max_pixels, max_batch=args.max_batch,
                         max_item_image_bytes=args.max_item_image_mb * 1024 * 1024, write_wait=args.write_wait,
-                        backend=args.backend)
+                        backend=args.backend, inference_slots=args.inference_slots, batch_wait_ms=args.batch_wait_ms)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
 
 
@@ -536,6 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, from its header")
     p.add_argument("--max-batch", type=int, default=32, help="most images in a batch search or an item add")
     p.add_argument("--max-item-image-mb", type=int, default=32, help="largest gallery image file served back")
+    p.add_argument("--inference-slots", type=int, default=2,
+                   help="query batches encoding at once (torch gets cores / slots threads each)")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0,
+                   help="how long a query batch waits for concurrent requests still decoding to join it")
     p.add_argument("--write-wait", type=float, default=30.0,
                    help="seconds an item add or delete waits for another writer of the index before 409")
     p.set_defaults(func=cmd_serve)

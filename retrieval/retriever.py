@@ -1,5 +1,6 @@
 """Query path: decode, pick the submodel (a spec or a budget), encode with its extracted model (run by the
-backend that serves it, named in the result), search.
+backend that serves it, named in the result; concurrent queries for one submodel are encoded as one batch,
+see `retrieval.batching`), search.
 
 A `Retriever` follows its index (any `retrieval.store.Store`): when another process (or its own
 `add`/`remove`) commits a new version, the next request opens it and swaps it in atomically; a request
@@ -24,6 +25,7 @@ from matvit import images as imageio
 
 from . import budget as budgets
 from . import build
+from .batching import Batcher
 from .encoder import Encoder
 from .store import Gallery, IndexStoreError, ItemNotFound, Store, open_store, remove
 
@@ -49,23 +51,29 @@ class Result:
     neighbours: list[dict]
     submodel: Choice
     timings_ms: dict = field(default_factory=dict)
+    encode_batch: int = 1  # images encoded in one batch with this query's (micro-batching)
 
     def to_dict(self) -> dict:
-        return {"results": self.neighbours, "submodel": vars(self.submodel), "timings_ms": self.timings_ms}
+        return {"results": self.neighbours, "submodel": vars(self.submodel), "timings_ms": self.timings_ms,
+                "encode_batch": self.encode_batch}
 
 
 class Retriever:
     """An index opened with the checkpoint that built it; refuses any other checkpoint."""
 
     def __init__(self, index: str | Path | Store, checkpoint_dir: Path | None = None, encoder: Encoder | None = None,
-                 max_pixels: int | None = None, refresh_seconds: float = 0.1, backend: str = "eager") -> None:
+                 max_pixels: int | None = None, refresh_seconds: float = 0.1, backend: str = "eager",
+                 encode_slots: int = 1, batch_wait_ms: float = 2.0, max_batch: int = 32) -> None:
         """`index`: a directory, `milvus:URI` or a store; `max_pixels`: images whose header declares more are
         refused before decoding; `refresh_seconds`: how often the store is asked for a new version; `backend`:
-        the query encoder's backend (`retrieval.backends.CHOICES`) when the encoder is loaded here."""
+        the query encoder's backend (`retrieval.backends.CHOICES`) when the encoder is loaded here;
+        `encode_slots`, `batch_wait_ms`, `max_batch`: micro-batching of concurrent queries (`Batcher`)."""
         self.store = open_store(index)
         self._index = self.store.open()
         self.encoder = encoder or Encoder.load(checkpoint_dir, backend=backend)
         self._index.check_model(self.encoder.fingerprint)
+        self.batcher = Batcher(lambda images, spec: self.encoder.encode(images, spec), encode_slots, batch_wait_ms,
+                               max_batch)
         self.profile_path = self.store.files / budgets.PROFILE_FILE
         self.max_pixels = max_pixels
         self.refresh_seconds = refresh_seconds
@@ -181,20 +189,26 @@ class Retriever:
 
     def search(self, sources: list, k: int = 10, submodel: str | None = None, budget: budgets.Budget | None = None,
                search_params: dict | None = None) -> list[Result]:
-        """Search with images (paths, bytes or uint8 C x H x W tensors)."""
+        """Search with images (paths, bytes or uint8 C x H x W tensors). Timings are the request's, per image:
+        decode, queue (waiting for its batch to be encoded), encode (its batch), search, total."""
         index = self.index
         choice = self.choose(submodel, budget)
         t0 = time.perf_counter()
-        batch = sources if isinstance(sources, torch.Tensor) else self.decode(list(sources))[0]
-        t1 = time.perf_counter()
-        embeddings = self.encoder.encode(batch, choice.spec)
+        decoded: list[float] = []
+
+        def load() -> torch.Tensor:
+            batch = sources if isinstance(sources, torch.Tensor) else self.decode(list(sources))[0]
+            decoded.append(time.perf_counter())
+            return batch
+
+        encoded = self.batcher.encode(load, choice.id)
         t2 = time.perf_counter()
-        neighbours = self.search_embeddings(embeddings, k, search_params, index)
+        neighbours = self.search_embeddings(encoded.embeddings, k, search_params, index)
         t3 = time.perf_counter()
-        timings = {"decode": (t1 - t0) * 1e3, "encode": (t2 - t1) * 1e3, "search": (t3 - t2) * 1e3,
-                   "total": (t3 - t0) * 1e3}
-        timings = {key: round(v / len(neighbours), 3) for key, v in timings.items()}
-        return [Result(hits, choice, timings) for hits in neighbours]
+        timings = {"decode": decoded[0] - t0, "queue": encoded.queue_s, "encode": encoded.encode_s,
+                   "search": t3 - t2, "total": t3 - t0}
+        timings = {key: round(v * 1e3 / len(neighbours), 3) for key, v in timings.items()}
+        return [Result(hits, choice, timings, encoded.batch_images) for hits in neighbours]
 
     # --- items ------------------------------------------------------------------------------
     def add(self, images: list[bytes], labels: list[str | None] | None = None, names: list[str | None] | None = None,
