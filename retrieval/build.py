@@ -41,8 +41,9 @@ from matvit.data import DatasetError
 from matvit.images import IMAGE_SUFFIXES
 from matvit.runtime import Runtime
 
-from . import tuning
+from . import backends, tuning
 from .encoder import Encoder
+from .index import auto_index_key
 from .store import Gallery, IndexBusy, IndexStoreError, Store, now, open_store
 
 log = logging.getLogger(__name__)
@@ -425,10 +426,16 @@ def item_rows(ids, sources: list[tuple[str, str | None]], root: int, labels: lis
 
 
 def _finish(store: Store, source: Source, chunks: list[dict], seconds: float, manifest: dict,
-            base: Gallery | None, index_key: str | None, recall_target: float, on_disk: bool = False) -> dict:
+            base: Gallery | None, index_key: str | None, recall_target: float, on_disk: bool = False,
+            smallest: tuple[str, float] | None = None) -> dict:
     positions, embeddings, sizes, skipped = _gather(chunks, manifest["dim"])
     if len(positions) == 0:
         raise IndexStoreError(f"no readable images in {source.description}; nothing to index")
+    why = None
+    if smallest is not None:
+        index_key, why = exact_or_hnsw(embeddings, on_disk, smallest)
+        if why is not None:
+            manifest = {**manifest, "auto": why}
     first_id = manifest.get("next_id", 0)
     ids = first_id + positions
     manifest, root, class_index = grow_manifest(manifest, source.root_entry, source.classes, first_id + len(source))
@@ -436,6 +443,8 @@ def _finish(store: Store, source: Source, chunks: list[dict], seconds: float, ma
     rows = item_rows(ids, [source.source(int(p)) for p in positions], root, labels, sizes)
     report = store.commit(base, ids, embeddings, rows, manifest, index_key, recall_target,
                           **({"on_disk": True} if on_disk else {}))
+    if why is not None:
+        report["auto"] = why
     shutil.rmtree(store.files / "building", ignore_errors=True)
     if skipped:
         log.warning("skipped %d unreadable image(s)", skipped)
@@ -458,7 +467,28 @@ def build(encoder: Encoder, source: Source, index: str | Path | Store, submodel:
         manifest = {"fingerprint": encoder.fingerprint, "submodel": spec.text, "dim": encoder.config.embed_dim,
                     "metric": "inner_product", "source": source.description, "roots": [], "classes": [],
                     "next_id": 0, "created_at": now()}
-        return _finish(store, source, chunks, seconds, manifest, None, index_key, recall_target, on_disk)
+        smallest = smallest_encode_ms(encoder) if index_key == "auto" else None
+        return _finish(store, source, chunks, seconds, manifest, None, index_key, recall_target, on_disk, smallest)
+
+
+def smallest_encode_ms(encoder: Encoder) -> tuple[str, float]:
+    """The smallest named submodel and its batch-1 encode time here, in milliseconds (eager)."""
+    smallest = min(encoder.named(), key=encoder.gflops)
+    image = backends.probe(encoder.model)[:1].to(encoder.runtime.device)
+    return smallest.text, round(backends.median_latency_ms(backends.eager(encoder.embedder(smallest)), image), 4)
+
+
+def exact_or_hnsw(embeddings: np.ndarray, on_disk: bool, smallest: tuple[str, float]) -> tuple[str, dict | None]:
+    """`auto`'s kind for a new index of `embeddings`: by size (`index.auto_index_key`), except that when the
+    exact search of one query would cost more than encoding it with the smallest submodel, HNSW32 (tuned to the
+    recall target), so that search never dominates a query. Returns the key and the measurement behind it."""
+    key = auto_index_key(len(embeddings), embeddings.shape[1], on_disk)
+    if key != "Flat":
+        return "auto", None
+    exact_ms = round(tuning.exact_search_ms(embeddings), 4)
+    key = "HNSW32" if exact_ms > smallest[1] else "Flat"
+    return key, {"exact_search_ms": exact_ms, "smallest": smallest[0], "smallest_encode_ms": smallest[1],
+                 "chose": key}
 
 
 def add(encoder: Encoder, source: Source, index: str | Path | Store, batch_size: int = 256, resume: bool = False,

@@ -17,6 +17,7 @@ that cap for the cost of reading rerank x k stored vectors per query.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import faiss
@@ -122,6 +123,18 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.n
     """Exact inner-product top-k positions in `vectors`, read `BLOCK` rows at a time."""
     blocks = (np.ascontiguousarray(vectors[lo:lo + BLOCK], dtype=np.float32) for lo in range(0, len(vectors), BLOCK))
     return knn_ground_truth(np.ascontiguousarray(queries, dtype=np.float32), blocks, k, faiss.METRIC_INNER_PRODUCT)
+
+
+def exact_search_ms(vectors: np.ndarray, queries: int = 20) -> float:
+    """Median milliseconds of an exact (Flat) search of one query among `vectors` (k = 10)."""
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    times = []
+    for query in probe_queries(vectors, queries):
+        start = time.perf_counter()
+        flat.search(query[None], 10)
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))
 
 
 def probe_queries(vectors: np.ndarray, n: int = PROBES, seed: int = 0) -> np.ndarray:

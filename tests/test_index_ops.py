@@ -125,6 +125,21 @@ def test_a_flat_index_past_the_threshold_says_so_and_rebuild_follows_auto(encode
     assert after.items(range(1437)) == before.items(range(1437))
 
 
+def test_auto_is_exact_only_while_an_exact_search_costs_less_than_the_smallest_encoder(encoder, tmp_path,
+                                                                                     monkeypatch):
+    digits = build.DatasetSource("digits", "train", 8, 1)
+    cheap = build.build(encoder, digits, tmp_path / "cheap")  # 1,437 vectors: microseconds against a forward pass
+    assert cheap["index_key"] == "Flat" and cheap["auto"]["chose"] == "Flat" and cheap["auto"]["smallest"] == "S"
+    assert 0 < cheap["auto"]["exact_search_ms"] < cheap["auto"]["smallest_encode_ms"]
+    monkeypatch.setattr(build, "smallest_encode_ms", lambda _: ("S", 0.0))  # an encoder faster than any search
+    costly = build.build(encoder, digits, tmp_path / "costly")
+    assert costly["index_key"] == "HNSW32" and costly["auto"]["chose"] == "HNSW32"
+    assert costly["recall"]["at_10"] >= tuning.RECALL_TARGET and "ef_search" in costly["search_params"]
+    assert GalleryIndex.open(tmp_path / "costly").manifest["auto"] == costly["auto"]
+    asked = build.build(encoder, digits, tmp_path / "asked", index_key="Flat")
+    assert asked["index_key"] == "Flat" and "auto" not in asked
+
+
 def test_paths_with_uri_characters(encoder, tmp_path):
     directory = tmp_path / "odd?name#100%"
     build.build(encoder, build.DatasetSource("digits", "test", 8, 1), directory)
