@@ -1,13 +1,14 @@
 """A bounded load run against the REST API on loopback: N clients for T seconds, then stop.
 
     python scripts/load_test.py --index IDX --checkpoint DIR --out docs/results/api-load \
-        [--submodels S,XL] [--clients 1,8] [--seconds 20]
+        [--submodels S,XL] [--clients 1,8] [--seconds 20] [--queries DATASET] [--serve-arg=--backend=eager ...]
     python scripts/load_test.py --index IDX --checkpoint DIR --out docs/results/api-live-update --live \
         [--clients 4] [--seconds 60]
 
 It starts `matvit serve` on a free loopback port and posts real query images (multipart) from every
 client in a closed loop. The default mode reports QPS, p50 and p99 latency and errors per
-(submodel, clients). `--live` serves a copy of the index and, while the clients query it, adds and
+(submodel, clients), and where a query's time goes: the server's own timings (decode, queue for its
+encode batch, encode, search) and the rest (HTTP: parsing, transfer, the event loop, the client). `--live` serves a copy of the index and, while the clients query it, adds and
 deletes items through the API and adds folders with `matvit index add` in another process: it
 records query errors, deleted ids seen again, the time until a new item is findable, and latency
 during the writes and outside them.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import io
 import json
 import shutil
 import socket
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from PIL import Image
 
 from matvit import checkpoint, data, provenance
 from matvit.images import to_png
@@ -42,27 +45,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_images(checkpoint_dir: Path) -> list[bytes]:
-    """PNG files of the checkpoint's test split (digits when its dataset is not available)."""
+def test_images(checkpoint_dir: Path, dataset: str | None = None, count: int | None = None) -> list[bytes]:
+    """PNG files (at the model's size) of the first `count` test images of `dataset`, by default the
+    checkpoint's (digits when that is not available)."""
     meta = checkpoint.read_config(checkpoint_dir)
     cfg = meta["model"]
     try:
-        test = data.load(meta.get("dataset", "digits"), "test", cfg["img_size"], cfg["in_chans"])
+        test = data.load(dataset or meta.get("dataset") or "digits", "test", cfg["img_size"], cfg["in_chans"])
     except data.DatasetError:
+        if dataset:
+            raise
         test = data.load("digits", "test", cfg["img_size"], cfg["in_chans"])
-    return [to_png(img) for img in test.images]
+    return [to_png(img) for img in test.images[:count]]
 
 
 @contextlib.contextmanager
-def server(index: Path, checkpoint_dir: Path) -> Iterator[str]:
-    """`matvit serve` on a free loopback port, until the block ends."""
+def server(index: Path, checkpoint_dir: Path, serve_args: list[str] = ()) -> Iterator[str]:
+    """`matvit serve` (with `serve_args`) on a free loopback port, until the block ends."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--index", str(index),
-                                "--checkpoint", str(checkpoint_dir), "--port", str(port)],
+                                "--checkpoint", str(checkpoint_dir), "--port", str(port), *serve_args],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(480):
+        for _ in range(2400):
             try:
                 if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                     break
@@ -70,7 +76,7 @@ def server(index: Path, checkpoint_dir: Path) -> Iterator[str]:
                 pass
             time.sleep(0.25)
         else:
-            raise SystemExit("the server did not become ready in 2 minutes")
+            raise SystemExit("the server did not become ready in 10 minutes")
         yield url
     finally:
         process.terminate()
@@ -83,12 +89,17 @@ def percentiles(seconds: list[float]) -> dict:
             "p99_ms": round(float(np.percentile(ms, 99)), 2) if len(ms) else None}
 
 
+PHASES = ("decode", "queue", "encode", "search", "total")  # the server's timings of a query
+
+
 class QueryLoad:
-    """`clients` threads posting query images until `deadline`; every request's interval, status and ids."""
+    """`clients` threads posting query images until `deadline`; every request's interval, status and ids, and
+    the server's timings and encode batch of each answered one."""
 
     def __init__(self, url: str, images: list[bytes], submodel: str, clients: int, deadline: float) -> None:
         self.url, self.images, self.submodel, self.deadline = url, images, submodel, deadline
         self.records: list[tuple[float, float, int, list[int]]] = []  # start, end, status (0: no answer), ids
+        self.served: list[dict] = []  # per answered request: client seconds, server timings (ms), encode batch
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self.client, args=(w, clients)) for w in range(clients)]
 
@@ -101,11 +112,16 @@ class QueryLoad:
                     r = http.post("/v1/search", files={"file": ("q.png", self.images[i % len(self.images)],
                                                                 "image/png")},
                                   data={"k": "10", "submodel": self.submodel})
-                    status, ids = r.status_code, [h["id"] for h in r.json().get("results", [])]
+                    body = r.json()
+                    status, ids = r.status_code, [h["id"] for h in body.get("results", [])]
                 except (httpx.HTTPError, ValueError):
-                    status, ids = 0, []
+                    status, ids, body = 0, [], {}
+                end = time.perf_counter()
                 with self.lock:
-                    self.records.append((start, time.perf_counter(), status, ids))
+                    self.records.append((start, end, status, ids))
+                    if status == 200:
+                        self.served.append({"seconds": end - start, "encode_batch": body["encode_batch"],
+                                            "backend": body["submodel"]["backend"], **body["timings_ms"]})
                 i += clients
 
     def __enter__(self) -> QueryLoad:
@@ -125,7 +141,39 @@ def run_load(url: str, images: list[bytes], submodel: str, clients: int, seconds
     wall = time.perf_counter() - start
     ok = [end - begin for begin, end, status, _ in load.records if status == 200]
     return {"submodel": submodel, "clients": clients, "seconds": round(wall, 2), "requests": len(ok),
-            "errors": len(load.records) - len(ok), "qps": round(len(ok) / wall, 1), **percentiles(ok)}
+            "errors": len(load.records) - len(ok), "qps": round(len(ok) / wall, 1), **percentiles(ok),
+            "backends": sorted({s["backend"] for s in load.served}), "breakdown_ms": breakdown(load.served)}
+
+
+def breakdown(served: list[dict]) -> dict:
+    """Median milliseconds of each phase of a query, and of the rest of the client's wait (`http`: request
+    parsing, transfer, the event loop and thread hand-offs, the client), plus the mean encode batch."""
+    if not served:
+        return {}
+    out = {phase: round(float(np.median([s[phase] for s in served])), 3) for phase in PHASES}
+    out["client"] = round(float(np.median([s["seconds"] * 1e3 for s in served])), 3)
+    out["http"] = round(float(np.median([s["seconds"] * 1e3 - s["total"] for s in served])), 3)
+    out["mean_encode_batch"] = round(float(np.mean([s["encode_batch"] for s in served])), 2)
+    return out
+
+
+def targets(runs: list[dict], small: str = "S", large: str = "XL") -> list[dict]:
+    """The smaller submodel's QPS at the most clients against the larger's (target at least 1.6x), and its p50
+    at one client (target at most 0.6x), when both were run."""
+    def run(submodel: str, clients: int) -> dict | None:
+        return next((r for r in runs if r["submodel"] == submodel and r["clients"] == clients), None)
+
+    out = []
+    most = max(r["clients"] for r in runs)
+    if (a := run(small, most)) and (b := run(large, most)) and b["qps"]:
+        ratio = a["qps"] / b["qps"]
+        out.append({"what": f"{small} QPS / {large} QPS at {most} clients", "ratio": round(ratio, 3),
+                    "target": ">= 1.6", "met": ratio >= 1.6})
+    if (a := run(small, 1)) and (b := run(large, 1)) and b["p50_ms"]:
+        ratio = a["p50_ms"] / b["p50_ms"]
+        out.append({"what": f"{small} p50 / {large} p50 at 1 client", "ratio": round(ratio, 3),
+                    "target": "<= 0.6", "met": ratio <= 0.6})
+    return out
 
 
 # --- live updates ------------------------------------------------------------------------------
@@ -257,11 +305,26 @@ def header(report: dict, title: str) -> list[str]:
 
 def markdown(report: dict) -> str:
     lines = header(report, "REST API load test (loopback)") + [
-        f"Index: {report['index_count']:,} items; each request is one multipart PNG query, k = 10.", "",
-        "| submodel | clients | requests | errors | QPS | p50 ms | p99 ms |", "|---|---:|---:|---:|---:|---:|---:|"]
+        f"Index: {report['index_count']:,} items ({report['index_key']}); each request is one multipart PNG query "
+        f"of {report['image_size']}, k = 10. Server options: `{' '.join(report['serve_args']) or 'defaults'}`.", "",
+        "| submodel | backend | clients | requests | errors | QPS | p50 ms | p99 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["runs"]:
-        lines.append(f"| {r['submodel']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['qps']} | "
-                     f"{r['p50_ms']} | {r['p99_ms']} |")
+        lines.append(f"| {r['submodel']} | {', '.join(r.get('backends', []))} | {r['clients']} | {r['requests']} | "
+                     f"{r['errors']} | {r['qps']} | {r['p50_ms']} | {r['p99_ms']} |")
+    if report.get("targets"):
+        lines += ["", "| target | measured | target | met |", "|---|---:|---:|---|"]
+        lines += [f"| {t['what']} | {t['ratio']} | {t['target']} | {'yes' if t['met'] else '**no**'} |"
+                  for t in report["targets"]]
+    lines += ["", "Where a query's time goes (medians, ms; the server's timings are its own per query, `queue` is "
+              "the wait for its encode batch, `http` is the client's wait minus the server's total):", "",
+              "| submodel | clients | decode | queue | encode | search | server total | http | client | "
+              "mean encode batch |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["runs"]:
+        b = r["breakdown_ms"]
+        if b:
+            lines.append(f"| {r['submodel']} | {r['clients']} | {b['decode']} | {b['queue']} | {b['encode']} | "
+                         f"{b['search']} | {b['total']} | {b['http']} | {b['client']} | {b['mean_encode_batch']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -302,30 +365,35 @@ def main() -> None:
     parser.add_argument("--clients", default=None, help="default 1,8 (4 with --live)")
     parser.add_argument("--seconds", type=float, default=None, help="per run (default 20, 60 with --live)")
     parser.add_argument("--live", action="store_true", help="query while adding and deleting items")
+    parser.add_argument("--queries", help="dataset of the query images (default: the checkpoint's)")
+    parser.add_argument("--serve-arg", action="append", default=[], dest="serve_args",
+                        help="an option for `matvit serve`, e.g. --serve-arg=--backend=eager (repeatable)")
     parser.add_argument("--out", type=Path, required=True, help="path without suffix")
     args = parser.parse_args()
 
-    images = test_images(args.checkpoint)
+    images = test_images(args.checkpoint, args.queries, None if args.live else 64)
     report = provenance.record(["python", "scripts/load_test.py", *sys.argv[1:]])
     if args.live:
         with tempfile.TemporaryDirectory() as tmp:
             index = Path(tmp) / "index"
             shutil.copytree(args.index, index, ignore=shutil.ignore_patterns("building", "LOCK"))
-            with server(index, args.checkpoint) as url:
+            with server(index, args.checkpoint, args.serve_args) as url:
                 report["index_count"] = httpx.get(f"{url}/v1/index").json()["count"]
                 run_load(url, images[:64], "S", 1, 2)  # warm-up: extraction and caches
                 report["live"] = run_live(url, index, args.checkpoint, images, int(args.clients or 4),
                                           args.seconds or 60)
         text = live_markdown(report)
     else:
-        with server(args.index, args.checkpoint) as url:
-            report["index_count"] = httpx.get(f"{url}/v1/index").json()["count"]
-            report["runs"] = []
+        with server(args.index, args.checkpoint, args.serve_args) as url:
+            info = httpx.get(f"{url}/v1/index").json()
+            report.update(index_count=info["count"], index_key=info["index_key"], serve_args=args.serve_args,
+                          image_size="x".join(map(str, Image.open(io.BytesIO(images[0])).size)), runs=[])
             for submodel in args.submodels.split(","):
                 run_load(url, images[:64], submodel, 1, 2)  # warm-up: extraction and caches
                 for clients in (int(c) for c in (args.clients or "1,8").split(",")):
                     report["runs"].append(run_load(url, images[:64], submodel, clients, args.seconds or 20))
                     print(json.dumps(report["runs"][-1]))
+        report["targets"] = targets(report["runs"])
         text = markdown(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
