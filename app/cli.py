@@ -600,9 +600,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--data-dir", type=Path)
     q.set_defaults(func=cmd_bench_induce)
+    from app.bench.backends import add_parser as add_backends_parser
     from app.bench.speed import add_parser as add_speed_parser
 
     add_speed_parser(bsub)
+    add_backends_parser(bsub)
     return parser
 
 

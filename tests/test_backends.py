@@ -222,3 +222,17 @@ def test_api_refuses_an_unknown_backend_setting(trained_dir, digits_index):
     with TestClient(app) as client:
         response = client.get("/readyz")
         assert response.status_code == 503 and "unknown backend 'tpu'" in response.json()["error"]["message"]
+
+
+def test_bench_backends_times_every_backend_and_says_what_auto_chooses(tmp_path):
+    from app import cli
+
+    out = tmp_path / "backends"
+    assert cli.main(["bench", "backends", "--out", str(out), "--preset", "matvit-tiny-digits", "--submodels", "S",
+                     "--repeats", "3", "--patience", "0"]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    (model,) = result["models"]
+    assert [r["backend"] for r in model["rows"]] == list(backends.AUTO)
+    assert all(r["latency_ms_b1"] > 0 and r["probe_cosine"] > 0.99 for r in model["rows"])
+    assert model["auto"]["S"]["backend"] in backends.AUTO and result["command"].startswith("matvit bench backends")
+    assert "Query-encoder backends" in out.with_suffix(".md").read_text()

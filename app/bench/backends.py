@@ -1,6 +1,6 @@
 """The query-encoder backends side by side: latency, agreement with eager, and what `auto` chooses.
 
-    python -m app.bench.backends --out docs/results/backends \\
+    matvit bench backends --out docs/results/backends \\
         --checkpoint runs/induce/matvit-small-fmnist-fashion-mnist/taylor-2 --preset matvit-s16
 
 For each model (a trained checkpoint, and a preset with seeded random weights) and each submodel: every
@@ -168,29 +168,34 @@ def write_markdown(result: dict, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
-    parser.add_argument("--checkpoint", type=Path, help="a trained Fashion-MNIST checkpoint directory")
-    parser.add_argument("--preset", default="matvit-s16", help="a preset timed with seeded random weights")
-    parser.add_argument("--submodels", default="S;XL")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--gallery", type=int, default=5000)
-    parser.add_argument("--queries", type=int, default=2000)
-    parser.add_argument("--data-dir", type=Path)
-    parser.add_argument("--backends", default=",".join(backends.AUTO),
-                        help="timed side by side in this process (compile slows every later eager op: see "
-                             "retrieval/backends.py)")
-    parser.add_argument("--patience", type=int, default=1200, help="seconds to wait in all for a 1-minute load "
-                                                                   "under 2.5 before timing anyway")
-    args = parser.parse_args(argv)
+def add_parser(bench_subparsers) -> None:
+    """Register `matvit bench backends` under the `bench` subcommand's subparsers."""
+    q = bench_subparsers.add_parser("backends", help="eager, ONNX Runtime and int8 side by side per submodel: "
+                                                     "latency, agreement with eager, what `auto` chooses")
+    q.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
+    q.add_argument("--checkpoint", type=Path, help="a trained Fashion-MNIST checkpoint directory")
+    q.add_argument("--preset", default="matvit-s16", help="a preset timed with seeded random weights")
+    q.add_argument("--submodels", default="S;XL")
+    q.add_argument("--repeats", type=int, default=15)
+    q.add_argument("--gallery", type=int, default=5000)
+    q.add_argument("--queries", type=int, default=2000)
+    q.add_argument("--data-dir", type=Path)
+    q.add_argument("--backends", default=",".join(backends.AUTO),
+                   help="timed side by side in this process (compile slows every later eager op: see "
+                        "retrieval/backends.py)")
+    q.add_argument("--patience", type=int, default=1200, help="seconds to wait in all for a 1-minute load "
+                                                              "under 2.5 before timing anyway")
+    q.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
     names = tuple(args.backends.split(","))
     _patience["deadline"] = time.monotonic() + args.patience
     import onnxruntime
 
     cache = Path(tempfile.mkdtemp(prefix="matvit-backends-"))
     submodels = args.submodels.split(";")
-    result = {**provenance.record(["python", "-m", "app.bench.backends", *(argv or os.sys.argv[1:])]),
+    result = {**provenance.record(),
               "onnxruntime": onnxruntime.__version__, "uptime_at_start": subprocess.run(
                   ["uptime"], capture_output=True, text=True).stdout.strip(), "models": []}
     out_json, out_md = args.out.with_suffix(".json"), args.out.with_suffix(".md")
@@ -217,6 +222,3 @@ def main(argv: list[str] | None = None) -> None:
                                             args.repeats, names))
         save()
 
-
-if __name__ == "__main__":
-    main()
