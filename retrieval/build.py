@@ -478,15 +478,19 @@ def smallest_encode_ms(encoder: Encoder) -> tuple[str, float]:
     return smallest.text, round(backends.median_latency_ms(backends.eager(encoder.embedder(smallest)), image), 4)
 
 
+EXACT_SHARE = 0.5  # `auto` keeps exact search while it costs at most this share of the smallest encode
+
+
 def exact_or_hnsw(embeddings: np.ndarray, on_disk: bool, smallest: tuple[str, float]) -> tuple[str, dict | None]:
     """`auto`'s kind for a new index of `embeddings`: by size (`index.auto_index_key`), except that when the
-    exact search of one query would cost more than encoding it with the smallest submodel, HNSW32 (tuned to the
-    recall target), so that search never dominates a query. Returns the key and the measurement behind it."""
+    exact search of one query would cost more than EXACT_SHARE of encoding it with the smallest submodel, HNSW32
+    (tuned to the recall target), so that search never dominates a query (the share keeps the choice clear of
+    timing noise). Returns the key and the measurement behind it."""
     key = auto_index_key(len(embeddings), embeddings.shape[1], on_disk)
     if key != "Flat":
         return "auto", None
     exact_ms = round(tuning.exact_search_ms(embeddings), 4)
-    key = "HNSW32" if exact_ms > smallest[1] else "Flat"
+    key = "HNSW32" if exact_ms > EXACT_SHARE * smallest[1] else "Flat"
     return key, {"exact_search_ms": exact_ms, "smallest": smallest[0], "smallest_encode_ms": smallest[1],
                  "chose": key}
 
