@@ -174,9 +174,18 @@ class Retriever:
                           index: Gallery | None = None) -> list[list[dict]]:
         """Neighbours of ready-made embeddings (rows of the index's dimension, L2-normalised here)."""
         index = index or self.index
+        return self.hits(index, *self.nearest(embeddings, k, search_params, index))
+
+    @staticmethod
+    def nearest(embeddings: np.ndarray, k: int, search_params: dict | None, index: Gallery) -> tuple:
+        """(scores, ids) of the k nearest gallery vectors of each embedding (L2-normalised here)."""
         embeddings = np.asarray(embeddings, dtype=np.float32)
         embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
-        scores, ids = index.search(embeddings, k, search_params)
+        return index.search(embeddings, k, search_params)
+
+    @staticmethod
+    def hits(index: Gallery, scores: np.ndarray, ids: np.ndarray) -> list[list[dict]]:
+        """Each query's neighbours with their metadata (ids no longer in the index are left out)."""
         meta = index.items(ids[ids >= 0])
         out = []
         for row_scores, row_ids in zip(scores, ids, strict=True):
@@ -190,7 +199,8 @@ class Retriever:
     def search(self, sources: list, k: int = 10, submodel: str | None = None, budget: budgets.Budget | None = None,
                search_params: dict | None = None) -> list[Result]:
         """Search with images (paths, bytes or uint8 C x H x W tensors). Timings are the request's, per image:
-        decode, queue (waiting for its batch to be encoded), encode (its batch), search, total."""
+        decode, queue (waiting for its batch to be encoded), encode (its batch), search (the index), metadata
+        (the neighbours' items), total."""
         index = self.index
         choice = self.choose(submodel, budget)
         t0 = time.perf_counter()
@@ -203,10 +213,12 @@ class Retriever:
 
         encoded = self.batcher.encode(load, choice.id)
         t2 = time.perf_counter()
-        neighbours = self.search_embeddings(encoded.embeddings, k, search_params, index)
+        scores, ids = self.nearest(encoded.embeddings, k, search_params, index)
         t3 = time.perf_counter()
+        neighbours = self.hits(index, scores, ids)
+        t4 = time.perf_counter()
         timings = {"decode": decoded[0] - t0, "queue": encoded.queue_s, "encode": encoded.encode_s,
-                   "search": t3 - t2, "total": t3 - t0}
+                   "search": t3 - t2, "metadata": t4 - t3, "total": t4 - t0}
         timings = {key: round(v * 1e3 / len(neighbours), 3) for key, v in timings.items()}
         return [Result(hits, choice, timings, encoded.batch_images) for hits in neighbours]
 

@@ -8,8 +8,9 @@
 It starts `matvit serve` on a free loopback port and posts real query images (multipart) from every
 client in a closed loop. The default mode reports QPS, p50 and p99 latency and errors per
 (submodel, clients), and where a query's time goes: the server's own timings (decode, queue for its
-encode batch, encode, search) and the rest (HTTP: parsing, transfer, the event loop, the client). `--live` serves a copy of the index and, while the clients query it, adds and
-deletes items through the API and adds folders with `matvit index add` in another process: it
+encode batch, encode, search, metadata) and the rest (HTTP: parsing, transfer, the event loop, the
+client). `--live` serves a copy of the index and, while the clients query it, adds and deletes
+items through the API and adds folders with `matvit index add` in another process: it
 records query errors, deleted ids seen again, the time until a new item is findable, and latency
 during the writes and outside them.
 """
@@ -89,7 +90,7 @@ def percentiles(seconds: list[float]) -> dict:
             "p99_ms": round(float(np.percentile(ms, 99)), 2) if len(ms) else None}
 
 
-PHASES = ("decode", "queue", "encode", "search", "total")  # the server's timings of a query
+PHASES = ("decode", "queue", "encode", "search", "metadata", "total")  # the server's timings of a query
 
 
 class QueryLoad:
@@ -316,15 +317,17 @@ def markdown(report: dict) -> str:
         lines += ["", "| target | measured | target | met |", "|---|---:|---:|---|"]
         lines += [f"| {t['what']} | {t['ratio']} | {t['target']} | {'yes' if t['met'] else '**no**'} |"
                   for t in report["targets"]]
-    lines += ["", "Where a query's time goes (medians, ms; the server's timings are its own per query, `queue` is "
-              "the wait for its encode batch, `http` is the client's wait minus the server's total):", "",
-              "| submodel | clients | decode | queue | encode | search | server total | http | client | "
-              "mean encode batch |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "Where a query's time goes (medians, ms; the server's timings are its own per query: `queue` is "
+              "the wait for its encode batch, `search` the index's, `metadata` the neighbours' items; `http` is the "
+              "client's wait minus the server's total):", "",
+              "| submodel | clients | decode | queue | encode | search | metadata | server total | http | client | "
+              "mean encode batch |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["runs"]:
         b = r["breakdown_ms"]
         if b:
             lines.append(f"| {r['submodel']} | {r['clients']} | {b['decode']} | {b['queue']} | {b['encode']} | "
-                         f"{b['search']} | {b['total']} | {b['http']} | {b['client']} | {b['mean_encode_batch']} |")
+                         f"{b['search']} | {b.get('metadata', '-')} | {b['total']} | {b['http']} | {b['client']} | "
+                         f"{b['mean_encode_batch']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -172,4 +172,4 @@ def test_concurrent_searches_find_what_each_finds_alone(trained_dir, tmp_path):
         assert [n["id"] for n in together[i].neighbours][:1] == [n["id"] for n in single.neighbours][:1]
         assert [n["score"] for n in together[i].neighbours] == pytest.approx([n["score"] for n in single.neighbours],
                                                                             abs=1e-4)
-        assert {"decode", "queue", "encode", "search", "total"} == set(together[i].timings_ms)
+        assert {"decode", "queue", "encode", "search", "metadata", "total"} == set(together[i].timings_ms)
