@@ -277,6 +277,35 @@ def cmd_profile(args: argparse.Namespace) -> None:
               f"{r['latency_ms_b32']:>8.2f}{r.get('knn1', float('nan')):>8.4f}")
     if out:
         print(f"wrote {out}")
+    if args.report:
+        write_budget_report(result, args.report)
+        print(f"wrote {args.report.with_suffix('.md')}")
+
+
+def write_budget_report(result: dict, path: Path) -> None:
+    """PATH.json (the profile) and PATH.md: each submodel's cost and accuracy, and what a latency budget at each
+    submodel's own batch-1 latency gets from the budget picker."""
+    from retrieval import budget
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    rows = result["rows"]
+    m = result["machine"]
+    lines = ["# What a latency budget gets", "", f"Command: `{result['command']}`  ", f"Commit: `{result['commit']}`  ",
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {result['host']['torch_threads']} "
+             f"threads; backend setting `{result['backend']}`", "",
+             "| submodel | backend | params | GFLOPs | ms at batch 1 | ms at batch 32 | 1-NN |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    def knn1(row: dict) -> str:
+        return f"{row['knn1']:.4f}" if "knn1" in row else "-"
+
+    lines += [f"| `{r['spec']}` | {r['backend']} | {r['params']:,} | {r['gflops']:.4f} | {r['latency_ms_b1']:.3f} | "
+              f"{r['latency_ms_b32']:.2f} | {knn1(r)} |" for r in rows]
+    lines += ["", "| budget (ms at batch 1) | submodel chosen | its ms | its 1-NN | why |", "|---:|---|---:|---:|---|"]
+    for limit in sorted({round(r["latency_ms_b1"], 3) for r in rows}):
+        row, why = budget.choose(rows, budget.Budget(ms=limit))
+        lines.append(f"| {limit:.3f} | `{row['spec']}` | {row['latency_ms_b1']:.3f} | {knn1(row)} | {why} |")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def cmd_eval_grid(args: argparse.Namespace) -> None:
@@ -513,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "test"], default="test")
     p.add_argument("--data-dir", type=Path)
     p.add_argument("--out", type=Path, help="profile JSON (default: profile.json in the index's directory)")
+    p.add_argument("--report", type=Path, help="also write the profile as REPORT.json and a table of what each "
+                                               "latency budget gets as REPORT.md (a path without suffix)")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("eval-grid", help="1-NN / top-5 / mAP@10 / XL agreement for index x query submodels")

@@ -71,15 +71,18 @@ def test_search_json_and_table(cli_index, trained_dir, query_png, capsys):
     assert "submodel XL" in text and "timings (ms)" in text
 
 
-def test_index_info_and_profile(cli_index, trained_dir, capsys):
+def test_index_info_and_profile(cli_index, trained_dir, capsys, tmp_path):
     assert main(["index", "info", "--index", str(cli_index)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["count"] == 1437 and info["submodel"] == "XL" and not info["unfinished_build"]
     assert main(["profile", "--checkpoint", str(trained_dir), "--index", str(cli_index), "--dataset", "digits",
-                 "--submodels", "S;S,S,M,XL;XL"]) == 0
+                 "--submodels", "S;S,S,M,XL;XL", "--report", str(tmp_path / "budget")]) == 0
     profile = json.loads((cli_index / "profile.json").read_text())
     assert [r["spec"] for r in profile["rows"]] == ["S", "S,S,M,XL", "XL"]
     assert all(r["knn1"] > 0.5 and r["latency_ms_b1"] > 0 for r in profile["rows"])
+    assert json.loads((tmp_path / "budget.json").read_text()) == profile
+    table = (tmp_path / "budget.md").read_text()
+    assert table.count("| `S` |") >= 1 and "most accurate measured 1-NN" in table and profile["command"] in table
 
 
 @pytest.mark.parametrize("extra, message", [
