@@ -44,6 +44,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -157,6 +158,7 @@ class GalleryIndex:
     deleted: np.ndarray  # tombstoned ids, filtered out of every search
     lease: int | None = field(default=None, repr=False)
     gpu_index: faiss.Index | None = field(default=None, repr=False)  # a search copy on FAISS's GPUs, if any
+    _local: threading.local = field(default_factory=threading.local, repr=False)  # a metadata connection per thread
 
     @classmethod
     def open(cls, directory: Path) -> GalleryIndex:
@@ -242,12 +244,14 @@ class GalleryIndex:
         return tuning.search(self.faiss_index, queries, k, params, self.deleted, stored, on_gpus)
 
     def _query(self, sql: str, args=()) -> list[sqlite3.Row]:
-        db = sqlite3.connect(_sqlite_uri(self.version_dir / "metadata.sqlite", read_only=True), uri=True)
-        try:
+        """Rows of a read-only query, on this thread's connection to the version's metadata (opened once: a
+        version never changes, and a server's worker threads query it again and again)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = sqlite3.connect(_sqlite_uri(self.version_dir / "metadata.sqlite", read_only=True),
+                                                  uri=True)
             db.row_factory = sqlite3.Row
-            return db.execute(sql, args).fetchall()
-        finally:
-            db.close()
+        return db.execute(sql, args).fetchall()
 
     def items(self, ids) -> dict[int, dict]:
         """Metadata of the given ids that the index holds."""
