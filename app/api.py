@@ -22,7 +22,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import faiss
 import torch
@@ -141,11 +141,15 @@ class SearchOptions(BaseModel):
     ef_search: int | None = Field(None, ge=1, le=100_000, description="HNSW search breadth (default: tuned)")
     rerank: int | None = Field(None, ge=1, le=1000, description="IVF with PQ/SQ codes: re-rank this many times k "
                                                                 "candidates by their stored vectors (default: tuned)")
+    mode: Literal["single", "cascade"] = Field("single", description="`cascade`: encode with S first and escalate "
+                                                                     "to larger submodels while the result is unsure "
+                                                                     "(calibrated with `matvit cascade`)")
 
     @model_validator(mode="after")
     def one_choice(self) -> SearchOptions:
-        if sum(v is not None for v in (self.submodel, self.budget_ms, self.budget_gflops)) > 1:
-            raise ValueError("give at most one of submodel, budget_ms, budget_gflops")
+        choices = sum(v is not None for v in (self.submodel, self.budget_ms, self.budget_gflops))
+        if choices + (self.mode == "cascade") > 1:
+            raise ValueError("give at most one of submodel, budget_ms, budget_gflops, mode=cascade")
         return self
 
     def search_params(self) -> dict:
@@ -279,6 +283,12 @@ class SubmodelUsed(BaseModel):
                                                   "onnx-int8)")
 
 
+class CascadeUsed(BaseModel):
+    ran: list[str] = Field(description="the submodels that encoded the query, in order")
+    gflops: float = Field(description="their forward GFLOPs together")
+    confidence: float = Field(description="the last stage's confidence (share of neighbours agreeing, or margin)")
+
+
 class Timings(BaseModel):
     """Per query image, in milliseconds: `queue` is the wait for its batch to be encoded, `encode` that batch's,
     `search` the index's, `metadata` the lookup of the neighbours' items."""
@@ -296,6 +306,7 @@ class SearchResponse(BaseModel):
     submodel: SubmodelUsed | None = Field(None, description="None for embedding queries")
     timings_ms: Timings
     encode_batch: int = Field(1, description="query images encoded in one batch with this one (micro-batching)")
+    cascade: CascadeUsed | None = Field(None, description="with mode=cascade: what ran")
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "results": [{"rank": 1, "id": 5012, "score": 0.97, "label": "ankle-boot",
@@ -428,16 +439,20 @@ class Service:
     def search(self, images: list[bytes], options: SearchOptions) -> list[SearchResponse]:
         retriever = self.ready()
         budget = Budget(ms=options.budget_ms, gflops=options.budget_gflops)
-        results = retriever.search(images, k=options.k, submodel=options.submodel, budget=budget,
-                                   search_params=options.search_params())
+        if options.mode == "cascade":
+            results = retriever.search_cascade(images, k=options.k, search_params=options.search_params())
+        else:
+            results = retriever.search(images, k=options.k, submodel=options.submodel, budget=budget,
+                                       search_params=options.search_params())
         choice = results[0].submodel
         label = choice.spec if choice.spec in {s.text for s in retriever.encoder.named()} else "mixnmatch"
         self.queries.labels(label).inc(len(images))
         self.encode_latency.labels(label).observe(results[0].timings_ms["encode"] * len(images) / 1e3)
         self.encode_batch.labels(label).observe(results[0].encode_batch)
-        used = SubmodelUsed(id=choice.id, spec=choice.spec, gflops=choice.gflops, backend=choice.backend)
-        return [SearchResponse(results=r.neighbours, submodel=used, timings_ms=Timings(**r.timings_ms),
-                               encode_batch=r.encode_batch) for r in results]
+        return [SearchResponse(results=r.neighbours, submodel=SubmodelUsed(
+                    id=r.submodel.id, spec=r.submodel.spec, gflops=r.submodel.gflops, backend=r.submodel.backend),
+                    timings_ms=Timings(**r.timings_ms), encode_batch=r.encode_batch, cascade=r.cascade)
+                for r in results]
 
     def search_embedding(self, embedding: list[float], k: int, search_params: dict) -> SearchResponse:
         retriever = self.ready()

@@ -237,18 +237,48 @@ def cmd_search(args: argparse.Namespace) -> None:
         retriever.ensure_profile()
     params = {k: v for k, v in (("nprobe", args.nprobe), ("ef_search", args.ef_search), ("rerank", args.rerank))
               if v is not None}
-    result = retriever.search([args.image], k=args.k, submodel=args.submodel, budget=_budget(args),
-                              search_params=params)[0]
+    if args.cascade:
+        result = retriever.search_cascade([args.image], k=args.k, search_params=params)[0]
+    else:
+        result = retriever.search([args.image], k=args.k, submodel=args.submodel, budget=_budget(args),
+                                  search_params=params)[0]
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return
     c = result.submodel
     print(f"submodel {c.spec} ({c.gflops:.4f} GFLOPs, {c.params:,} parameters): {c.reason}")
+    if result.cascade:
+        print(f"cascade ran {', '.join(result.cascade['ran'])}: {result.cascade['gflops']:.4f} GFLOPs in all, "
+              f"confidence {result.cascade['confidence']:.2f}")
     print(f"{'rank':>4} {'id':>8} {'score':>7}  {'label':<14} path")
     for hit in result.neighbours:
         print(f"{hit['rank']:>4} {hit['id']:>8} {hit['score']:>7.4f}  {str(hit['label']):<14} "
               f"{hit['metadata'].get('source', '')}")
     print("timings (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings_ms.items()))
+
+
+def cmd_cascade(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from matvit import data
+    from retrieval import cascade
+    from retrieval.retriever import Retriever
+
+    retriever = Retriever(args.index, args.checkpoint)
+    cfg = retriever.encoder.config
+    queries = data.load(args.dataset, args.split, cfg.img_size, cfg.in_chans, args.data_dir)
+    chosen = np.random.default_rng(args.seed).choice(len(queries.images), min(args.queries, len(queries.images)),
+                                                     replace=False)
+    truth = [queries.classes[int(queries.labels[i])] for i in chosen]
+    stages = cascade.measure(retriever, queries.images[chosen], truth, [queries.sources[i] for i in chosen],
+                             args.stages.split(";"), args.signal)
+    policy = cascade.calibrate(stages, args.target, args.signal, retriever.encoder.fingerprint)
+    out = retriever.store.files / cascade.CASCADE_FILE
+    policy.save(out)
+    c = policy.calibration
+    print(f"stages {' -> '.join(policy.stages)}, thresholds {', '.join(f'{t:.3f}' for t in policy.thresholds)} "
+          f"({policy.signal}); on {c['queries']} held-out queries: 1-NN {c['accuracy']:.4f} (XL alone "
+          f"{c['xl_accuracy']:.4f}) at {c['share_of_xl_gflops']:.1%} of XL's GFLOPs; wrote {out}")
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -302,7 +332,7 @@ def write_budget_report(result: dict, path: Path) -> None:
     lines += [f"| `{r['spec']}` | {r['backend']} | {r['params']:,} | {r['gflops']:.4f} | {r['latency_ms_b1']:.3f} | "
               f"{r['latency_ms_b32']:.2f} | {knn1(r)} |" for r in rows]
     lines += ["", "| budget (ms at batch 1) | submodel chosen | its ms | its 1-NN | why |", "|---:|---|---:|---:|---|"]
-    for limit in sorted({round(r["latency_ms_b1"], 3) for r in rows}):
+    for limit in sorted({r["latency_ms_b1"] for r in rows}):
         row, why = budget.choose(rows, budget.Budget(ms=limit))
         lines.append(f"| {limit:.3f} | `{row['spec']}` | {row['latency_ms_b1']:.3f} | {knn1(row)} | {why} |")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -525,12 +555,30 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--budget-ms", type=float, help="latency budget at batch 1 on this machine")
     group.add_argument("--budget-gflops", type=float)
     group.add_argument("--budget-params", type=float)
+    group.add_argument("--cascade", action="store_true",
+                       help="encode with S first and escalate while unsure (calibrate with `matvit cascade`)")
     p.add_argument("--nprobe", type=int, help="IVF lists to visit (default: the value tuned at build)")
     p.add_argument("--ef-search", type=int, help="HNSW search breadth (default: the value tuned at build)")
     p.add_argument("--rerank", type=int, help="IVF with PQ/SQ codes: re-rank this many times k candidates by their "
                                               "stored vectors (default: the value tuned at build)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("cascade", help="calibrate the query cascade (S first, escalating while unsure) for a share "
+                                       "of XL's 1-NN accuracy; stored beside the index")
+    _index(p)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--dataset", required=True, help="labelled images; gallery images count as held-out queries "
+                                                     "(each is left out of its own neighbours)")
+    p.add_argument("--split", choices=["train", "test"], default="train")
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--queries", type=int, default=2000, help="calibration queries drawn from the split")
+    p.add_argument("--target", type=float, default=0.995, help="share of XL's 1-NN accuracy to keep")
+    p.add_argument("--stages", default="S;M;L;XL", help="submodels, cheapest first, separated by ';'")
+    p.add_argument("--signal", choices=["agreement", "margin"], default="agreement",
+                   help="confidence: neighbours' label agreement, or the top-1 minus top-2 similarity")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_cascade)
 
     p = sub.add_parser("profile", help="measure latency, size and (with --index) accuracy of submodels")
     _backend(p)
@@ -632,10 +680,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data-dir", type=Path)
     q.set_defaults(func=cmd_bench_induce)
     from app.bench.backends import add_parser as add_backends_parser
+    from app.bench.cascade import add_parser as add_cascade_parser
     from app.bench.speed import add_parser as add_speed_parser
 
     add_speed_parser(bsub)
     add_backends_parser(bsub)
+    add_cascade_parser(bsub)
     return parser
 
 

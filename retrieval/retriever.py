@@ -25,6 +25,7 @@ from matvit import images as imageio
 
 from . import budget as budgets
 from . import build
+from . import cascade as cascades
 from .batching import Batcher
 from .encoder import Encoder
 from .store import Gallery, IndexStoreError, ItemNotFound, Store, open_store, remove
@@ -52,10 +53,12 @@ class Result:
     submodel: Choice
     timings_ms: dict = field(default_factory=dict)
     encode_batch: int = 1  # images encoded in one batch with this query's (micro-batching)
+    cascade: dict | None = None  # with the cascade: the submodels that ran, their GFLOPs together, the confidence
 
     def to_dict(self) -> dict:
-        return {"results": self.neighbours, "submodel": vars(self.submodel), "timings_ms": self.timings_ms,
-                "encode_batch": self.encode_batch}
+        out = {"results": self.neighbours, "submodel": vars(self.submodel), "timings_ms": self.timings_ms,
+               "encode_batch": self.encode_batch}
+        return out if self.cascade is None else {**out, "cascade": self.cascade}
 
 
 class Retriever:
@@ -80,6 +83,7 @@ class Retriever:
         self._checked = time.monotonic()
         self._reloading = threading.Lock()
         self._profile: dict | None = None
+        self._cascade: cascades.Policy | None = None
 
     # --- the live index ---------------------------------------------------------------------
     @property
@@ -211,7 +215,7 @@ class Retriever:
             decoded.append(time.perf_counter())
             return batch
 
-        encoded = self.batcher.encode(load, choice.id)
+        encoded = self.batcher.encode(load, choice.spec)
         t2 = time.perf_counter()
         scores, ids = self.nearest(encoded.embeddings, k, search_params, index)
         t3 = time.perf_counter()
@@ -221,6 +225,55 @@ class Retriever:
                    "search": t3 - t2, "metadata": t4 - t3, "total": t4 - t0}
         timings = {key: round(v * 1e3 / len(neighbours), 3) for key, v in timings.items()}
         return [Result(hits, choice, timings, encoded.batch_images) for hits in neighbours]
+
+    def cascade(self) -> cascades.Policy:
+        """The cascade calibrated for this model beside the index (loaded once)."""
+        if self._cascade is None:
+            self._cascade = cascades.Policy.load(self.store.files / cascades.CASCADE_FILE, self.encoder.fingerprint)
+        return self._cascade
+
+    def search_cascade(self, sources: list, k: int = 10, search_params: dict | None = None,
+                       policy: cascades.Policy | None = None) -> list[Result]:
+        """Search with the cascade (`retrieval.cascade`): every query is encoded with the first stage's submodel
+        and again with the next one while its confidence stays under the stage's threshold. Each result names
+        the submodel it stopped at; `cascade` lists those that ran. Timings are per image, all stages summed."""
+        policy = policy or self.cascade()
+        index = self.index
+        start = time.perf_counter()
+        images = sources if isinstance(sources, torch.Tensor) else self.decode(list(sources))[0]
+        spent = {"decode": time.perf_counter() - start, "queue": 0.0, "encode": 0.0, "search": 0.0, "metadata": 0.0}
+        waiting, final, ran = np.arange(len(images)), {}, [[] for _ in range(len(images))]
+        for i, text in enumerate(policy.stages):
+            encoded = self.batcher.encode(lambda rows=waiting: images[rows], text)
+            t0 = time.perf_counter()
+            scores, ids = self.nearest(encoded.embeddings, max(k, cascades.VOTES), search_params, index)
+            t1 = time.perf_counter()
+            neighbours = self.hits(index, scores, ids)
+            spent["search"] += t1 - t0
+            spent["metadata"] += time.perf_counter() - t1
+            spent["queue"] += encoded.queue_s
+            spent["encode"] += encoded.encode_s
+            sure = cascades.confidence(policy.signal, scores, cascades.label_codes(neighbours, cascades.VOTES))
+            stop = sure >= (policy.thresholds[i] if i < len(policy.thresholds) else -np.inf)
+            for row, query in enumerate(waiting):
+                ran[query].append(text)
+                if stop[row]:
+                    final[query] = (neighbours[row][:k], float(sure[row]), text, encoded.batch_images)
+            waiting = waiting[~stop]
+            if not len(waiting):
+                break
+        spent["total"] = time.perf_counter() - start
+        timings = {key: round(v * 1e3 / len(images), 3) for key, v in spent.items()}
+        results = []
+        for query in range(len(images)):
+            hits, sure, text, batch = final[query]
+            spec = self.encoder.spec(text)
+            choice = Choice(spec.id, spec.text, self.encoder.gflops(spec), self.encoder.params(spec),
+                            f"cascade: confident enough at {spec.text}", self.encoder.serving(spec))
+            results.append(Result(hits, choice, timings, batch, {
+                "ran": ran[query], "gflops": sum(self.encoder.gflops(s) for s in ran[query]),
+                "confidence": round(sure, 4)}))
+        return results
 
     # --- items ------------------------------------------------------------------------------
     def add(self, images: list[bytes], labels: list[str | None] | None = None, names: list[str | None] | None = None,

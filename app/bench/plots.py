@@ -1,4 +1,5 @@
-"""Benchmark figures: the index x query heatmap of a grid, the two consistency grids, the Mix'n'Match Pareto plot.
+"""Benchmark figures: the index x query heatmap of a grid, the two consistency grids, the Mix'n'Match Pareto plot,
+the query cascade against fixed submodels.
 
 Drawn on `matplotlib.figure.Figure` objects (no pyplot, no GUI backend), saved as PNG.
 """
@@ -79,3 +80,22 @@ def pareto_png(r: dict, path: Path) -> None:
     ax.set_title(f"{r['dataset']}: query encoders against one XL index")
     ax.legend(loc="best", fontsize=8)
     fig.savefig(path, dpi=120)
+
+
+def cascade_png(r: dict, cost_target: float, path: Path) -> None:
+    """1-NN accuracy against mean GFLOPs per query: each fixed submodel, and the cascade (`app.bench.cascade`)."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    fixed, t = r["fixed"], r["test"]
+    ax.plot([f["gflops"] for f in fixed], [f["accuracy"] for f in fixed], "o-", color="tab:blue", label="one submodel")
+    for f in fixed:
+        ax.annotate(f["spec"], (f["gflops"], f["accuracy"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.plot([t["mean_gflops"]], [t["accuracy"]], "*", color="tab:red", markersize=14, label="cascade")
+    ax.axhline(r["policy"]["target"] * t["xl_accuracy"], color="grey", ls="--", lw=1,
+               label=f"{r['policy']['target']:.1%} of XL's accuracy")
+    ax.axvline(cost_target * fixed[-1]["gflops"], color="grey", ls=":", lw=1, label=f"{cost_target:.0%} of XL's GFLOPs")
+    ax.set_xlabel("mean GFLOPs per query")
+    ax.set_ylabel("1-NN accuracy (test)")
+    ax.set_title(f"Query cascade, {r['dataset']}")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")

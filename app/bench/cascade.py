@@ -1,0 +1,131 @@
+"""The query cascade against every fixed submodel: 1-NN accuracy against mean GFLOPs and encode time per query.
+
+    matvit bench cascade --index IDX --checkpoint DIR --dataset fashion-mnist --out docs/results/cascade-fmnist
+
+Calibrates the cascade (`retrieval.cascade`) on `--calibration` images of the gallery's split (each left out
+of its own neighbours) for `--target` of XL's 1-NN accuracy and stores it beside the index, then evaluates it
+on the test split next to each fixed submodel: 1-NN accuracy, mean GFLOPs per query, and mean encode time per
+query measured through the retriever at batch 1 (`--timed` queries, cascade and XL interleaved). Targets:
+at least `--target` of XL's accuracy at no more than 60% of XL's GFLOPs and of its encode time.
+Writes cascade.json, cascade.md and cascade.png in OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from matvit import data, provenance
+from retrieval import cascade
+from retrieval.retriever import Retriever
+
+from .plots import cascade_png
+
+COST_TARGET = 0.6  # the cascade's mean GFLOPs and encode time, as a share of XL's
+
+
+def labelled(dataset: str, split: str, retriever: Retriever, data_dir: Path | None, count: int | None = None,
+             seed: int = 0) -> tuple:
+    """(images, class names, sources) of `count` seeded draws from a split (all of it without `count`)."""
+    cfg = retriever.encoder.config
+    found = data.load(dataset, split, cfg.img_size, cfg.in_chans, data_dir)
+    rows = np.arange(len(found.images)) if count is None else np.sort(
+        np.random.default_rng(seed).choice(len(found.images), min(count, len(found.images)), replace=False))
+    return (found.images[rows], [found.classes[int(found.labels[i])] for i in rows],
+            [found.sources[i] for i in rows])
+
+
+def encode_ms(retriever: Retriever, images, policy: cascade.Policy, rounds: int = 3) -> dict:
+    """Mean encode milliseconds per query at batch 1, cascade and XL alone, interleaved query by query; the
+    median of `rounds` passes."""
+    passes = {"cascade": [], "XL": []}
+    for _ in range(rounds):
+        totals = {"cascade": 0.0, "XL": 0.0}
+        for image in images:
+            totals["cascade"] += retriever.search_cascade(image[None], k=1, policy=policy)[0].timings_ms["encode"]
+            totals["XL"] += retriever.search(image[None], k=1, submodel="XL")[0].timings_ms["encode"]
+        for key, total in totals.items():
+            passes[key].append(total / len(images))
+    return {key: round(statistics.median(values), 4) for key, values in passes.items()}
+
+
+def run(args: argparse.Namespace) -> dict:
+    retriever = Retriever(args.index, args.checkpoint, backend=args.backend)
+    stages = args.stages.split(";")
+    images, truth, sources = labelled(args.dataset, args.split, retriever, args.data_dir, args.calibration)
+    policy = cascade.calibrate(cascade.measure(retriever, images, truth, sources, stages, args.signal), args.target,
+                               args.signal, retriever.encoder.fingerprint)
+    policy.save(retriever.store.files / cascade.CASCADE_FILE)
+    test_images, test_truth, test_sources = labelled(args.dataset, "test", retriever, args.data_dir)
+    tested = cascade.measure(retriever, test_images, test_truth, test_sources, stages, args.signal)
+    outcome = cascade.simulate(tested, policy.thresholds)
+    xl = tested[-1]
+    timed = encode_ms(retriever, test_images[:args.timed], policy)
+    report = {**provenance.record(), "dataset": args.dataset, "index": str(args.index),
+              "checkpoint": str(args.checkpoint), "backends": {s: retriever.encoder.serving(s) for s in stages},
+              "policy": {"stages": policy.stages, "thresholds": policy.thresholds, "signal": policy.signal,
+                         "target": policy.target, "calibration": {k: v for k, v in policy.calibration.items()
+                                                                  if k not in ("command", "commit", "machine")}},
+              "test": {"queries": len(test_images), **outcome, "xl_accuracy": float(xl.correct.mean()),
+                       "share_of_xl_accuracy": outcome["accuracy"] / float(xl.correct.mean()),
+                       "share_of_xl_gflops": outcome["mean_gflops"] / xl.gflops},
+              "fixed": [{"spec": s.spec, "gflops": s.gflops, "accuracy": float(s.correct.mean())} for s in tested],
+              "encode_ms": {**timed, "queries": args.timed, "share_of_xl": round(timed["cascade"] / timed["XL"], 4)}}
+    t = report["test"]
+    report["targets"] = [
+        {"what": "1-NN accuracy, share of XL's", "measured": round(t["share_of_xl_accuracy"], 4),
+         "target": f">= {args.target}", "met": t["share_of_xl_accuracy"] >= args.target},
+        {"what": "mean GFLOPs, share of XL's", "measured": round(t["share_of_xl_gflops"], 4),
+         "target": f"<= {COST_TARGET}", "met": t["share_of_xl_gflops"] <= COST_TARGET},
+        {"what": "mean encode time, share of XL's", "measured": report["encode_ms"]["share_of_xl"],
+         "target": f"<= {COST_TARGET}", "met": report["encode_ms"]["share_of_xl"] <= COST_TARGET}]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cascade.json").write_text(json.dumps(report, indent=2))
+    (args.out / "cascade.md").write_text(markdown(report))
+    cascade_png(report, COST_TARGET, args.out / "cascade.png")
+    return report
+
+
+def markdown(r: dict) -> str:
+    p, t, e = r["policy"], r["test"], r["encode_ms"]
+    lines = [f"# Query cascade: {r['dataset']}", "", f"Command: `{r['command']}`  ", f"Commit: `{r['commit']}`  ",
+             f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}; "
+             f"backends {', '.join(f'{s} {b}' for s, b in r['backends'].items())}", "",
+             f"Stages {' -> '.join(p['stages'])}; a query stops at the first stage whose {p['signal']} reaches "
+             f"{', '.join(f'{x:.3f}' for x in p['thresholds'])} (calibrated on {p['calibration']['queries']} gallery "
+             f"images, each left out of its own neighbours, for {p['target']:.1%} of XL's 1-NN accuracy).", "",
+             f"On the {t['queries']:,} test queries:", "",
+             "| query encoder | mean GFLOPs | 1-NN accuracy |", "|---|---:|---:|"]
+    lines += [f"| {f['spec']} alone | {f['gflops']:.4f} | {f['accuracy']:.4f} |" for f in r["fixed"]]
+    lines += [f"| **cascade** | {t['mean_gflops']:.4f} | {t['accuracy']:.4f} |", "",
+              "Queries stopping at each stage: " + ", ".join(f"{s} {share:.1%}" for s, share in t["stops"].items()),
+              "", f"Mean encode time per query at batch 1 ({e['queries']} queries, median of 3 interleaved passes): "
+              f"cascade {e['cascade']:.3f} ms, XL {e['XL']:.3f} ms.", "",
+              "| target | measured | target | met |", "|---|---:|---:|---|"]
+    lines += [f"| {x['what']} | {x['measured']} | {x['target']} | {'yes' if x['met'] else '**no**'} |"
+              for x in r["targets"]]
+    lines += ["", "![accuracy against mean GFLOPs](cascade.png)", ""]
+    return "\n".join(lines)
+
+
+def add_parser(bench_subparsers) -> None:
+    """Register `matvit bench cascade` under the `bench` subcommand's subparsers."""
+    q = bench_subparsers.add_parser("cascade", help="the query cascade against each fixed submodel: accuracy, "
+                                                    "mean GFLOPs and encode time")
+    q.add_argument("--index", type=Path, required=True, help="an XL index of the dataset's gallery split")
+    q.add_argument("--checkpoint", type=Path, required=True)
+    q.add_argument("--dataset", required=True)
+    q.add_argument("--split", default="train", help="the gallery's split, where calibration images are drawn")
+    q.add_argument("--data-dir", type=Path)
+    q.add_argument("--calibration", type=int, default=5000, help="calibration images")
+    q.add_argument("--target", type=float, default=0.995, help="share of XL's 1-NN accuracy to keep")
+    q.add_argument("--stages", default="S;M;L;XL")
+    q.add_argument("--signal", choices=cascade.SIGNALS, default="agreement")
+    q.add_argument("--timed", type=int, default=300, help="test queries timed one at a time")
+    q.add_argument("--backend", default="eager", help="the query encoders' backend (see `matvit search`)")
+    q.add_argument("--out", type=Path, required=True, help="results directory")
+    q.set_defaults(func=run)

@@ -1,0 +1,147 @@
+"""The input-adaptive query cascade: encode a query with the smallest submodel first and escalate to the next
+larger one only while its result looks uncertain, always searching the one XL index.
+
+A stage's confidence in a query is the agreement of its neighbours: the share of its top `VOTES` that carry
+its top-1's label (on a gallery without labels: the margin between the top-1 and top-2 similarity). A policy
+holds a threshold per stage but the last; a query stops at the first stage whose confidence reaches it.
+`calibrate` chooses the thresholds on held-out queries so that the cascade keeps a stated share of XL's 1-NN
+accuracy at the least mean GFLOPs. The policy is stored beside the index (`cascade.json`), like the profile.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from matvit import provenance
+from matvit.errors import UserError
+
+CASCADE_FILE = "cascade.json"
+VOTES = 10  # neighbours whose labels vote on a stage's confidence
+GRID = 21  # candidate thresholds per stage: quantiles of its confidence on the calibration queries
+NEVER = 3.0  # a threshold above any confidence (agreement is at most 1, margin at most 2): never stop there
+SIGNALS = ("agreement", "margin")
+
+
+class CascadeError(UserError):
+    """No calibrated cascade for this model, or one that cannot meet its target."""
+
+
+@dataclass
+class Stage:
+    """One stage's results on the calibration queries: whether its top-1 label is right, and its confidence."""
+
+    spec: str
+    gflops: float
+    correct: np.ndarray
+    confidence: np.ndarray
+
+
+@dataclass
+class Policy:
+    """Stages (cheapest first, the last is final), the confidence each but the last needs to stop, and how the
+    policy was calibrated."""
+
+    stages: list[str]
+    thresholds: list[float]
+    signal: str
+    fingerprint: str
+    target: float  # the share of XL's 1-NN accuracy aimed for
+    calibration: dict = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path, fingerprint: str) -> Policy:
+        try:
+            policy = cls(**json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise CascadeError(f"no calibrated cascade at {path}; calibrate one with `matvit cascade`") from None
+        except (json.JSONDecodeError, TypeError) as e:
+            raise CascadeError(f"{path} is not a cascade policy ({e}); calibrate again with `matvit cascade`") from e
+        if policy.fingerprint != fingerprint:
+            raise CascadeError(f"the cascade in {path} was calibrated for model {policy.fingerprint}, not "
+                               f"{fingerprint}; calibrate again with `matvit cascade`")
+        return policy
+
+
+def confidence(signal: str, scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per query: the share of its neighbours (columns, best first) labelled like its top-1 (`agreement`;
+    a missing label, -1, never agrees), or its top-1 minus top-2 similarity (`margin`)."""
+    if signal == "margin":
+        return scores[:, 0] - scores[:, 1] if scores.shape[1] > 1 else np.ones(len(scores))
+    return ((labels == labels[:, :1]) & (labels >= 0)).mean(axis=1)
+
+
+def simulate(stages: list[Stage], thresholds: list[float]) -> dict:
+    """Accuracy, mean GFLOPs and the share of queries stopping at each stage of a policy on the calibration
+    queries (a query escalated from S to M has paid for both)."""
+    n = len(stages[0].correct)
+    stop = np.full(n, len(stages) - 1)
+    open_ = np.ones(n, dtype=bool)
+    for i, (stage, threshold) in enumerate(zip(stages[:-1], thresholds, strict=True)):
+        here = open_ & (stage.confidence >= threshold)
+        stop[here] = i
+        open_ &= ~here
+    paid = np.cumsum([s.gflops for s in stages])
+    correct = np.choose(stop, [s.correct for s in stages])
+    return {"accuracy": float(correct.mean()), "mean_gflops": float(paid[stop].mean()),
+            "stops": {s.spec: float(np.mean(stop == i)) for i, s in enumerate(stages)}}
+
+
+def calibrate(stages: list[Stage], target: float, signal: str, fingerprint: str) -> Policy:
+    """The thresholds with the least mean GFLOPs whose accuracy on the calibration queries is at least `target`
+    times the last stage's (searched over a grid of each stage's confidence quantiles, never stopping
+    included)."""
+    goal = target * float(stages[-1].correct.mean())
+    grids = [sorted(set(np.quantile(s.confidence, np.linspace(0, 1, GRID)).tolist()) | {NEVER}) for s in stages[:-1]]
+    best = None
+    for thresholds in itertools.product(*grids):
+        result = simulate(stages, list(thresholds))
+        if result["accuracy"] >= goal and (best is None or result["mean_gflops"] < best[1]["mean_gflops"]):
+            best = (list(thresholds), result)
+    thresholds, result = best  # never stopping early always meets the goal
+    xl = stages[-1]
+    return Policy([s.spec for s in stages], [float(t) for t in thresholds], signal, fingerprint, target, {
+        "queries": len(xl.correct), "xl_accuracy": float(xl.correct.mean()), **result,
+        "share_of_xl_gflops": result["mean_gflops"] / xl.gflops,
+        "fixed": {s.spec: {"accuracy": float(s.correct.mean()), "gflops": s.gflops} for s in stages},
+        **provenance.record()})
+
+
+def label_codes(neighbours: list[list[dict]], width: int) -> np.ndarray:
+    """The neighbours' label names as integer codes (-1: no label), one row per query, `width` columns."""
+    codes: dict[str, int] = {}
+    out = np.full((len(neighbours), width), -1)
+    for row, hits in enumerate(neighbours):
+        for col, hit in enumerate(hits[:width]):
+            if hit["label"] is not None:
+                out[row, col] = codes.setdefault(hit["label"], len(codes))
+    return out
+
+
+def measure(retriever, images, truth: list[str], sources: list[str], specs: list[str], signal: str) -> list[Stage]:
+    """Each stage's correctness and confidence on labelled query images (`truth`: class names); a gallery item
+    with the query's own `source` is left out of its neighbours, so gallery images serve as held-out queries."""
+    index = retriever.index
+    stages = []
+    for text in specs:
+        embeddings = retriever.encoder.encode(images, text)
+        neighbours = retriever.search_embeddings(embeddings, VOTES + 1, None, index)
+        neighbours = [[h for h in hits if h["metadata"]["source"] != own][:VOTES]
+                      for hits, own in zip(neighbours, sources, strict=True)]
+        scores = np.array([[h["score"] for h in hits] + [0.0] * (VOTES - len(hits)) for hits in neighbours])
+        correct = np.array([bool(hits) and hits[0]["label"] == name for hits, name in zip(neighbours, truth,
+                                                                                        strict=True)])
+        spec = retriever.encoder.spec(text)
+        stages.append(Stage(spec.text, retriever.encoder.gflops(spec), correct,
+                            confidence(signal, scores, label_codes(neighbours, VOTES))))
+    return stages

@@ -1,0 +1,121 @@
+"""The query cascade: confidence signals, calibration to a share of XL's accuracy, and the cascade through the
+retriever, the command line and the API."""
+
+import json
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app import cli
+from app.api import Settings, create_app
+from matvit import data
+from matvit.images import to_png
+from retrieval import build, cascade
+from retrieval.encoder import Encoder
+from retrieval.retriever import Retriever
+
+
+def test_confidence_is_label_agreement_or_the_score_margin():
+    scores = np.array([[0.9, 0.5, 0.4], [0.8, 0.79, 0.1]])
+    labels = np.array([[1, 1, 2], [3, -1, 3]])
+    np.testing.assert_allclose(cascade.confidence("agreement", scores, labels), [2 / 3, 2 / 3])
+    np.testing.assert_allclose(cascade.confidence("margin", scores, labels), [0.4, 0.01], atol=1e-9)
+    assert cascade.confidence("agreement", scores, np.full((2, 3), -1)).tolist() == [0.0, 0.0]  # unlabelled
+
+
+def synthetic_stages(n: int = 1000) -> list[cascade.Stage]:
+    """S right on 90% of queries, confident on the ones it gets right; XL right on 95%."""
+    rng = np.random.default_rng(0)
+    s_right = rng.random(n) < 0.9
+    s_conf = np.where(s_right, rng.uniform(0.6, 1.0, n), rng.uniform(0.0, 0.7, n))
+    xl_right = s_right | (rng.random(n) < 0.5)
+    return [cascade.Stage("S", 1.0, s_right, s_conf), cascade.Stage("XL", 2.5, xl_right, np.ones(n))]
+
+
+def test_calibration_keeps_the_target_share_of_xl_accuracy_at_the_least_cost():
+    stages = synthetic_stages()
+    policy = cascade.calibrate(stages, 0.99, "agreement", "f" * 16)
+    c = policy.calibration
+    xl = stages[-1].correct.mean()
+    assert c["accuracy"] >= 0.99 * xl and c["xl_accuracy"] == pytest.approx(xl)
+    assert c == {**c, **cascade.simulate(stages, policy.thresholds)}
+    assert c["mean_gflops"] < 2.5 and c["stops"]["S"] > 0.5  # most queries stop at S
+    for t in np.quantile(stages[0].confidence, np.linspace(0, 1, cascade.GRID)):
+        cheaper = cascade.simulate(stages, [t])
+        assert cheaper["mean_gflops"] >= c["mean_gflops"] or cheaper["accuracy"] < 0.99 * xl
+    never = cascade.simulate(stages, [cascade.NEVER])
+    assert never["stops"] == {"S": 0.0, "XL": 1.0} and never["mean_gflops"] == pytest.approx(3.5)
+
+
+@pytest.fixture(scope="module")
+def calibrated(trained_dir, tmp_path_factory):
+    """A digits index with a cascade calibrated by `matvit cascade` on 300 of its own images."""
+    index = tmp_path_factory.mktemp("cascade-index")
+    build.build(Encoder.load(trained_dir), build.DatasetSource("digits", "train", 8, 1), index)
+    assert cli.main(["cascade", "--index", str(index), "--checkpoint", str(trained_dir), "--dataset", "digits",
+                     "--queries", "300", "--target", "0.99"]) == 0
+    return index
+
+
+def test_the_calibrated_cascade_is_stored_and_searches(calibrated, trained_dir):
+    stored = json.loads((calibrated / cascade.CASCADE_FILE).read_text())
+    assert stored["stages"] == ["S", "M", "L", "XL"] and len(stored["thresholds"]) == 3
+    assert stored["calibration"]["queries"] == 300 and stored["calibration"]["command"].startswith("matvit cascade")
+    retriever = Retriever(calibrated, trained_dir)
+    test = data.load("digits", "test", 8, 1)
+    results = retriever.search_cascade(test.images[:60], k=3)
+    for r in results:
+        ran = r.cascade["ran"]
+        assert ran == stored["stages"][:len(ran)] and r.submodel.spec == ran[-1] and len(r.neighbours) == 3
+        assert r.cascade["gflops"] == pytest.approx(sum(retriever.encoder.gflops(s) for s in ran))
+        if len(ran) < 4:
+            assert r.cascade["confidence"] >= stored["thresholds"][len(ran) - 1]
+    correct = [r.neighbours[0]["label"] == str(int(y)) for r, y in zip(results, test.labels[:60], strict=True)]
+    assert np.mean(correct) > 0.5  # chance is 0.1
+
+
+def test_a_cascade_for_another_model_is_refused(calibrated, tmp_path):
+    policy = json.loads((calibrated / cascade.CASCADE_FILE).read_text())
+    (tmp_path / cascade.CASCADE_FILE).write_text(json.dumps({**policy, "fingerprint": "0" * 16}))
+    with pytest.raises(cascade.CascadeError, match="calibrated for model 0000000000000000"):
+        cascade.Policy.load(tmp_path / cascade.CASCADE_FILE, policy["fingerprint"])
+    with pytest.raises(cascade.CascadeError, match="calibrate one with `matvit cascade`"):
+        cascade.Policy.load(tmp_path / "missing.json", policy["fingerprint"])
+
+
+def test_the_api_searches_with_the_cascade_and_refuses_it_with_a_submodel(calibrated, trained_dir, tmp_path):
+    image = to_png(data.load("digits", "test", 8, 1).images[0])
+    app = create_app(Settings(index=calibrated, checkpoint=trained_dir), load_in_background=False)
+    with TestClient(app) as client:
+        r = client.post("/v1/search", files={"file": ("q.png", image, "image/png")}, data={"mode": "cascade", "k": "2"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["cascade"]["ran"][0] == "S" and body["submodel"]["spec"] == body["cascade"]["ran"][-1]
+        assert len(body["results"]) == 2
+        r = client.post("/v1/search", files={"file": ("q.png", image, "image/png")},
+                        data={"mode": "cascade", "submodel": "S"})
+        assert r.status_code == 422 and "mode=cascade" in r.json()["error"]["message"]
+        plain = client.post("/v1/search", files={"file": ("q.png", image, "image/png")}, data={"submodel": "S"})
+        assert plain.json()["cascade"] is None
+    bare = tmp_path / "bare"
+    build.build(Encoder.load(trained_dir), build.DatasetSource("digits", "test", 8, 1), bare)
+    app = create_app(Settings(index=bare, checkpoint=trained_dir), load_in_background=False)
+    with TestClient(app) as client:
+        r = client.post("/v1/search", files={"file": ("q.png", image, "image/png")}, data={"mode": "cascade"})
+        assert r.status_code == 400 and "calibrate one with `matvit cascade`" in r.json()["error"]["message"]
+
+
+def test_bench_cascade_compares_the_cascade_with_every_fixed_submodel(calibrated, trained_dir, tmp_path):
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "cascade", "--index", str(calibrated), "--checkpoint", str(trained_dir), "--dataset",
+                     "digits", "--calibration", "300", "--timed", "5", "--out", str(out)]) == 0
+    r = json.loads((out / "cascade.json").read_text())
+    assert [f["spec"] for f in r["fixed"]] == ["S", "M", "L", "XL"] and r["test"]["queries"] == 360
+    assert sum(r["test"]["stops"].values()) == pytest.approx(1.0)
+    assert r["fixed"][0]["gflops"] <= r["test"]["mean_gflops"] <= sum(f["gflops"] for f in r["fixed"])
+    assert r["test"]["xl_accuracy"] == r["fixed"][-1]["accuracy"] and r["encode_ms"]["cascade"] > 0
+    assert [t["met"] for t in r["targets"]] == [r["test"]["share_of_xl_accuracy"] >= 0.995,
+                                                r["test"]["share_of_xl_gflops"] <= 0.6,
+                                                r["encode_ms"]["share_of_xl"] <= 0.6]
+    assert (out / "cascade.png").stat().st_size > 0 and "**cascade**" in (out / "cascade.md").read_text()
