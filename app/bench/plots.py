@@ -83,16 +83,18 @@ def pareto_png(r: dict, path: Path) -> None:
 
 
 def cascade_png(r: dict, cost_target: float, path: Path) -> None:
-    """1-NN accuracy against mean GFLOPs per query: each fixed submodel, and the cascade (`app.bench.cascade`)."""
+    """1-NN accuracy against mean GFLOPs per query: each fixed submodel, and each cascade (`app.bench.cascade`)."""
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
-    fixed, t = r["fixed"], r["test"]
+    fixed = r["fixed"]
     ax.plot([f["gflops"] for f in fixed], [f["accuracy"] for f in fixed], "o-", color="tab:blue", label="one submodel")
     for f in fixed:
         ax.annotate(f["spec"], (f["gflops"], f["accuracy"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
-    ax.plot([t["mean_gflops"]], [t["accuracy"]], "*", color="tab:red", markersize=14, label="cascade")
-    ax.axhline(r["policy"]["target"] * t["xl_accuracy"], color="grey", ls="--", lw=1,
-               label=f"{r['policy']['target']:.1%} of XL's accuracy")
+    for c in r["cascades"]:
+        t = c["test"]
+        ax.plot([t["mean_gflops"]], [t["accuracy"]], "*", markersize=12, label=f"cascade for {c['target']:.1%}")
+    ax.axhline(r["cascades"][0]["target"] * r["xl_accuracy"], color="grey", ls="--", lw=1,
+               label=f"{r['cascades'][0]['target']:.1%} of XL's accuracy")
     ax.axvline(cost_target * fixed[-1]["gflops"], color="grey", ls=":", lw=1, label=f"{cost_target:.0%} of XL's GFLOPs")
     ax.set_xlabel("mean GFLOPs per query")
     ax.set_ylabel("1-NN accuracy (test)")
