@@ -77,6 +77,8 @@ def evaluate(retriever: Retriever, policy: cascade.Policy, tested: list[cascade.
 def run(args: argparse.Namespace) -> dict:
     """Calibrate a cascade per target (the first is stored beside the index), evaluate each on the test split."""
     retriever = Retriever(args.index, args.checkpoint, backend=args.backend)
+    if args.backend == "auto":
+        retriever.ensure_profile()  # auto's choices are made with the profile (measured here if it is stale)
     stages = args.stages.split(";")
     images, truth, sources = labelled(args.dataset, args.split, retriever, args.data_dir, args.calibration)
     calibration = cascade.measure(retriever, images, truth, sources, stages, args.signal)
