@@ -258,20 +258,12 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_cascade(args: argparse.Namespace) -> None:
-    import numpy as np
-
-    from matvit import data
     from retrieval import cascade
     from retrieval.retriever import Retriever
 
     retriever = Retriever(args.index, args.checkpoint)
-    cfg = retriever.encoder.config
-    queries = data.load(args.dataset, args.split, cfg.img_size, cfg.in_chans, args.data_dir)
-    chosen = np.random.default_rng(args.seed).choice(len(queries.images), min(args.queries, len(queries.images)),
-                                                     replace=False)
-    truth = [queries.classes[int(queries.labels[i])] for i in chosen]
-    stages = cascade.measure(retriever, queries.images[chosen], truth, [queries.sources[i] for i in chosen],
-                             args.stages.split(";"), args.signal)
+    queries = cascade.labelled(retriever, args.dataset, args.split, args.queries, args.data_dir, args.seed)
+    stages = cascade.measure(retriever, *queries, args.stages.split(";"), args.signal)
     policy = cascade.calibrate(stages, args.target, args.signal, retriever.encoder.fingerprint)
     out = retriever.store.files / cascade.CASCADE_FILE
     policy.save(out)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from matvit import provenance
+from matvit import data, provenance
 from matvit.errors import UserError
 
 CASCADE_FILE = "cascade.json"
@@ -145,3 +145,15 @@ def measure(retriever, images, truth: list[str], sources: list[str], specs: list
         stages.append(Stage(spec.text, retriever.encoder.gflops(spec), correct,
                             confidence(signal, scores, label_codes(neighbours, VOTES))))
     return stages
+
+
+def labelled(retriever, dataset: str, split: str, count: int | None = None, data_dir: Path | None = None,
+             seed: int = 0) -> tuple:
+    """(images, class names, sources) of `count` seeded draws from a dataset split at the model's input size (all
+    of it without `count`): the labelled queries `measure` takes."""
+    cfg = retriever.encoder.config
+    found = data.load(dataset, split, cfg.img_size, cfg.in_chans, data_dir)
+    rows = np.arange(len(found.images)) if count is None else np.sort(
+        np.random.default_rng(seed).choice(len(found.images), min(count, len(found.images)), replace=False))
+    return (found.images[rows], [found.classes[int(found.labels[i])] for i in rows],
+            [found.sources[i] for i in rows])

@@ -17,26 +17,13 @@ import json
 import statistics
 from pathlib import Path
 
-import numpy as np
-
-from matvit import data, provenance
+from matvit import provenance
 from retrieval import cascade
 from retrieval.retriever import Retriever
 
 from .plots import cascade_png
 
 COST_TARGET = 0.6  # the cascade's mean GFLOPs and encode time, as a share of XL's
-
-
-def labelled(dataset: str, split: str, retriever: Retriever, data_dir: Path | None, count: int | None = None,
-             seed: int = 0) -> tuple:
-    """(images, class names, sources) of `count` seeded draws from a split (all of it without `count`)."""
-    cfg = retriever.encoder.config
-    found = data.load(dataset, split, cfg.img_size, cfg.in_chans, data_dir)
-    rows = np.arange(len(found.images)) if count is None else np.sort(
-        np.random.default_rng(seed).choice(len(found.images), min(count, len(found.images)), replace=False))
-    return (found.images[rows], [found.classes[int(found.labels[i])] for i in rows],
-            [found.sources[i] for i in rows])
 
 
 def encode_ms(retriever: Retriever, images, policy: cascade.Policy, rounds: int = 3) -> dict:
@@ -80,12 +67,12 @@ def run(args: argparse.Namespace) -> dict:
     if args.backend == "auto":
         retriever.ensure_profile()  # auto's choices are made with the profile (measured here if it is stale)
     stages = args.stages.split(";")
-    images, truth, sources = labelled(args.dataset, args.split, retriever, args.data_dir, args.calibration)
+    images, truth, sources = cascade.labelled(retriever, args.dataset, args.split, args.calibration, args.data_dir)
     calibration = cascade.measure(retriever, images, truth, sources, stages, args.signal)
     policies = [cascade.calibrate(calibration, float(t), args.signal, retriever.encoder.fingerprint)
                 for t in args.target.split(",")]
     policies[0].save(retriever.store.files / cascade.CASCADE_FILE)
-    test_images, test_truth, test_sources = labelled(args.dataset, "test", retriever, args.data_dir)
+    test_images, test_truth, test_sources = cascade.labelled(retriever, args.dataset, "test", data_dir=args.data_dir)
     tested = cascade.measure(retriever, test_images, test_truth, test_sources, stages, args.signal)
     report = {**provenance.record(), "dataset": args.dataset, "index": str(args.index),
               "checkpoint": str(args.checkpoint), "backends": {s: retriever.encoder.serving(s) for s in stages},
