@@ -1,10 +1,14 @@
 """The command line: train and export end to end, and one-line errors for user mistakes."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from app.cli import main
+from retrieval.encoder import Encoder
 
 
 def test_export_through_the_cli(trained_dir, tmp_path, capsys):
@@ -111,3 +115,12 @@ def test_eval_grid_cli(trained_dir, tmp_path, capsys):
     grid = json.loads(out.read_text())["grid"]
     assert list(grid) == ["XL"] and list(grid["XL"]) == ["S", "XL"]
     assert out.with_suffix(".png").is_file()
+
+
+def test_random_checkpoint_script_writes_a_loadable_checkpoint_of_the_preset(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "scripts" / "random_checkpoint.py"
+    subprocess.run([sys.executable, str(script), "--preset", "matvit-tiny-digits", "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    encoder = Encoder.load(tmp_path)
+    assert encoder.config.img_size == 8 and [s.text for s in encoder.named()] == ["S", "M", "L", "XL"]
+    assert json.loads((tmp_path / "config.json").read_text())["weights"] == "random (seed 0)"
