@@ -13,15 +13,15 @@ A version is never changed after it is written. Readers hold a shared `flock` on
 manifest while they use it; a writer removes an old version only when it can take that lock
 exclusively, and always keeps the version it replaced (a reader may have just read CURRENT).
 
-FAISS indexes come from `index_factory` strings wrapped in IDMap2, so ids are stable. `auto` follows
-the FAISS wiki's "Guidelines to choose an index": `Flat` below 100k vectors (brute force stays in
+FAISS indexes come from `index_factory` strings wrapped in IDMap2, so ids are stable. `auto` follows the
+FAISS wiki's "Guidelines to choose an index": `Flat` below 100k vectors (brute force stays in
 milliseconds; a new build takes `HNSW32` instead when an exact search would cost more than half of
 encoding a query, see `build.exact_or_hnsw`), `HNSW32` below 10M (measured at 1M: hundreds of times
-faster than Flat at recall@10 0.95; about 800 bytes per vector, so 8 GB at 10M), and `IVF{4*sqrt(n)},SQ8` beyond (K between 4 and
-16 sqrt(n) centroids; a byte per dimension, under a third of Flat's memory), with exact re-ranking
-from the stored vectors tuned in where the codes alone miss the recall target (measured at 1M: SQ8
-with 2x re-ranking meets 0.95; PQ with dim/4 bytes takes a ninth of Flat's memory but stays under
-it, so it is for an explicit `--index-key`). A non-exact index gets its
+faster than Flat at recall@10 0.95; about 800 bytes per vector, so 8 GB at 10M), and
+`IVF{4*sqrt(n)},SQ8` beyond (K between 4 and 16 sqrt(n) centroids; a byte per dimension, under a third
+of Flat's memory), with exact re-ranking from the stored vectors tuned in where the codes alone miss the
+recall target (measured at 1M: SQ8 with 2x re-ranking meets 0.95; PQ with dim/4 bytes takes a ninth of
+Flat's memory but stays under it, so it is for an explicit `--index-key`). A non-exact index gets its
 `efSearch`, `nprobe` (and `rerank`) tuned to a recall target (see `tuning`). Deletions are physical
 where the FAISS index supports `remove_ids`, else the ids are tombstoned and filtered out of every
 search with an `IDSelector` until a rebuild.
