@@ -444,11 +444,12 @@ class Service:
         else:
             results = retriever.search(images, k=options.k, submodel=options.submodel, budget=budget,
                                        search_params=options.search_params())
-        choice = results[0].submodel
-        label = choice.spec if choice.spec in {s.text for s in retriever.encoder.named()} else "mixnmatch"
-        self.queries.labels(label).inc(len(images))
-        self.encode_latency.labels(label).observe(results[0].timings_ms["encode"] * len(images) / 1e3)
-        self.encode_batch.labels(label).observe(results[0].encode_batch)
+        named = {s.text for s in retriever.encoder.named()}
+        labels = [r.submodel.spec if r.submodel.spec in named else "mixnmatch" for r in results]
+        for label in labels:  # with the cascade, each query counts under the submodel it stopped at
+            self.queries.labels(label).inc()
+        self.encode_latency.labels(labels[0]).observe(results[0].timings_ms["encode"] * len(images) / 1e3)
+        self.encode_batch.labels(labels[0]).observe(results[0].encode_batch)
         return [SearchResponse(results=r.neighbours, submodel=SubmodelUsed(
                     id=r.submodel.id, spec=r.submodel.spec, gflops=r.submodel.gflops, backend=r.submodel.backend),
                     timings_ms=Timings(**r.timings_ms), encode_batch=r.encode_batch, cascade=r.cascade)

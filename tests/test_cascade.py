@@ -93,6 +93,8 @@ def test_the_api_searches_with_the_cascade_and_refuses_it_with_a_submodel(calibr
         body = r.json()
         assert body["cascade"]["ran"][0] == "S" and body["submodel"]["spec"] == body["cascade"]["ran"][-1]
         assert len(body["results"]) == 2
+        stopped = body["submodel"]["spec"]
+        assert f'matvit_queries_total{{submodel="{stopped}"}} 1.0' in client.get("/metrics").text
         r = client.post("/v1/search", files={"file": ("q.png", image, "image/png")},
                         data={"mode": "cascade", "submodel": "S"})
         assert r.status_code == 422 and "mode=cascade" in r.json()["error"]["message"]
