@@ -433,7 +433,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from matvit.config import PRESETS
+    from matvit.config import DISTILLATIONS, PRESETS
 
     parser = argparse.ArgumentParser(prog="matvit", description="Adaptive image retrieval on MatViT.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -450,8 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sum: every granularity each step; sample: one drawn per step")
     p.add_argument("--weights", type=_floats,
                    help="per-granularity loss weights (sum) or probabilities (sample), smallest first")
-    p.add_argument("--distill", choices=["none", "logits", "embedding", "both"], default="none",
-                   help="self-distil the smaller granularities from XL")
+    p.add_argument("--distill", choices=DISTILLATIONS, default="none",
+                   help="self-distil the smaller granularities from XL: its logits (KL), its embedding (cosine), "
+                        "its batch similarities (relational), or logits and embedding (both)")
     p.add_argument("--mixnmatch-prob", type=float, default=0.0,
                    help="probability per step of also training a random monotone Mix'n'Match submodel")
     p.add_argument("--baseline", choices=["S", "M", "L", "XL"],
@@ -671,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--data-dir", type=Path)
     q.set_defaults(func=cmd_bench_induce)
+    from app.bench.align import add_parser as add_align_parser
     from app.bench.backends import add_parser as add_backends_parser
     from app.bench.cascade import add_parser as add_cascade_parser
     from app.bench.speed import add_parser as add_speed_parser
@@ -678,6 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_speed_parser(bsub)
     add_backends_parser(bsub)
     add_cascade_parser(bsub)
+    add_align_parser(bsub)
     return parser
 
 

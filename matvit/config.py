@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from .errors import UserError
 
 GRANULARITY_NAMES = ("S", "M", "L", "XL")
+# Self-distillation of the smaller granularities from XL (`matvit train --distill`); `both` is logits and embedding.
+DISTILLATIONS = ("none", "logits", "embedding", "relational", "both")
 
 
 def default_granularities(mlp_hidden: int) -> dict[str, int]:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from . import checkpoint, metrics, provenance, sources
 from . import spec as specs
-from .config import MatViTConfig, TrainRecipe, get_preset
+from .config import DISTILLATIONS, MatViTConfig, TrainRecipe, get_preset
 from .errors import UserError
 from .images import to_input
 from .model import MatViT
@@ -50,7 +50,7 @@ class TrainOptions:
     lr: float | None = None
     mode: str = "sum"  # sum | sample
     weights: list[float] | None = None  # per granularity, smallest first
-    distill: str = "none"  # none | logits | embedding | both
+    distill: str = "none"  # none | logits | embedding | relational | both (logits and embedding)
     mixnmatch_prob: float = 0.0
     baseline: str | None = None  # train a plain ViT with this granularity's FFN width
     init: str | None = None  # start from these weights (a MatViT safetensors file of the same shape)
@@ -63,8 +63,8 @@ class TrainOptions:
         self.recipe = dataclasses.replace(preset.recipe, **overrides)
         if self.mode not in ("sum", "sample"):
             raise UserError(f"unknown mode {self.mode!r}; use sum or sample")
-        if self.distill not in ("none", "logits", "embedding", "both"):
-            raise UserError(f"unknown distillation {self.distill!r}; use none, logits, embedding or both")
+        if self.distill not in DISTILLATIONS:
+            raise UserError(f"unknown distillation {self.distill!r}; use one of {', '.join(DISTILLATIONS)}")
         if not 0.0 <= self.mixnmatch_prob <= 1.0:
             raise UserError("--mixnmatch-prob must be between 0 and 1")
 
@@ -96,6 +96,14 @@ def option_differences(saved: dict, given: dict) -> list[str]:
     keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
     return [f"{k} (saved {a.get(k)!r}, given {b.get(k)!r})" for k in keys
             if not (k.startswith("recipe.") and k.removeprefix("recipe.") in keys)]
+
+
+def relational_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """How far the student's similarities to the teacher's embeddings of the batch are from the teacher's own:
+    what a query of the student against an index of the teacher sees. Squared error summed over each row of the
+    batch's cosine-similarity matrix, averaged over rows."""
+    s, t = F.normalize(student.float(), dim=-1), F.normalize(teacher.float(), dim=-1)
+    return ((s @ t.T - t @ t.T) ** 2).sum(1).mean()
 
 
 class Pass(NamedTuple):
@@ -239,6 +247,8 @@ class Trainer:
                                        log_target=True, reduction="batchmean")
             if teacher is not None and self.opts.distill in ("embedding", "both"):
                 loss = loss + (1 - F.cosine_similarity(feats, teacher[0], dim=-1)).mean()
+            if teacher is not None and self.opts.distill == "relational":
+                loss = loss + relational_loss(feats, teacher[0])
         return loss, feats, logits
 
     def passes(self, rng: random.Random) -> list[Pass]:

@@ -51,6 +51,18 @@ def _run_matches(run: Path, train_opts: TrainOptions) -> bool:
     return finished and same and log_epochs == train_opts.recipe.epochs
 
 
+def train_cached(train_opts: TrainOptions, log=print, reuse: bool = True) -> float:
+    """Train into `train_opts.out` unless (with `reuse`) a finished run of the same options is there; returns
+    the training's wall time in seconds."""
+    run = Path(train_opts.out)
+    if reuse and _run_matches(run, train_opts):
+        log(f"reusing {run}")
+    else:
+        log(f"training {run.name} ({train_opts.recipe.epochs} epochs) into {run}")
+        Trainer(train_opts).run(log=log)
+    return float(json.loads((run / "eval.json").read_text())["train_seconds"])
+
+
 def train_or_reuse(opts: BenchOptions, baseline: str | None, log=print) -> tuple[Encoder, float]:
     """The trained model's encoder and its training wall time in seconds."""
     name = f"baseline-{baseline}" if baseline else "matvit"
@@ -58,13 +70,8 @@ def train_or_reuse(opts: BenchOptions, baseline: str | None, log=print) -> tuple
     run = Path(opts.cache or Path("runs") / "consistency" / f"{opts.preset}-{slug}") / name
     train_opts = TrainOptions(preset=opts.preset, dataset=opts.dataset, out=run, data_dir=opts.data_dir,
                               epochs=opts.epochs, baseline=baseline, seed=opts.seed)
-    if opts.reuse and _run_matches(run, train_opts):
-        log(f"reusing {run}")
-    else:
-        log(f"training {name} ({train_opts.recipe.epochs} epochs) into {run}")
-        Trainer(train_opts).run(log=log)
-    seconds = json.loads((run / "eval.json").read_text())["train_seconds"]
-    return Encoder.load(run), float(seconds)
+    seconds = train_cached(train_opts, log, opts.reuse)
+    return Encoder.load(run), seconds
 
 
 def run(opts: BenchOptions, log=print) -> dict:
@@ -113,9 +120,20 @@ def run(opts: BenchOptions, log=print) -> dict:
     return result
 
 
-def _interpolate(points: list[tuple[float, float]], x: float) -> float:
-    xs, ys = zip(*sorted(points), strict=True)
-    return float(np.interp(x, xs, ys))
+def mixnmatch_below(trained: dict[str, float], mixnmatch: list[dict]) -> dict[str, float]:
+    """How far each Mix'n'Match spec's 1-NN lies above (+) or below (-) the segments joining the trained
+    granularities' points (GFLOPs, 1-NN); `trained` maps a granularity to its 1-NN on the XL index."""
+    flops = {row["spec"]: row["gflops"] for row in mixnmatch}
+    xs, ys = zip(*sorted((flops[g], acc) for g, acc in trained.items() if g in flops), strict=True)
+    return {row["spec"]: row["knn1"] - float(np.interp(row["gflops"], xs, ys)) for row in mixnmatch}
+
+
+def narrowed_layers(below: dict[str, float], smallest: str = "S", miss: float = -0.005) -> list[tuple[int, int]]:
+    """Per layer: (specs more than `miss` under the segments with that layer at `smallest`, specs with it)."""
+    layers = [spec.split(",") for spec in below if "," in spec]
+    depth = len(layers[0]) if layers else 0
+    return [(sum(1 for spec, v in below.items() if "," in spec and spec.split(",")[i] == smallest and v < miss),
+             sum(1 for names in layers if names[i] == smallest)) for i in range(depth)]
 
 
 def targets(r: dict) -> list[dict]:
@@ -137,9 +155,7 @@ def targets(r: dict) -> list[dict]:
     out.append({"target": "4. baseline off-diagonal cells within 10 points of chance",
                 "met": all(abs(v - chance) <= 0.10 for v in boff.values()), "chance": chance,
                 "max": max(boff.values()) if boff else 0.0})
-    flops = {row["spec"]: row["gflops"] for row in r["mixnmatch"]}
-    trained = [(flops[g], m["XL"][g]["knn1"]) for g in names if g in flops]
-    below = {row["spec"]: row["knn1"] - _interpolate(trained, row["gflops"]) for row in r["mixnmatch"]}
+    below = mixnmatch_below({g: m["XL"][g]["knn1"] for g in names}, r["mixnmatch"])
     out.append({"target": "5. Mix'n'Match points on or above the segments joining trained granularities (0.5 pt)",
                 "met": all(v >= -0.005 for v in below.values()), "worst": min(below.values()),
                 "below_by_more_than_0.5pt": sum(v < -0.005 for v in below.values()), "points": len(below)})
