@@ -357,11 +357,17 @@ def cmd_eval_grid(args: argparse.Namespace) -> None:
 
 def cmd_bench_consistency(args: argparse.Namespace) -> None:
     from app.bench.consistency import BenchOptions, run
+    from matvit.config import GRANULARITY_NAMES
 
+    unknown = [g for g in args.baselines if g not in GRANULARITY_NAMES]
+    if unknown or "S" not in args.baselines:
+        raise UserError(f"--baselines takes granularities of {', '.join(GRANULARITY_NAMES)}, S among them "
+                        f"(got {','.join(args.baselines)})")
     result = run(BenchOptions(dataset=args.dataset, preset=args.preset, out=args.out, epochs=args.epochs,
-                              reuse=args.reuse, cache=args.cache, seed=args.seed, data_dir=args.data_dir))
+                              reuse=args.reuse, cache=args.cache, seeds=args.seeds,
+                              baselines=[g for g in GRANULARITY_NAMES if g in args.baselines], data_dir=args.data_dir))
     for t in result["targets"]:
-        print(f"{'met   ' if t['met'] else 'MISSED'} {t['target']}")
+        print(f"{'n/a   ' if t['met'] is None else 'met   ' if t['met'] else 'MISSED'} {t['target']}")
     print(f"wrote {args.out / 'consistency.json'}, consistency.md, grid.png, pareto.png")
 
 
@@ -433,7 +439,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from matvit.config import DISTILLATIONS, PRESETS
+    from matvit.config import DISTILLATIONS, GRANULARITY_NAMES, PRESETS
 
     parser = argparse.ArgumentParser(prog="matvit", description="Adaptive image retrieval on MatViT.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -631,9 +637,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--preset", required=True, choices=list(PRESETS))
     q.add_argument("--epochs", type=int, help="default: the preset's recipe")
     q.add_argument("--out", type=Path, default=Path("runs/consistency"))
-    q.add_argument("--reuse", action="store_true", help="reuse finished trainings of the same setting in --cache")
+    q.add_argument("--reuse", action="store_true",
+                   help="reuse finished trainings of the same setting in --cache and measured seeds in --out/steps")
     q.add_argument("--cache", type=Path, help="training runs (default runs/consistency/PRESET-DATASET)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds; the report gives mean and spread")
+    q.add_argument("--baselines", type=lambda t: [g.strip().upper() for g in t.split(",")],
+                   default=list(GRANULARITY_NAMES), help="baselines trained for every seed (S at least)")
     q.add_argument("--data-dir", type=Path)
     q.set_defaults(func=cmd_bench_consistency)
     q = bsub.add_parser("index", help="Flat, HNSW, IVF-PQ, IVF-SQ8 and auto over 100k and 1M real embeddings: recall, "

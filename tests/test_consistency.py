@@ -21,28 +21,43 @@ def test_matvit_shares_a_space_and_baselines_do_not(tmp_path):
     assert matvit["XL"]["S"]["knn1"] > baseline["XL"]["S"]["knn1"] + 0.3
 
     saved = json.loads((tmp_path / "consistency.json").read_text())
-    assert {"dataset", "preset", "epochs", "command", "commit", "machine", "matvit", "baseline", "mixnmatch",
-            "train_seconds", "measure_seconds"} <= set(saved)
+    assert {"dataset", "preset", "epochs", "seeds", "command", "commit", "machine", "matvit", "baseline", "mixnmatch",
+            "train_seconds", "measure_seconds", "runs"} <= set(saved)
     for family in ("matvit", "baseline"):
         assert list(saved[family]["grid"]) == ["S", "M", "L", "XL"]
-        assert set(saved[family]["grid"]["XL"]["S"]) == {"knn1", "top5", "map10", "agree_xl"}
+        assert set(saved[family]["grid"]["XL"]["S"]) == {"knn1", "top5", "map10", "agree_xl", "knn1_std", "n"}
         assert "min(10" in saved[family]["map10_definition"]
     assert len(saved["mixnmatch"]) == 35  # C(4+3, 3) monotone specs at depth 4
-    assert {"spec", "params", "gflops", "latency_ms_b1", "knn1"} <= set(saved["mixnmatch"][0])
+    assert {"spec", "params", "gflops", "knn1"} <= set(saved["mixnmatch"][0])
     assert set(saved["train_seconds"]["baseline"]) == {"S", "M", "L", "XL"}
+    # Independent baselines: each its own seed, none the MatViT's.
+    assert saved["runs"][0]["baseline_seeds"] == {"S": 1, "M": 2, "L": 3, "XL": 4}
     assert saved["targets"] == targets(saved)
-    for name in ("consistency.md", "grid.png", "pareto.png"):
+    for name in ("consistency.md", "grid.png", "pareto.png", "steps/seed-0.json"):
         assert (tmp_path / name).stat().st_size > 0
 
+    # A second seed with baseline S only: seed 0's step is reused whole, seed 1 trains two models.
     logged = []
-    reused = run(BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, epochs=6, reuse=True,
-                              cache=tmp_path / "runs", latency_repeats=2), log=logged.append)
-    assert sum(line.startswith("reusing") for line in logged) == 5 and not any("training" in x for x in logged)
-    assert reused["matvit"]["grid"] == result["matvit"]["grid"]
+    two = run(BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, epochs=6, reuse=True,
+                           cache=tmp_path / "runs", latency_repeats=2, seeds=[0, 1], baselines=["S"]),
+              log=logged.append)
+    assert any(line.startswith("[seed 0] measured before") for line in logged)
+    assert sum(line.startswith("training") for line in logged) == 2
+    runs = {r["seed"]: r for r in two["runs"]}
+    assert runs[1]["baseline_seeds"] == {"S": 5}
+    for i, q in (("XL", "S"), ("S", "S"), ("L", "M")):
+        cells = [runs[s]["matvit"]["grid"][i][q]["knn1"] for s in (0, 1)]
+        assert two["matvit"]["grid"][i][q]["knn1"] == pytest.approx(sum(cells) / 2)
+        assert two["matvit"]["grid"][i][q]["knn1_std"] == pytest.approx(abs(cells[0] - cells[1]) / 2 ** 0.5)
+        assert two["matvit"]["grid"][i][q]["n"] == 2
+    assert two["baseline"]["grid"]["S"]["S"]["n"] == 2 and two["baseline"]["grid"]["M"]["M"]["n"] == 1
+    assert [t["met"] for t in runs[1]["targets"]][0] is None  # no M, L, XL baselines for seed 1
+    assert "± " in (tmp_path / "consistency.md").read_text()
+
     # The options the benchmark trains with, as written by the real training into config.json.
-    assert _run_matches(tmp_path / "runs" / "matvit", TrainOptions("matvit-tiny-digits", "digits", tmp_path, epochs=6))
-    assert not _run_matches(tmp_path / "runs" / "matvit",
-                            TrainOptions("matvit-tiny-digits", "digits", tmp_path, epochs=6, mode="sample"))
+    ran = tmp_path / "runs" / "seed-0" / "matvit"
+    assert _run_matches(ran, TrainOptions("matvit-tiny-digits", "digits", tmp_path, epochs=6))
+    assert not _run_matches(ran, TrainOptions("matvit-tiny-digits", "digits", tmp_path, epochs=6, mode="sample"))
 
 
 def _fake_run(path, opts: TrainOptions, logged_epochs: int | None = None, finished: bool = True):
@@ -119,6 +134,14 @@ def test_targets_all_met_on_a_passing_result():
 def test_each_target_misses_when_its_numbers_do(missed, path, value):
     got = targets(_set(_passing(), path, value))
     assert [t["met"] for t in got] == [i != missed for i in range(5)]
+
+
+def test_targets_without_the_baselines_they_need_are_not_measured():
+    r = _passing()
+    r["baseline"] = _cells({"XL": 0.905}, {})
+    got = targets(r)
+    assert got[0]["met"] is None and got[1]["met"] is None and got[3]["met"] is None
+    assert got[2]["met"] and got[4]["met"]
 
 
 def test_pareto_front():

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from matvit import checkpoint
 from matvit.errors import UserError
 from matvit.images import to_input
-from matvit.train import Trainer, TrainOptions, augment
+from matvit.train import Trainer, TrainOptions, augment, relational_loss
 
 QUIET = dict(log=lambda s: None)
 
@@ -46,6 +46,24 @@ def test_an_epoch_lowers_the_loss_of_every_granularity(tmp_path, mode):
         trainer.epoch += 1
     after = _batch_losses(trainer, images, labels)
     assert all(after[g] < before[g] for g in before), (before, after)
+
+
+def test_relational_distillation_matches_the_students_similarities_to_the_teachers_batch(tmp_path, small_digits):
+    teacher = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+    assert relational_loss(3 * teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)  # scale-free: cosines
+    assert relational_loss(teacher.flip(0), teacher).item() > 0.1
+    trainer = Trainer(_options(tmp_path, distill="relational"))
+    x, y = _batch(trainer)
+    with torch.no_grad():
+        teacher_feats, _ = trainer.model.features_and_logits(x, "XL")
+    passes = trainer.passes(random.Random(0))
+    for p, (loss, _) in zip(passes, trainer.accumulate(x, y, passes), strict=True):
+        with torch.no_grad():
+            feats, logits = trainer.model.features_and_logits(x, p.spec)
+            want = F.cross_entropy(logits, y, label_smoothing=trainer.recipe.label_smoothing)
+            if p.granularity != "XL":
+                want = want + relational_loss(feats, teacher_feats)
+        torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["sum", "sample"])

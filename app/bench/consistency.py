@@ -1,16 +1,18 @@
-"""The cross-consistency benchmark: one MatViT against four independently trained baselines.
+"""The cross-consistency benchmark: one MatViT against four independently trained baselines, over seeds.
 
 MatViT's submodels share XL's metric space, so an index built with XL serves queries from every
-submodel; baselines of different widths do not share a space (MatFormer Sec. 4.2.2). The benchmark
-trains (or reuses) all five models with the same data, recipe, epochs and seed, then measures the
-MatViT grid, the baseline grid, Mix'n'Match query encoders against the XL index, and the costs.
+submodel; baselines of different widths do not share a space (MatFormer Sec. 4.2.2). For each seed the
+benchmark trains (or reuses) the MatViT and the baselines with the same data, recipe and epochs, each baseline
+with a seed of its own (the paper's baselines are independent models), then measures the MatViT grid, the
+baseline grid, Mix'n'Match query encoders against the XL index, and the costs. Each seed's measurements are one
+step file (`steps/seed-N.json`); the report gives every cell's mean and spread over the seeds.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from retrieval.budget import measure
 from retrieval.encoder import Encoder
 from retrieval.grid import grid_from_embeddings
 
+from . import steps
 from .plots import consistency_grids_png, pareto_png
 
 
@@ -33,10 +36,16 @@ class BenchOptions:
     out: Path
     epochs: int | None = None
     reuse: bool = False
-    cache: Path | None = None  # where the five trainings go; default runs/consistency/<preset>-<dataset>
-    seed: int = 0
+    cache: Path | None = None  # trainings, under seed-N/; default runs/consistency/<preset>-<dataset>
+    seeds: list[int] = field(default_factory=lambda: [0])
+    baselines: list[str] = field(default_factory=lambda: list(GRANULARITY_NAMES))  # trained for every seed
     data_dir: Path | None = None
     latency_repeats: int = 15
+
+
+def baseline_seed(seed: int, granularity: str) -> int:
+    """Each baseline's own seed: 4 * seed + 1 ... 4 for S ... XL (the MatViT of that seed uses `seed`)."""
+    return 4 * seed + GRANULARITY_NAMES.index(granularity) + 1
 
 
 def _run_matches(run: Path, train_opts: TrainOptions) -> bool:
@@ -63,24 +72,34 @@ def train_cached(train_opts: TrainOptions, log=print, reuse: bool = True) -> flo
     return float(json.loads((run / "eval.json").read_text())["train_seconds"])
 
 
-def train_or_reuse(opts: BenchOptions, baseline: str | None, log=print) -> tuple[Encoder, float]:
-    """The trained model's encoder and its training wall time in seconds."""
-    name = f"baseline-{baseline}" if baseline else "matvit"
+def train_options(opts: BenchOptions, seed: int, baseline: str | None) -> TrainOptions:
     slug = opts.dataset.replace(":", "-").replace("/", "_").strip("_")
-    run = Path(opts.cache or Path("runs") / "consistency" / f"{opts.preset}-{slug}") / name
-    train_opts = TrainOptions(preset=opts.preset, dataset=opts.dataset, out=run, data_dir=opts.data_dir,
-                              epochs=opts.epochs, baseline=baseline, seed=opts.seed)
-    seconds = train_cached(train_opts, log, opts.reuse)
-    return Encoder.load(run), seconds
+    cache = Path(opts.cache or Path("runs") / "consistency" / f"{opts.preset}-{slug}") / f"seed-{seed}"
+    return TrainOptions(preset=opts.preset, dataset=opts.dataset, out=cache / (f"baseline-{baseline}" if baseline
+                        else "matvit"), data_dir=opts.data_dir, epochs=opts.epochs, baseline=baseline,
+                        seed=baseline_seed(seed, baseline) if baseline else seed)
 
 
-def run(opts: BenchOptions, log=print) -> dict:
-    """Train or reuse the five models, measure everything, write the outputs; returns the JSON dict."""
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    origin = provenance.record()  # the code that started the run, not whatever is checked out at its end
-    matvit, matvit_seconds = train_or_reuse(opts, None, log)
-    baselines = {g: train_or_reuse(opts, g, log) for g in GRANULARITY_NAMES}
+def _options_json(train_opts: TrainOptions) -> dict:
+    return json.loads(json.dumps({k: v for k, v in train_opts.to_dict().items() if k != "out"}))
+
+
+def measure_seed(opts: BenchOptions, seed: int, log=print) -> dict:
+    """One seed's step: train or reuse its MatViT and baselines, then measure both grids, the Mix'n'Match specs
+    against the XL index, and the costs. A saved step with these settings and at least these baselines is
+    reused (with --reuse)."""
+    settings = {"matvit": _options_json(train_options(opts, seed, None))}
+    path = Path(opts.out) / "steps" / f"seed-{seed}.json"
+    if opts.reuse and path.is_file():
+        row = json.loads(path.read_text())
+        if row.get("settings") == settings and set(opts.baselines) <= set(row["baselines"]):
+            log(f"[seed {seed}] measured before: {path}")
+            return row
+    origin = provenance.record()
+    runs = {g: train_options(opts, seed, g) for g in (None, *opts.baselines)}
+    seconds = {g: train_cached(t, log, opts.reuse) for g, t in runs.items()}
+    matvit = Encoder.load(runs[None].out)
+    baselines = {g: Encoder.load(runs[g].out) for g in opts.baselines}
     measure_start = time.perf_counter()
     cfg = matvit.config
     gallery = data.load(opts.dataset, "train", cfg.img_size, cfg.in_chans, opts.data_dir)
@@ -89,30 +108,81 @@ def run(opts: BenchOptions, log=print) -> dict:
     named = specs.named(cfg)
     mg = {s.text: matvit.encode(gallery.images, s, desc=f"MatViT gallery {s.text}") for s in named}
     mq = {s.text: matvit.encode(queries.images, s, desc=f"MatViT queries {s.text}") for s in named}
-    bg = {g: enc.encode(gallery.images, g, desc=f"baseline {g} gallery") for g, (enc, _) in baselines.items()}
-    bq = {g: enc.encode(queries.images, g, desc=f"baseline {g} queries") for g, (enc, _) in baselines.items()}
-    matvit_grid = grid_from_embeddings(mg, mq, gallery.labels, queries.labels)
-    baseline_grid = grid_from_embeddings(bg, bq, gallery.labels, queries.labels)
-
-    xl_index = mg["XL"]
+    bg = {g: enc.encode(gallery.images, g, desc=f"baseline {g} gallery") for g, enc in baselines.items()}
+    bq = {g: enc.encode(queries.images, g, desc=f"baseline {g} queries") for g, enc in baselines.items()}
+    largest = opts.baselines[-1]
     mixnmatch = []
     for spec in specs.monotone(cfg):
         emb = mq[spec.text] if spec.text in mq else matvit.encode(queries.images, spec)
-        knn1 = metrics.knn1(xl_index, gallery.labels, emb, queries.labels)
-        mixnmatch.append({"spec": spec.text, **measure(matvit, spec, opts.latency_repeats), "knn1": knn1})
-    costs = {"matvit": {s.text: measure(matvit, s, opts.latency_repeats) for s in named},
-             "baseline": {g: measure(enc, g, opts.latency_repeats) for g, (enc, _) in baselines.items()}}
+        mixnmatch.append({"spec": spec.text, "params": matvit.params(spec), "gflops": matvit.gflops(spec),
+                          "knn1": metrics.knn1(mg["XL"], gallery.labels, emb, queries.labels)})
+    row = {"settings": settings, "seed": seed, "baselines": list(opts.baselines),
+           "baseline_seeds": {g: runs[g].seed for g in opts.baselines}, **origin,
+           "matvit": grid_from_embeddings(mg, mq, gallery.labels, queries.labels),
+           "baseline": grid_from_embeddings(bg, bq, gallery.labels, queries.labels, (largest, largest)),
+           "mixnmatch": mixnmatch,
+           "cost": {"matvit": {s.text: measure(matvit, s, opts.latency_repeats) for s in named},
+                    "baseline": {g: measure(enc, g, opts.latency_repeats) for g, enc in baselines.items()}},
+           "train_seconds": {"matvit": seconds[None], "baseline": {g: seconds[g] for g in opts.baselines}},
+           "measure_seconds": round(time.perf_counter() - measure_start, 1), "classes": len(gallery.classes)}
+    row["targets"] = targets(row)
+    return steps.write(path, row)
 
+
+def _mean_grid(grids: list[dict]) -> dict:
+    """Each cell present in any grid: every metric's mean over the grids that have it, the 1-NN's sample
+    standard deviation (`knn1_std`, 0 for one grid) and the number of seeds (`n`)."""
+    out: dict = {}
+    for i in dict.fromkeys(i for g in grids for i in g):
+        for q in dict.fromkeys(q for g in grids if i in g for q in g[i]):
+            cells = [g[i][q] for g in grids if i in g and q in g[i]]
+            knn = [c["knn1"] for c in cells]
+            out.setdefault(i, {})[q] = {**{k: float(np.mean([c[k] for c in cells])) for k in cells[0]},
+                                        "knn1_std": float(np.std(knn, ddof=1)) if len(knn) > 1 else 0.0,
+                                        "n": len(knn)}
+    return out
+
+
+def combine(rows: list[dict]) -> dict:
+    """The seeds' steps as one result: mean grids (with spreads), mean Mix'n'Match accuracy, the first measured
+    costs, mean training seconds, every seed's row under `seeds`, and the targets on the means and per seed."""
+    first = rows[0]
+    mixnmatch = [{**spec, "knn1": float(np.mean([r["mixnmatch"][k]["knn1"] for r in rows]))}
+                 for k, spec in enumerate(first["mixnmatch"])]
+    baselines = list(dict.fromkeys(g for r in rows for g in r["baselines"]))
     result = {
-        "dataset": opts.dataset, "preset": opts.preset,
-        "epochs": opts.epochs or get_preset(opts.preset).recipe.epochs, "seed": opts.seed,
-        **origin,
-        "matvit": matvit_grid, "baseline": baseline_grid, "mixnmatch": mixnmatch, "cost": costs,
-        "train_seconds": {"matvit": matvit_seconds, "baseline": {g: s for g, (_, s) in baselines.items()}},
-        "measure_seconds": round(time.perf_counter() - measure_start, 1),
-        "classes": len(gallery.classes),
+        "seeds": [r["seed"] for r in rows],
+        "matvit": {"map10_definition": first["matvit"]["map10_definition"],
+                   "grid": _mean_grid([r["matvit"]["grid"] for r in rows])},
+        "baseline": {"map10_definition": first["baseline"]["map10_definition"],
+                     "grid": _mean_grid([r["baseline"]["grid"] for r in rows])},
+        "mixnmatch": mixnmatch,
+        "cost": {"matvit": first["cost"]["matvit"],
+                 "baseline": {g: next(r["cost"]["baseline"][g] for r in rows if g in r["baselines"])
+                              for g in baselines}},
+        "train_seconds": {"matvit": float(np.mean([r["train_seconds"]["matvit"] for r in rows])),
+                          "baseline": {g: float(np.mean([r["train_seconds"]["baseline"][g] for r in rows
+                                                         if g in r["baselines"]])) for g in baselines}},
+        "measure_seconds": float(np.mean([r["measure_seconds"] for r in rows])),
+        "classes": first["classes"],
+        "runs": [{k: r[k] for k in ("seed", "baseline_seeds", "commit", "command", "matvit", "baseline",
+                                    "train_seconds", "targets")} for r in rows],
     }
+    result["baseline"]["grid"] = {g: result["baseline"]["grid"][g] for g in GRANULARITY_NAMES
+                                  if g in result["baseline"]["grid"]}
     result["targets"] = targets(result)
+    return result
+
+
+def run(opts: BenchOptions, log=print) -> dict:
+    """Measure every seed (reusing finished steps with --reuse), then write consistency.json, consistency.md and
+    the plots from the steps of `opts.seeds`; returns the JSON dict."""
+    out = Path(opts.out)
+    (out / "steps").mkdir(parents=True, exist_ok=True)
+    origin = provenance.record()  # the code that started the run, not whatever is checked out at its end
+    rows = [measure_seed(opts, seed, log) for seed in opts.seeds]
+    result = {"dataset": opts.dataset, "preset": opts.preset,
+              "epochs": opts.epochs or get_preset(opts.preset).recipe.epochs, **origin, **combine(rows)}
     (out / "consistency.json").write_text(json.dumps(result, indent=2))
     (out / "consistency.md").write_text(markdown(result))
     consistency_grids_png(result, out / "grid.png")
@@ -137,24 +207,26 @@ def narrowed_layers(below: dict[str, float], smallest: str = "S", miss: float = 
 
 
 def targets(r: dict) -> list[dict]:
-    """The five claims, each with the numbers that decide it."""
+    """The five claims, each with the numbers that decide it; `met` is None where the baselines it needs were
+    not trained."""
     m, b = r["matvit"]["grid"], r["baseline"]["grid"]
     names = list(m)
     out = []
-    gaps = {g: m[g][g]["knn1"] - b[g][g]["knn1"] for g in names}
+    gaps = {g: m[g][g]["knn1"] - b[g][g]["knn1"] for g in names if g in b}
     out.append({"target": "1. each MatViT diagonal cell within 1.0 point of its baseline",
-                "met": all(v >= -0.01 for v in gaps.values()), "matvit_minus_baseline": gaps})
+                "met": all(v >= -0.01 for v in gaps.values()) if len(gaps) == len(names) else None,
+                "matvit_minus_baseline": gaps})
+    xl_s, base_s = m["XL"]["S"]["knn1"], b.get("S", {}).get("S", {}).get("knn1")
     out.append({"target": "2. MatViT index XL / query S >= baseline S on itself",
-                "met": m["XL"]["S"]["knn1"] >= b["S"]["S"]["knn1"],
-                "matvit_xl_s": m["XL"]["S"]["knn1"], "baseline_s_s": b["S"]["S"]["knn1"]})
+                "met": None if base_s is None else xl_s >= base_s, "matvit_xl_s": xl_s, "baseline_s_s": base_s})
     off = {f"{i}/{q}": m[i][q]["knn1"] - m[q][q]["knn1"] for i in names for q in names if i != q}
     out.append({"target": "3. every MatViT off-diagonal cell within 2 points of its query submodel's diagonal",
                 "met": all(v >= -0.02 for v in off.values()), "worst": min(off.values()) if off else 0.0})
     chance = 1.0 / r["classes"]
-    boff = {f"{i}/{q}": b[i][q]["knn1"] for i in names for q in names if i != q}
+    boff = {f"{i}/{q}": b[i][q]["knn1"] for i in b for q in b[i] if i != q}
     out.append({"target": "4. baseline off-diagonal cells within 10 points of chance",
-                "met": all(abs(v - chance) <= 0.10 for v in boff.values()), "chance": chance,
-                "max": max(boff.values()) if boff else 0.0})
+                "met": all(abs(v - chance) <= 0.10 for v in boff.values()) if boff else None, "chance": chance,
+                "max": max(boff.values()) if boff else None})
     below = mixnmatch_below({g: m["XL"][g]["knn1"] for g in names}, r["mixnmatch"])
     out.append({"target": "5. Mix'n'Match points on or above the segments joining trained granularities (0.5 pt)",
                 "met": all(v >= -0.005 for v in below.values()), "worst": min(below.values()),
@@ -162,27 +234,52 @@ def targets(r: dict) -> list[dict]:
     return out
 
 
+def _cell(c: dict) -> str:
+    return f"{100 * c['knn1']:.2f}" + (f" ± {100 * c['knn1_std']:.2f}" if c.get("n", 1) > 1 else "")
+
+
+def _verdict(met: bool | None) -> str:
+    return "not measured" if met is None else "met" if met else "**missed**"
+
+
 def markdown(r: dict) -> str:
     m, b = r["matvit"]["grid"], r["baseline"]["grid"]
-    names = list(m)
-    lines = [f"# Cross-consistency: {r['dataset']}, {r['preset']}, {r['epochs']} epochs", "",
-             f"Command: `{r['command']}`  ", f"Commit: `{r['commit']}`  ",
+    names, runs = list(m), r["runs"]
+    seeds = ", ".join(str(s) for s in r["seeds"])
+    spread = " ± the standard deviation over seeds" if len(runs) > 1 else ""
+    lines = [f"# Cross-consistency: {r['dataset']}, {r['preset']}, {r['epochs']} epochs, seed(s) {seeds}", "",
+             f"Command: `{r['command']}`  ", f"Commit: `{r['commit']}` (each seed's own: `seeds` in the JSON)  ",
              f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}", "",
-             "1-NN accuracy (%). Rows: index (gallery) encoder; columns: query encoder. MatViT submodels, "
-             "with the independently trained baseline of the same width in brackets on the diagonal.", "",
-             "| index \\ query | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+             f"1-NN accuracy (%), mean over the seeds{spread}. Rows: index (gallery) encoder; columns: query "
+             "encoder. MatViT submodels, with the independently trained baseline of the same width in brackets on "
+             "the diagonal. MatViT of seed s trains with seed s; its baselines S, M, L, XL with seeds 4s+1 to 4s+4.",
+             "", "| index \\ query | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for i in names:
-        cells = [f"{100 * m[i][q]['knn1']:.2f}" + (f" ({100 * b[i][q]['knn1']:.2f})" if i == q else "")
-                 for q in names]
+        cells = [_cell(m[i][q]) + (f" ({_cell(b[i][q])})" if i == q and i in b else "") for q in names]
         lines.append(f"| {i} | " + " | ".join(cells) + " |")
     lines += ["", "Baselines across models (index built by baseline i, queried by baseline j):", "",
-              "| index \\ query | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for i in names:
-        lines.append(f"| {i} | " + " | ".join(f"{100 * b[i][q]['knn1']:.2f}" for q in names) + " |")
-    lines += ["", "## Targets", ""]
+              "| index \\ query | " + " | ".join(b) + " |", "|---|" + "---:|" * len(b)]
+    for i in b:
+        lines.append(f"| {i} | " + " | ".join(_cell(b[i][q]) if q in b[i] else "" for q in b) + " |")
+    lines += ["", "## Targets (on the means)", ""]
     for t in r["targets"]:
         detail = ", ".join(f"{k}: {_fmt(v)}" for k, v in t.items() if k not in ("target", "met"))
-        lines.append(f"- {'met' if t['met'] else '**missed**'}: {t['target']} ({detail})")
+        lines.append(f"- {_verdict(t['met'])}: {t['target']} ({detail})")
+    if len(runs) > 1:
+        lines += ["", "## Per seed", "", "| seed | MatViT XL / S | baseline S (its seed) | "
+                  + " | ".join(f"target {k + 1}" for k in range(len(r["targets"]))) + " |",
+                  "|---:|---:|---:|" + "---|" * len(r["targets"])]
+        for run in runs:
+            t2 = run["targets"][1]
+            base = f"{100 * t2['baseline_s_s']:.2f} ({run['baseline_seeds']['S']})" if t2["baseline_s_s"] else ""
+            lines.append(f"| {run['seed']} | {100 * t2['matvit_xl_s']:.2f} | {base} | "
+                         + " | ".join(_verdict(t["met"]) for t in run["targets"]) + " |")
+    below = mixnmatch_below({g: m["XL"][g]["knn1"] for g in names}, r["mixnmatch"])
+    layers = narrowed_layers(below, names[0])
+    lines += ["", f"Mix'n'Match misses (more than 0.5 points under the segments) by the layer narrowed to {names[0]}: "
+              f"misses with that layer at {names[0]} / specs with it at {names[0]}.", "",
+              "| layer | " + " | ".join(str(k + 1) for k in range(len(layers))) + " |", "|---|" + "---:|" * len(layers),
+              "| misses / specs | " + " | ".join(f"{a} / {n}" for a, n in layers) + " |"]
     lines += ["", "## Cost", "", "| encoder | params | GFLOPs | ms (batch 1) | ms (batch 32) |",
               "|---|---:|---:|---:|---:|"]
     for family, rows in r["cost"].items():
@@ -190,17 +287,18 @@ def markdown(r: dict) -> str:
             lines.append(f"| {family} {g} | {c['params']:,} | {c['gflops']:.4f} | {c['latency_ms_b1']:.2f} | "
                          f"{c['latency_ms_b32']:.2f} |")
     ts = r["train_seconds"]
-    lines += ["", f"Training wall time: MatViT (all granularities jointly) {ts['matvit'] / 60:.1f} min; "
-              f"the four baselines {sum(ts['baseline'].values()) / 60:.1f} min together "
-              f"({', '.join(f'{g} {s / 60:.1f}' for g, s in ts['baseline'].items())}).",
-              f"Measuring (both grids, Mix'n'Match, costs) {r['measure_seconds'] / 60:.1f} min; trainings plus "
-              f"measuring {(ts['matvit'] + sum(ts['baseline'].values()) + r['measure_seconds']) / 60:.1f} min.",
+    lines += ["", "Training wall time (mean per seed): MatViT (all granularities jointly) "
+              f"{ts['matvit'] / 60:.1f} min; the baselines {sum(ts['baseline'].values()) / 60:.1f} min together "
+              f"({', '.join(f'{g} {s / 60:.1f}' for g, s in ts['baseline'].items())}). "
+              f"Measuring (both grids, Mix'n'Match, costs) {r['measure_seconds'] / 60:.1f} min per seed.",
               "", f"Mix'n'Match: {len(r['mixnmatch'])} monotone specs queried against the MatViT XL index "
               "(`pareto.png`).", "", "![grids](grid.png)", "", "![pareto](pareto.png)"]
     return "\n".join(lines) + "\n"
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, dict):
         return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) + "}"
     return f"{v:.4f}" if isinstance(v, float) else str(v)

@@ -166,7 +166,7 @@ class Bench:
     def full(self) -> dict | None:
         """The preset's full recipe, from the consistency benchmark's cache when it trained it with this seed."""
         run = self.opts.full_run or (Path("runs") / "consistency" / f"{self.opts.preset}-{_slug(self.opts.dataset)}"
-                                     / "matvit")
+                                     / f"seed-{self.opts.seed}" / "matvit")
         opts = TrainOptions(preset=self.opts.preset, dataset=self.opts.dataset, out=run,
                             data_dir=self.opts.data_dir, seed=self.opts.seed)
         if not _run_matches(run, opts):
