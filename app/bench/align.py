@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from matvit import data, metrics, provenance
+from matvit import metrics, provenance
 from matvit import spec as specs
 from matvit.config import PRESETS, get_preset
 from matvit.train import TrainOptions
@@ -25,7 +25,7 @@ from retrieval.encoder import Encoder
 from retrieval.grid import grid_from_embeddings
 
 from . import steps
-from .consistency import mixnmatch_below, narrowed_layers, train_cached
+from .consistency import embed_named, mixnmatch_below, narrowed_layers, train_cached
 
 # name: (what changes, `TrainOptions` fields; `epochs_scale` multiplies the study's epochs)
 OPTIONS: dict[str, tuple[str, dict]] = {
@@ -74,13 +74,9 @@ def measure_option(opts: AlignOptions, name: str, log=print) -> dict:
     origin = provenance.record()
     seconds = train_cached(train_opts, log)
     encoder = Encoder.load(train_opts.out)
+    gallery, queries, g, q = embed_named(encoder, opts.dataset, opts.data_dir, name)
     cfg = encoder.config
-    gallery = data.load(opts.dataset, "train", cfg.img_size, cfg.in_chans, opts.data_dir)
-    queries = data.load(opts.dataset, "test", cfg.img_size, cfg.in_chans, opts.data_dir)
-    named = specs.named(cfg)
-    g = {s.text: encoder.encode(gallery.images, s, desc=f"{name} gallery {s.text}") for s in named}
-    q = {s.text: encoder.encode(queries.images, s, desc=f"{name} queries {s.text}") for s in named}
-    xl = named[-1].text
+    xl = specs.named(cfg)[-1].text
     grid = grid_from_embeddings(g, q, gallery.labels, queries.labels, (xl, xl))["grid"]
     row = {"settings": settings, "option": name, "what": OPTIONS[name][0], "epochs": train_opts.recipe.epochs,
            "seed": opts.seed, **origin, "train_seconds": seconds,

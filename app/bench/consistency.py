@@ -80,6 +80,18 @@ def train_options(opts: BenchOptions, seed: int, baseline: str | None) -> TrainO
                         seed=baseline_seed(seed, baseline) if baseline else seed)
 
 
+def embed_named(encoder: Encoder, dataset: str, data_dir: Path | None, label: str):
+    """The dataset's train split (the gallery) and test split (the queries), and both embedded by every trained
+    granularity: `(gallery, queries, {spec: gallery embeddings}, {spec: query embeddings})`."""
+    cfg = encoder.config
+    gallery = data.load(dataset, "train", cfg.img_size, cfg.in_chans, data_dir)
+    queries = data.load(dataset, "test", cfg.img_size, cfg.in_chans, data_dir)
+    named = specs.named(cfg)
+    g = {s.text: encoder.encode(gallery.images, s, desc=f"{label} gallery {s.text}") for s in named}
+    q = {s.text: encoder.encode(queries.images, s, desc=f"{label} queries {s.text}") for s in named}
+    return gallery, queries, g, q
+
+
 def _options_json(train_opts: TrainOptions) -> dict:
     return json.loads(json.dumps({k: v for k, v in train_opts.to_dict().items() if k != "out"}))
 
@@ -102,12 +114,8 @@ def measure_seed(opts: BenchOptions, seed: int, log=print) -> dict:
     baselines = {g: Encoder.load(runs[g].out) for g in opts.baselines}
     measure_start = time.perf_counter()
     cfg = matvit.config
-    gallery = data.load(opts.dataset, "train", cfg.img_size, cfg.in_chans, opts.data_dir)
-    queries = data.load(opts.dataset, "test", cfg.img_size, cfg.in_chans, opts.data_dir)
-
+    gallery, queries, mg, mq = embed_named(matvit, opts.dataset, opts.data_dir, "MatViT")
     named = specs.named(cfg)
-    mg = {s.text: matvit.encode(gallery.images, s, desc=f"MatViT gallery {s.text}") for s in named}
-    mq = {s.text: matvit.encode(queries.images, s, desc=f"MatViT queries {s.text}") for s in named}
     bg = {g: enc.encode(gallery.images, g, desc=f"baseline {g} gallery") for g, enc in baselines.items()}
     bq = {g: enc.encode(queries.images, g, desc=f"baseline {g} queries") for g, enc in baselines.items()}
     largest = opts.baselines[-1]
