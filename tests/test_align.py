@@ -17,7 +17,7 @@ def test_each_option_is_measured_once_and_reported(tmp_path):
     saved = json.loads((tmp_path / "runs" / "relational" / "config.json").read_text())["train"]
     assert saved["distill"] == "relational" and saved["recipe"]["epochs"] == 4
     report = (tmp_path / "out" / "align.md").read_text()
-    assert "| relational |" in report and "layer narrowed to S" in report
+    assert "| relational |" in report and "layers at S (rows) and at XL (columns)" in report
 
     logged = []
     again = run(opts, log=logged.append)

@@ -25,7 +25,7 @@ from retrieval.encoder import Encoder
 from retrieval.grid import grid_from_embeddings
 
 from . import steps
-from .consistency import embed_named, mixnmatch_below, narrowed_layers, train_cached
+from .consistency import embed_named, misses_by_mix, mixnmatch_below, train_cached
 
 # name: (what changes, `TrainOptions` fields; `epochs_scale` multiplies the study's epochs)
 OPTIONS: dict[str, tuple[str, dict]] = {
@@ -145,11 +145,7 @@ def markdown(r: dict) -> str:
     for name, row in rows.items():
         if "mixnmatch" not in row:
             continue
-        layers = narrowed_layers(mixnmatch_below(row["grid"]["XL"], row["mixnmatch"]))
-        lines += ["", f"**{name}**: Mix'n'Match misses by the layer narrowed to S (misses with that layer at S / "
-                  "specs with that layer at S)", "", "| layer | " + " | ".join(str(i + 1) for i in range(len(layers)))
-                  + " |", "|---|" + "---:|" * len(layers),
-                  "| misses / specs | " + " | ".join(f"{m} / {n}" for m, n in layers) + " |"]
+        lines += ["", f"**{name}**: " + "\n".join(misses_by_mix(mixnmatch_below(row["grid"]["XL"], row["mixnmatch"])))]
     if rows:
         acc, n = np.mean([row["grid"]["S"]["S"] for row in rows.values()]), first["queries"]
         lines += ["", f"One seed per option: on {n:,} queries a cell's binomial standard error is about "

@@ -206,12 +206,28 @@ def mixnmatch_below(trained: dict[str, float], mixnmatch: list[dict]) -> dict[st
     return {row["spec"]: row["knn1"] - float(np.interp(row["gflops"], xs, ys)) for row in mixnmatch}
 
 
-def narrowed_layers(below: dict[str, float], smallest: str = "S", miss: float = -0.005) -> list[tuple[int, int]]:
-    """Per layer: (specs more than `miss` under the segments with that layer at `smallest`, specs with it)."""
-    layers = [spec.split(",") for spec in below if "," in spec]
-    depth = len(layers[0]) if layers else 0
-    return [(sum(1 for spec, v in below.items() if "," in spec and spec.split(",")[i] == smallest and v < miss),
-             sum(1 for names in layers if names[i] == smallest)) for i in range(depth)]
+def misses_by_mix(below: dict[str, float], smallest: str = "S", largest: str = "XL",
+                  miss: float = -0.005) -> list[str]:
+    """Markdown: where the Mix'n'Match specs more than `miss` under the segments cluster, counted by how many
+    layers run at the smallest and how many at the largest granularity (misses / specs per cell)."""
+    mixed = [spec.split(",") for spec in below if "," in spec]
+    if not mixed:
+        return []
+    depth, cells = len(mixed[0]), {}
+    for names in mixed:
+        key = (names.count(smallest), names.count(largest))
+        m, n = cells.get(key, (0, 0))
+        cells[key] = (m + (below[",".join(names)] < miss), n + 1)
+    both = [v for (a, b), v in cells.items() if a and b]
+    rest = [v for (a, b), v in cells.items() if not (a and b)]
+    total = lambda vs: (sum(m for m, _ in vs), sum(n for _, n in vs))  # noqa: E731
+    return [f"Mix'n'Match misses (more than {-100 * miss:.1f} points under the segments) by the number of layers at "
+            f"{smallest} (rows) and at {largest} (columns), misses / specs: specs with layers at both miss "
+            "{} of {}, the others {} of {}.".format(*total(both), *total(rest)), "",
+            f"| {smallest} \\ {largest} | " + " | ".join(str(b) for b in range(depth)) + " |",
+            "|---|" + "---:|" * depth,
+            *(f"| {a} | " + " | ".join(f"{cells[a, b][0]} / {cells[a, b][1]}" if (a, b) in cells else ""
+                                       for b in range(depth)) + " |" for a in range(depth))]
 
 
 def targets(r: dict) -> list[dict]:
@@ -283,11 +299,7 @@ def markdown(r: dict) -> str:
             lines.append(f"| {run['seed']} | {100 * t2['matvit_xl_s']:.2f} | {base} | "
                          + " | ".join(_verdict(t["met"]) for t in run["targets"]) + " |")
     below = mixnmatch_below({g: m["XL"][g]["knn1"] for g in names}, r["mixnmatch"])
-    layers = narrowed_layers(below, names[0])
-    lines += ["", f"Mix'n'Match misses (more than 0.5 points under the segments) by the layer narrowed to {names[0]}: "
-              f"misses with that layer at {names[0]} / specs with it at {names[0]}.", "",
-              "| layer | " + " | ".join(str(k + 1) for k in range(len(layers))) + " |", "|---|" + "---:|" * len(layers),
-              "| misses / specs | " + " | ".join(f"{a} / {n}" for a, n in layers) + " |"]
+    lines += ["", *misses_by_mix(below, names[0], names[-1])]
     lines += ["", "## Cost", "", "| encoder | params | GFLOPs | ms (batch 1) | ms (batch 32) |",
               "|---|---:|---:|---:|---:|"]
     for family, rows in r["cost"].items():
