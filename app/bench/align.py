@@ -25,7 +25,7 @@ from retrieval.encoder import Encoder
 from retrieval.grid import grid_from_embeddings
 
 from . import steps
-from .consistency import embed_named, misses_by_mix, mixnmatch_below, train_cached
+from .consistency import embed_named, misses_by_mix, mixnmatch_below, options_json, train_cached
 
 # name: (what changes, `TrainOptions` fields; `epochs_scale` multiplies the study's epochs)
 OPTIONS: dict[str, tuple[str, dict]] = {
@@ -66,8 +66,7 @@ def train_options(opts: AlignOptions, name: str) -> TrainOptions:
 def measure_option(opts: AlignOptions, name: str, log=print) -> dict:
     """Train (or reuse) one option's model and measure its grid (and Mix'n'Match specs); the step's row."""
     train_opts = train_options(opts, name)
-    settings = {"train": json.loads(json.dumps({k: v for k, v in train_opts.to_dict().items() if k != "out"})),
-                "mixnmatch": name in opts.mixnmatch}
+    settings = {"train": options_json(train_opts), "mixnmatch": name in opts.mixnmatch}
     path = Path(opts.out) / "steps" / f"{name}.json"
     if (row := steps.saved(path, settings, log)) is not None:
         return row

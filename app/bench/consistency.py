@@ -92,7 +92,8 @@ def embed_named(encoder: Encoder, dataset: str, data_dir: Path | None, label: st
     return gallery, queries, g, q
 
 
-def _options_json(train_opts: TrainOptions) -> dict:
+def options_json(train_opts: TrainOptions) -> dict:
+    """A training's options but its output directory, as JSON gives them back (what step settings compare)."""
     return json.loads(json.dumps({k: v for k, v in train_opts.to_dict().items() if k != "out"}))
 
 
@@ -100,7 +101,7 @@ def measure_seed(opts: BenchOptions, seed: int, log=print) -> dict:
     """One seed's step: train or reuse its MatViT and baselines, then measure both grids, the Mix'n'Match specs
     against the XL index, and the costs. A saved step with these settings and at least these baselines is
     reused (with --reuse)."""
-    settings = {"matvit": _options_json(train_options(opts, seed, None))}
+    settings = {"matvit": options_json(train_options(opts, seed, None))}
     path = Path(opts.out) / "steps" / f"seed-{seed}.json"
     if opts.reuse and path.is_file():
         row = json.loads(path.read_text())
