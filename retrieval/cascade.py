@@ -3,9 +3,11 @@ larger one only while its result looks uncertain, always searching the one XL in
 
 A stage's confidence in a query is the agreement of its neighbours: the share of its top `VOTES` that carry
 its top-1's label (on a gallery without labels: the margin between the top-1 and top-2 similarity). A policy
-holds a threshold per stage but the last; a query stops at the first stage whose confidence reaches it.
-`calibrate` chooses the thresholds on held-out queries so that the cascade keeps a stated share of XL's 1-NN
-accuracy at the least mean GFLOPs. The policy is stored beside the index (`cascade.json`), like the profile.
+holds its stages (cheapest first) and a threshold per stage but the last; a query stops at the first stage whose
+confidence reaches it. `calibrate` chooses, among every chain of the measured stages (S -> XL skips M and L;
+one submodel alone is a chain too) and a grid of thresholds, the policy that keeps a stated share of XL's 1-NN
+accuracy on held-out queries at the least mean GFLOPs. It is stored beside the index (`cascade.json`), like the
+profile.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from matvit.errors import UserError
 CASCADE_FILE = "cascade.json"
 VOTES = 10  # neighbours whose labels vote on a stage's confidence
 GRID = 21  # candidate thresholds per stage: quantiles of its confidence on the calibration queries
-NEVER = 3.0  # a threshold above any confidence (agreement is at most 1, margin at most 2): never stop there
 SIGNALS = ("agreement", "margin")
 
 
@@ -97,23 +98,33 @@ def simulate(stages: list[Stage], thresholds: list[float]) -> dict:
             "stops": {s.spec: float(np.mean(stop == i)) for i, s in enumerate(stages)}}
 
 
+def chains(stages: list[Stage]) -> list[list[Stage]]:
+    """Every non-empty subsequence of the stages, in their order: the cascades one measurement can calibrate."""
+    return [[stages[i] for i in range(len(stages)) if mask >> i & 1] for mask in range(1, 2 ** len(stages))]
+
+
 def calibrate(stages: list[Stage], target: float, signal: str, fingerprint: str) -> Policy:
-    """The thresholds with the least mean GFLOPs whose accuracy on the calibration queries is at least `target`
-    times the last stage's (searched over a grid of each stage's confidence quantiles, never stopping
-    included)."""
-    goal = target * float(stages[-1].correct.mean())
-    grids = [sorted(set(np.quantile(s.confidence, np.linspace(0, 1, GRID)).tolist()) | {NEVER}) for s in stages[:-1]]
-    best = None
-    for thresholds in itertools.product(*grids):
-        result = simulate(stages, list(thresholds))
-        if result["accuracy"] >= goal and (best is None or result["mean_gflops"] < best[1]["mean_gflops"]):
-            best = (list(thresholds), result)
-    thresholds, result = best  # never stopping early always meets the goal
+    """The chain of stages and thresholds with the least mean GFLOPs whose accuracy on the calibration queries
+    is at least `target` times the last measured stage's (XL's), searched over every chain and a grid of each
+    stage's confidence quantiles; on equal GFLOPs the more accurate wins. The best policy of every chain that
+    meets the goal is kept under `calibration["chains"]`."""
     xl = stages[-1]
-    return Policy([s.spec for s in stages], [float(t) for t in thresholds], signal, fingerprint, target, {
+    goal = target * float(xl.correct.mean())
+    best_per_chain = []
+    for chain in chains(stages):
+        grids = [sorted(set(np.quantile(s.confidence, np.linspace(0, 1, GRID)).tolist())) for s in chain[:-1]]
+        results = [(list(t), simulate(chain, list(t))) for t in itertools.product(*grids)]
+        met = [(t, r) for t, r in results if r["accuracy"] >= goal]
+        if met:
+            t, r = min(met, key=lambda tr: (tr[1]["mean_gflops"], -tr[1]["accuracy"]))
+            best_per_chain.append(([s.spec for s in chain], [float(x) for x in t], r))
+    specs, thresholds, result = min(best_per_chain, key=lambda c: (c[2]["mean_gflops"], -c[2]["accuracy"]))
+    return Policy(specs, thresholds, signal, fingerprint, target, {  # XL alone always meets the goal
         "queries": len(xl.correct), "xl_accuracy": float(xl.correct.mean()), **result,
         "share_of_xl_gflops": result["mean_gflops"] / xl.gflops,
         "fixed": {s.spec: {"accuracy": float(s.correct.mean()), "gflops": s.gflops} for s in stages},
+        "chains": [{"stages": c, "thresholds": t, "accuracy": r["accuracy"], "mean_gflops": r["mean_gflops"]}
+                   for c, t, r in sorted(best_per_chain, key=lambda c: c[2]["mean_gflops"])],
         **provenance.record()})
 
 

@@ -92,7 +92,9 @@ def cascade_png(r: dict, cost_target: float, path: Path) -> None:
         ax.annotate(f["spec"], (f["gflops"], f["accuracy"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
     for c in r["cascades"]:
         t = c["test"]
-        ax.plot([t["mean_gflops"]], [t["accuracy"]], "*", markersize=12, label=f"cascade for {c['target']:.1%}")
+        chain = " -> ".join(c["stages"])
+        ax.plot([t["mean_gflops"]], [t["accuracy"]], "*", markersize=12,
+                label=f"cascade for {c['target']:.1%}: {chain}")
     ax.axhline(r["cascades"][0]["target"] * r["xl_accuracy"], color="grey", ls="--", lw=1,
                label=f"{r['cascades'][0]['target']:.1%} of XL's accuracy")
     ax.axvline(cost_target * fixed[-1]["gflops"], color="grey", ls=":", lw=1, label=f"{cost_target:.0%} of XL's GFLOPs")
