@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from app.bench.consistency import BenchOptions, _run_matches, run, targets
+from app.bench.consistency import BenchOptions, _run_matches, run, targets, train_cached
 from app.bench.plots import pareto_front
-from matvit.train import TrainOptions
+from matvit.train import Trainer, TrainOptions
 
 
 def test_matvit_shares_a_space_and_baselines_do_not(tmp_path):
@@ -88,6 +88,19 @@ def test_reuse_takes_a_finished_run_with_the_same_options_wherever_it_was_writte
     _fake_run(tmp_path / "c", TrainOptions(**BENCH, out=tmp_path / "c"), logged_epochs=2)
     assert not _run_matches(tmp_path / "c", TrainOptions(**BENCH, out=tmp_path / "c"))
     assert not _run_matches(tmp_path / "missing", TrainOptions(**BENCH, out=tmp_path / "missing"))
+
+
+def test_reuse_continues_an_interrupted_training_of_the_same_options(tmp_path, monkeypatch):
+    opts = TrainOptions(**{**BENCH, "epochs": 1}, out=tmp_path / "run")
+    seconds = train_cached(opts, log=lambda s: None)
+    (tmp_path / "run" / "eval.json").unlink()  # as if stopped after its last epoch, before evaluating
+    monkeypatch.setattr(Trainer, "train_epoch", lambda self: pytest.fail("trained again"))
+    logged = []
+    assert train_cached(opts, log=logged.append) == seconds and logged[0].startswith("continuing run")
+    assert (tmp_path / "run" / "eval.json").is_file()
+    other = TrainOptions(**{**BENCH, "epochs": 1, "seed": 1}, out=tmp_path / "run")
+    with pytest.raises(pytest.fail.Exception, match="trained again"):  # other options start over
+        train_cached(other, log=lambda s: None)
 
 
 def _cells(diagonal: dict, off: dict) -> dict:

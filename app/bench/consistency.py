@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from matvit import data, metrics, provenance
+from matvit import checkpoint, data, metrics, provenance
 from matvit import spec as specs
 from matvit.config import GRANULARITY_NAMES, get_preset
 from matvit.train import Trainer, TrainOptions, option_differences
@@ -60,15 +60,26 @@ def _run_matches(run: Path, train_opts: TrainOptions) -> bool:
     return finished and same and log_epochs == train_opts.recipe.epochs
 
 
+def _resumable(run: Path, train_opts: TrainOptions) -> bool:
+    """True when `run` holds the training checkpoint of an interrupted training with exactly these options."""
+    try:
+        state = checkpoint.load_training(run)
+    except checkpoint.CheckpointError:
+        return False
+    return state is not None and not option_differences(state["options"], train_opts.to_dict())
+
+
 def train_cached(train_opts: TrainOptions, log=print, reuse: bool = True) -> float:
-    """Train into `train_opts.out` unless (with `reuse`) a finished run of the same options is there; returns
-    the training's wall time in seconds."""
+    """Train into `train_opts.out` unless (with `reuse`) a finished run of the same options is there, continuing
+    (with `reuse`) an interrupted one of the same options from its last epoch; returns the training's wall time
+    in seconds."""
     run = Path(train_opts.out)
     if reuse and _run_matches(run, train_opts):
         log(f"reusing {run}")
     else:
-        log(f"training {run.name} ({train_opts.recipe.epochs} epochs) into {run}")
-        Trainer(train_opts).run(log=log)
+        resume = reuse and _resumable(run, train_opts)
+        log(f"{'continuing' if resume else 'training'} {run.name} ({train_opts.recipe.epochs} epochs) in {run}")
+        Trainer(train_opts).run(resume=resume, log=log)
     return float(json.loads((run / "eval.json").read_text())["train_seconds"])
 
 
