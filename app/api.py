@@ -141,9 +141,10 @@ class SearchOptions(BaseModel):
     ef_search: int | None = Field(None, ge=1, le=100_000, description="HNSW search breadth (default: tuned)")
     rerank: int | None = Field(None, ge=1, le=1000, description="IVF with PQ/SQ codes: re-rank this many times k "
                                                                 "candidates by their stored vectors (default: tuned)")
-    mode: Literal["single", "cascade"] = Field("single", description="`cascade`: encode with S first and escalate "
-                                                                     "to larger submodels while the result is unsure "
-                                                                     "(calibrated with `matvit cascade`)")
+    mode: Literal["single", "cascade"] = Field("single", description="`cascade`: encode with the calibrated chain's "
+                                                                     "smallest submodel first and escalate to larger "
+                                                                     "ones while the result is unsure (calibrated with "
+                                                                     "`matvit cascade`)")
 
     @model_validator(mode="after")
     def one_choice(self) -> SearchOptions:

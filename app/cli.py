@@ -555,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--budget-gflops", type=float)
     group.add_argument("--budget-params", type=float)
     group.add_argument("--cascade", action="store_true",
-                       help="encode with S first and escalate while unsure (calibrate with `matvit cascade`)")
+                       help="encode with a small submodel first and escalate while unsure (calibrate with "
+                            "`matvit cascade`)")
     p.add_argument("--nprobe", type=int, help="IVF lists to visit (default: the value tuned at build)")
     p.add_argument("--ef-search", type=int, help="HNSW search breadth (default: the value tuned at build)")
     p.add_argument("--rerank", type=int, help="IVF with PQ/SQ codes: re-rank this many times k candidates by their "
@@ -563,8 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("cascade", help="calibrate the query cascade (S first, escalating while unsure) for a share "
-                                       "of XL's 1-NN accuracy; stored beside the index")
+    p = sub.add_parser("cascade", help="calibrate the query cascade (the cheapest chain of submodels, escalating "
+                                       "while unsure) for a share of XL's 1-NN accuracy; stored beside the index")
     _index(p)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--dataset", required=True, help="labelled images; gallery images count as held-out queries "
@@ -573,7 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path)
     p.add_argument("--queries", type=int, default=2000, help="calibration queries drawn from the split")
     p.add_argument("--target", type=float, default=0.995, help="share of XL's 1-NN accuracy to keep")
-    p.add_argument("--stages", default="S;M;L;XL", help="submodels, cheapest first, separated by ';'")
+    p.add_argument("--stages", default="S;M;L;XL", help="candidate submodels, cheapest first, separated by ';' (the "
+                                                             "cascade is the cheapest chain of them)")
     p.add_argument("--signal", choices=["agreement", "margin"], default="agreement",
                    help="confidence: neighbours' label agreement, or the top-1 minus top-2 similarity")
     p.add_argument("--seed", type=int, default=0)
