@@ -94,9 +94,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     opts = TrainOptions(
         preset=args.preset, dataset=args.dataset, out=args.out, data_dir=args.data_dir, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, mode=args.mode, weights=args.weights, distill=args.distill,
-        mixnmatch_prob=args.mixnmatch_prob, baseline=args.baseline, init=args.init and str(args.init),
-        seed=args.seed,
+        batch_size=args.batch_size, lr=args.lr, augment=args.augment, mode=args.mode, weights=args.weights,
+        distill=args.distill, mixnmatch_prob=args.mixnmatch_prob, baseline=args.baseline,
+        init=args.init and str(args.init), seed=args.seed,
     )
     rt = runtime.start(args.device, args.precision, args.compile)
     try:
@@ -364,7 +364,7 @@ def cmd_bench_consistency(args: argparse.Namespace) -> None:
         raise UserError(f"--baselines takes granularities of {', '.join(GRANULARITY_NAMES)}, S among them "
                         f"(got {','.join(args.baselines)})")
     result = run(BenchOptions(dataset=args.dataset, preset=args.preset, out=args.out, epochs=args.epochs,
-                              reuse=args.reuse, cache=args.cache, seeds=args.seeds,
+                              augment=args.augment, reuse=args.reuse, cache=args.cache, seeds=args.seeds,
                               baselines=[g for g in GRANULARITY_NAMES if g in args.baselines], data_dir=args.data_dir))
     for t in result["targets"]:
         print(f"{'n/a   ' if t['met'] is None else 'met   ' if t['met'] else 'MISSED'} {t['target']}")
@@ -439,7 +439,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from matvit.config import DISTILLATIONS, GRANULARITY_NAMES, PRESETS
+    from matvit.config import AUGMENTATIONS, DISTILLATIONS, GRANULARITY_NAMES, PRESETS
 
     parser = argparse.ArgumentParser(prog="matvit", description="Adaptive image retrieval on MatViT.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -452,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="default: the preset's recipe")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--augment", choices=AUGMENTATIONS, help="training images: as they are, random crops, or crops "
+                                                          "and flips (default: the preset's recipe)")
     p.add_argument("--mode", choices=["sum", "sample"], default="sum",
                    help="sum: every granularity each step; sample: one drawn per step")
     p.add_argument("--weights", type=_floats,
@@ -638,10 +640,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dataset", required=True, help="fashion-mnist, folder:PATH or digits")
     q.add_argument("--preset", required=True, choices=list(PRESETS))
     q.add_argument("--epochs", type=int, help="default: the preset's recipe")
+    q.add_argument("--augment", choices=AUGMENTATIONS, help="default: the preset's recipe")
     q.add_argument("--out", type=Path, default=Path("runs/consistency"))
     q.add_argument("--reuse", action="store_true",
                    help="reuse finished trainings of the same setting in --cache and measured seeds in --out/steps")
-    q.add_argument("--cache", type=Path, help="training runs (default runs/consistency/PRESET-DATASET)")
+    q.add_argument("--cache", type=Path, help="training runs (default runs/consistency/PRESET-DATASET, with "
+                                               "-augment-KIND when --augment is given)")
     q.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds; the report gives mean and spread")
     q.add_argument("--baselines", type=lambda t: [g.strip().upper() for g in t.split(",")],
                    default=list(GRANULARITY_NAMES), help="baselines trained for every seed (S at least)")

@@ -10,6 +10,7 @@ from .errors import UserError
 GRANULARITY_NAMES = ("S", "M", "L", "XL")
 # Self-distillation of the smaller granularities from XL (`matvit train --distill`); `both` is logits and embedding.
 DISTILLATIONS = ("none", "logits", "embedding", "relational", "both")
+AUGMENTATIONS = ("none", "crop", "crop-flip")  # training images: as they are, random crops, and flips
 
 
 def default_granularities(mlp_hidden: int) -> dict[str, int]:
@@ -74,7 +75,7 @@ class TrainRecipe:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     grad_clip: float = 1.0
-    augment: str = "none"  # none | crop | crop-flip
+    augment: str = "none"  # one of AUGMENTATIONS
 
 
 @dataclass

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from . import checkpoint, metrics, provenance, sources
 from . import spec as specs
-from .config import DISTILLATIONS, MatViTConfig, TrainRecipe, get_preset
+from .config import AUGMENTATIONS, DISTILLATIONS, MatViTConfig, TrainRecipe, get_preset
 from .errors import UserError
 from .images import to_input
 from .model import MatViT
@@ -48,6 +48,7 @@ class TrainOptions:
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
+    augment: str | None = None  # one of AUGMENTATIONS
     mode: str = "sum"  # sum | sample
     weights: list[float] | None = None  # per granularity, smallest first
     distill: str = "none"  # none | logits | embedding | relational | both (logits and embedding)
@@ -59,8 +60,10 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         preset = get_preset(self.preset)
-        overrides = {k: v for k in ("epochs", "batch_size", "lr") if (v := getattr(self, k)) is not None}
+        overrides = {k: v for k in ("epochs", "batch_size", "lr", "augment") if (v := getattr(self, k)) is not None}
         self.recipe = dataclasses.replace(preset.recipe, **overrides)
+        if self.recipe.augment not in AUGMENTATIONS:
+            raise UserError(f"unknown augmentation {self.recipe.augment!r}; use one of {', '.join(AUGMENTATIONS)}")
         if self.mode not in ("sum", "sample"):
             raise UserError(f"unknown mode {self.mode!r}; use sum or sample")
         if self.distill not in DISTILLATIONS:

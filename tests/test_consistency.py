@@ -3,10 +3,12 @@ targets on hand-made results, and which cached trainings `--reuse` may take."""
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
-from app.bench.consistency import BenchOptions, _run_matches, run, targets, train_cached
+from app.bench import steps
+from app.bench.consistency import BenchOptions, _run_matches, options_json, run, targets, train_cached, train_options
 from app.bench.plots import pareto_front
 from matvit.train import Trainer, TrainOptions
 
@@ -101,6 +103,18 @@ def test_reuse_continues_an_interrupted_training_of_the_same_options(tmp_path, m
     other = TrainOptions(**{**BENCH, "epochs": 1, "seed": 1}, out=tmp_path / "run")
     with pytest.raises(pytest.fail.Exception, match="trained again"):  # other options start over
         train_cached(other, log=lambda s: None)
+
+
+def test_an_unset_option_matches_a_step_written_before_it_existed(tmp_path):
+    opts = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path)
+    given = {"matvit": options_json(train_options(opts, 0, None))}
+    assert given["matvit"]["augment"] is None
+    older = {"matvit": {k: v for k, v in given["matvit"].items() if k != "augment"}}
+    assert steps.same_settings(older, given)
+    plain = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, augment="crop")
+    assert not steps.same_settings(older, {"matvit": options_json(train_options(plain, 0, None))})
+    assert train_options(plain, 2, "S").out == Path("runs/consistency/matvit-tiny-digits-digits-augment-crop/seed-2/"
+                                                     "baseline-S")
 
 
 def _cells(diagonal: dict, off: dict) -> dict:

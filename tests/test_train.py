@@ -260,3 +260,12 @@ def test_augment_keeps_shape_and_dtype():
         out = augment(images, kind)
         assert out.shape == images.shape and out.dtype == torch.uint8
     assert not torch.equal(augment(images, "crop-flip"), images)
+
+
+def test_augment_overrides_the_presets_recipe(tmp_path):
+    cifar = TrainOptions("matvit-small-cifar", "digits", tmp_path)
+    assert cifar.recipe.augment == "crop-flip"
+    plain = TrainOptions("matvit-small-cifar", "digits", tmp_path, augment="none")
+    assert plain.recipe.augment == "none" and plain.recipe.epochs == cifar.recipe.epochs
+    with pytest.raises(UserError, match="unknown augmentation 'rotate'"):
+        TrainOptions("matvit-small-cifar", "digits", tmp_path, augment="rotate")

@@ -35,8 +35,9 @@ class BenchOptions:
     preset: str
     out: Path
     epochs: int | None = None
+    augment: str | None = None  # default: the preset's recipe
     reuse: bool = False
-    cache: Path | None = None  # trainings, under seed-N/; default runs/consistency/<preset>-<dataset>
+    cache: Path | None = None  # trainings, under seed-N/; default runs/consistency/<preset>-<dataset>[-augment-<kind>]
     seeds: list[int] = field(default_factory=lambda: [0])
     baselines: list[str] = field(default_factory=lambda: list(GRANULARITY_NAMES))  # trained for every seed
     data_dir: Path | None = None
@@ -85,10 +86,11 @@ def train_cached(train_opts: TrainOptions, log=print, reuse: bool = True) -> flo
 
 def train_options(opts: BenchOptions, seed: int, baseline: str | None) -> TrainOptions:
     slug = opts.dataset.replace(":", "-").replace("/", "_").strip("_")
-    cache = Path(opts.cache or Path("runs") / "consistency" / f"{opts.preset}-{slug}") / f"seed-{seed}"
+    default = f"{opts.preset}-{slug}" + (f"-augment-{opts.augment}" if opts.augment else "")
+    cache = Path(opts.cache or Path("runs") / "consistency" / default) / f"seed-{seed}"
     return TrainOptions(preset=opts.preset, dataset=opts.dataset, out=cache / (f"baseline-{baseline}" if baseline
-                        else "matvit"), data_dir=opts.data_dir, epochs=opts.epochs, baseline=baseline,
-                        seed=baseline_seed(seed, baseline) if baseline else seed)
+                        else "matvit"), data_dir=opts.data_dir, epochs=opts.epochs, augment=opts.augment,
+                        baseline=baseline, seed=baseline_seed(seed, baseline) if baseline else seed)
 
 
 def embed_named(encoder: Encoder, dataset: str, data_dir: Path | None, label: str):
@@ -116,7 +118,7 @@ def measure_seed(opts: BenchOptions, seed: int, log=print) -> dict:
     path = Path(opts.out) / "steps" / f"seed-{seed}.json"
     if opts.reuse and path.is_file():
         row = json.loads(path.read_text())
-        if row.get("settings") == settings and set(opts.baselines) <= set(row["baselines"]):
+        if steps.same_settings(row.get("settings"), settings) and set(opts.baselines) <= set(row["baselines"]):
             log(f"[seed {seed}] measured before: {path}")
             return row
     origin = provenance.record()

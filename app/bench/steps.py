@@ -7,11 +7,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _set_only(value):
+    """`value` with every dict entry whose value is None left out, at any depth."""
+    if isinstance(value, dict):
+        return {k: _set_only(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def same_settings(saved: dict | None, given: dict) -> bool:
+    """True when two steps' settings agree; an option left unset (None) counts as absent, so a step written
+    before an option existed still matches while the option is unset."""
+    return saved is not None and _set_only(saved) == _set_only(given)
+
+
 def saved(path: Path, settings: dict, log: Callable[[str], None]) -> dict | None:
     """The step's result at `path` when it was written with these `settings`, else None (measure it again)."""
     if path.is_file():
         row = json.loads(path.read_text())
-        if row.get("settings") == settings:
+        if same_settings(row.get("settings"), settings):
             log(f"[{path.stem}] done before: {path}")
             return row
     return None
