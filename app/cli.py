@@ -572,7 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--dataset", required=True, help="labelled images; gallery images count as held-out queries "
                                                      "(each is left out of its own neighbours)")
-    p.add_argument("--split", choices=["train", "test"], default="train")
+    p.add_argument("--split", choices=["train", "test"], default="train",
+                   help="when the model was trained on the gallery, calibrate on images it did not see (test): "
+                        "its training images look easier than new queries")
     p.add_argument("--data-dir", type=Path)
     p.add_argument("--queries", type=int, default=2000, help="calibration queries drawn from the split")
     p.add_argument("--target", type=float, default=0.995, help="share of XL's 1-NN accuracy to keep")

@@ -150,3 +150,15 @@ def test_bench_cascade_compares_the_cascade_with_every_fixed_submodel(calibrated
         assert [x["met"] for x in c["targets"]] == met
     assert r["xl_accuracy"] == r["fixed"][-1]["accuracy"]
     assert (out / "cascade.png").stat().st_size > 0 and "**cascade for 99.5%**" in (out / "cascade.md").read_text()
+
+
+def test_bench_cascade_can_calibrate_on_part_of_the_test_split_and_evaluate_on_the_rest(calibrated, trained_dir,
+                                                                                       tmp_path):
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "cascade", "--index", str(calibrated), "--checkpoint", str(trained_dir), "--dataset",
+                     "digits", "--split", "test", "--calibration", "120", "--target", "0.995", "--timed", "5",
+                     "--batch", "2", "--out", str(out)]) == 0
+    r = json.loads((out / "cascade.json").read_text())
+    assert (r["calibration_split"], r["calibration_queries"], r["test_queries"]) == ("test", 120, 240)
+    assert r["cascades"][0]["calibration"]["queries"] == 120
+    assert "120 images of the test split (not in the gallery)" in (out / "cascade.md").read_text()

@@ -3,8 +3,9 @@
     matvit bench cascade --index IDX --checkpoint DIR --dataset fashion-mnist --out docs/results/cascade-fmnist
 
 Calibrates the cascade (`retrieval.cascade`: the cheapest chain of `--stages` and thresholds) on `--calibration`
-images of the gallery's split (each left out of its own neighbours) for each `--target` share of XL's 1-NN
-accuracy, stores the first beside the index, then evaluates each on the test split next to each fixed submodel:
+images of `--split` (gallery images are left out of their own neighbours; with `test`, the cascade is evaluated
+on the rest of the test split) for each `--target` share of XL's 1-NN accuracy, stores the first beside the
+index, then evaluates each on the test split next to each fixed submodel:
 1-NN accuracy, mean GFLOPs per query, and mean encode time per query measured through the retriever (`--timed`
 queries, cascade and XL interleaved) at batch 1 and in batches of `--batch` (how a served index encodes
 concurrent queries). Targets: at least the target share of XL's accuracy at no more than 60% of XL's GFLOPs
@@ -18,6 +19,8 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+
+import numpy as np
 
 from matvit import provenance
 from retrieval import cascade
@@ -68,22 +71,34 @@ def evaluate(retriever: Retriever, policy: cascade.Policy, tested: list[cascade.
                    "target": f"<= {COST_TARGET}", "met": t["share_of_xl"] <= COST_TARGET} for t in timed)]}
 
 
+def _take(queries: tuple, rows) -> tuple:
+    """The (images, class names, sources) of `cascade.labelled` at `rows`."""
+    images, truth, sources = queries
+    return images[rows], [truth[i] for i in rows], [sources[i] for i in rows]
+
+
 def run(args: argparse.Namespace) -> dict:
     """Calibrate a cascade per target (the first is stored beside the index), evaluate each on the test split."""
     retriever = Retriever(args.index, args.checkpoint, backend=args.backend)
     if args.backend == "auto":
         retriever.ensure_profile()  # auto's choices are made with the profile (measured here if it is stale)
     stages = args.stages.split(";")
-    images, truth, sources = cascade.labelled(retriever, args.dataset, args.split, args.calibration, args.data_dir)
-    calibration = cascade.measure(retriever, images, truth, sources, stages, args.signal)
+    test = cascade.labelled(retriever, args.dataset, "test", data_dir=args.data_dir)
+    if args.split == "test":  # calibrate on a seeded part of the test split, evaluate on the rest
+        rows = np.random.default_rng(0).permutation(len(test[0]))
+        queries, test = _take(test, np.sort(rows[:args.calibration])), _take(test, np.sort(rows[args.calibration:]))
+    else:
+        queries = cascade.labelled(retriever, args.dataset, args.split, args.calibration, args.data_dir)
+    calibration = cascade.measure(retriever, *queries, stages, args.signal)
     policies = [cascade.calibrate(calibration, float(t), args.signal, retriever.encoder.fingerprint)
                 for t in args.target.split(",")]
     policies[0].save(retriever.store.files / cascade.CASCADE_FILE)
-    test_images, test_truth, test_sources = cascade.labelled(retriever, args.dataset, "test", data_dir=args.data_dir)
-    tested = cascade.measure(retriever, test_images, test_truth, test_sources, stages, args.signal)
+    test_images = test[0]
+    tested = cascade.measure(retriever, *test, stages, args.signal)
     report = {**provenance.record(), "dataset": args.dataset, "index": str(args.index),
               "checkpoint": str(args.checkpoint), "backends": {s: retriever.encoder.serving(s) for s in stages},
-              "stages": stages, "signal": args.signal, "calibration_queries": len(images),
+              "stages": stages, "signal": args.signal, "calibration_split": args.split,
+              "calibration_queries": len(queries[0]),
               "test_queries": len(test_images), "xl_accuracy": float(tested[-1].correct.mean()),
               "fixed": [{"spec": s.spec, "gflops": s.gflops, "accuracy": float(s.correct.mean())} for s in tested],
               "cascades": [evaluate(retriever, p, tested, test_images[:args.timed], args.batch) for p in policies]}
@@ -96,6 +111,10 @@ def run(args: argparse.Namespace) -> dict:
 
 def markdown(r: dict) -> str:
     timed = r["cascades"][0]["encode_ms"]
+    if r.get("calibration_split", "train") == "test":
+        calibrated_on, tested_on = "images of the test split (not in the gallery)", "other test queries"
+    else:
+        calibrated_on, tested_on = "gallery images (each left out of its own neighbours)", "test queries"
     lines = [f"# Query cascade: {r['dataset']}", "", f"Command: `{r['command']}`  ", f"Commit: `{r['commit']}`  ",
              f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}; "
              f"backends {', '.join(f'{s} {b}' for s, b in r['backends'].items())}", "",
@@ -103,10 +122,10 @@ def markdown(r: dict) -> str:
              f"query stops at the first stage whose {r['signal']} (for agreement: the share of its top "
              f"{cascade.VOTES} neighbours labelled like its top-1) reaches the stage's threshold, and pays for "
              f"every stage it ran. Each cascade (chain and thresholds) is calibrated on "
-             f"{r['calibration_queries']:,} gallery images (each left out of its own neighbours) for its target "
-             f"share of XL's 1-NN accuracy at the least mean GFLOPs, then run on the {r['test_queries']:,} test "
-             f"queries. Encode time: mean per query over {timed[0]['queries']} test queries at batch 1 and in "
-             f"batches of {timed[1]['batch']}, cascade and XL alone interleaved, median of 3 passes.", "",
+             f"{r['calibration_queries']:,} {calibrated_on} for its target share of XL's 1-NN accuracy at the least "
+             f"mean GFLOPs, then run on the {r['test_queries']:,} {tested_on}. Encode time: mean per query over "
+             f"{timed[0]['queries']} test queries at batch 1 and in batches of {timed[1]['batch']}, cascade and XL "
+             "alone interleaved, median of 3 passes.", "",
              "| query encoder | thresholds | queries stopping at | mean GFLOPs | 1-NN | share of XL's 1-NN | "
              f"share of XL's GFLOPs | share of XL's encode time, batch 1 / {timed[1]['batch']} |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
@@ -137,7 +156,10 @@ def add_parser(bench_subparsers) -> None:
     q.add_argument("--index", type=Path, required=True, help="an XL index of the dataset's gallery split")
     q.add_argument("--checkpoint", type=Path, required=True)
     q.add_argument("--dataset", required=True)
-    q.add_argument("--split", default="train", help="the gallery's split, where calibration images are drawn")
+    q.add_argument("--split", choices=["train", "test"], default="train",
+                   help="where calibration images are drawn: the gallery's split (each is left out of its own "
+                        "neighbours), or test (images the model did not train on: calibrate on part of it, evaluate "
+                        "on the rest)")
     q.add_argument("--data-dir", type=Path)
     q.add_argument("--calibration", type=int, default=5000, help="calibration images")
     q.add_argument("--target", default="0.995,0.998,1.0",
