@@ -43,11 +43,11 @@ def test_calibration_keeps_the_target_share_of_xl_accuracy_at_the_least_cost():
     assert policy.stages == ["S", "XL"]  # M adds cost and no accuracy: the chain skips it
     chosen = [stages[0], stages[-1]]
     assert c["accuracy"] >= 0.99 * xl and c["xl_accuracy"] == pytest.approx(xl)
-    assert c == {**c, **cascade.simulate(chosen, policy.thresholds)}
+    assert c == {**c, **cascade.simulate(chosen, policy.thresholds, 0.99)} and c["surplus"] >= 0
     assert c["mean_gflops"] < 2.5 and c["stops"]["S"] > 0.5  # most queries stop at S
     for t in np.quantile(stages[0].confidence, np.linspace(0, 1, cascade.GRID)):
-        cheaper = cascade.simulate(chosen, [t])
-        assert cheaper["mean_gflops"] >= c["mean_gflops"] or cheaper["accuracy"] < 0.99 * xl
+        cheaper = cascade.simulate(chosen, [t], 0.99)
+        assert cheaper["mean_gflops"] >= c["mean_gflops"] or cheaper["surplus"] < 0
     kept = {tuple(ch["stages"]): ch for ch in c["chains"]}
     assert ("XL",) in kept and ("S",) not in kept  # XL alone meets any goal; S alone misses this one
     assert kept[("XL",)]["mean_gflops"] == 2.5 and kept[("S", "M", "XL")]["mean_gflops"] > c["mean_gflops"]
@@ -64,8 +64,16 @@ def test_every_chain_keeps_its_stages_in_order():
 def test_a_target_s_alone_meets_is_served_by_s_alone():
     stages = synthetic_stages()
     s_share = stages[0].correct.mean() / stages[-1].correct.mean()
-    policy = cascade.calibrate(stages, s_share - 0.01, "agreement", "f" * 16)
+    policy = cascade.calibrate(stages, s_share - 0.03, "agreement", "f" * 16)
     assert policy.stages == ["S"] and policy.thresholds == [] and policy.calibration["stops"] == {"S": 1.0}
+
+
+def test_a_target_met_only_on_the_calibration_queries_is_not_enough():
+    stages = synthetic_stages()
+    s_share = stages[0].correct.mean() / stages[-1].correct.mean()
+    policy = cascade.calibrate(stages, s_share - 0.001, "agreement", "f" * 16)  # S alone meets it, barely
+    assert cascade.simulate(stages[:1], [], s_share - 0.001, stages[-1])["surplus"] < 0
+    assert policy.stages != ["S"] and policy.calibration["accuracy"] > stages[0].correct.mean()
 
 
 @pytest.fixture(scope="module")

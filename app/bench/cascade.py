@@ -53,8 +53,8 @@ def evaluate(retriever: Retriever, policy: cascade.Policy, tested: list[cascade.
              batch: int) -> dict:
     """One calibrated cascade on the test queries: accuracy, GFLOPs, stops, encode time at batch 1 and at
     `batch`, and its targets."""
-    outcome = cascade.simulate([s for s in tested if s.spec in policy.stages], policy.thresholds)
     xl = tested[-1]
+    outcome = cascade.simulate([s for s in tested if s.spec in policy.stages], policy.thresholds, policy.target, xl)
     share_accuracy = outcome["accuracy"] / float(xl.correct.mean())
     share_gflops = outcome["mean_gflops"] / xl.gflops
     timed = [encode_ms(retriever, timed_images, policy, b) for b in (1, batch)]
