@@ -93,15 +93,14 @@ def run(args: argparse.Namespace) -> dict:
     policies = [cascade.calibrate(calibration, float(t), args.signal, retriever.encoder.fingerprint)
                 for t in args.target.split(",")]
     policies[0].save(retriever.store.files / cascade.CASCADE_FILE)
-    test_images = test[0]
     tested = cascade.measure(retriever, *test, stages, args.signal)
     report = {**provenance.record(), "dataset": args.dataset, "index": str(args.index),
               "checkpoint": str(args.checkpoint), "backends": {s: retriever.encoder.serving(s) for s in stages},
               "stages": stages, "signal": args.signal, "calibration_split": args.split,
               "calibration_queries": len(queries[0]),
-              "test_queries": len(test_images), "xl_accuracy": float(tested[-1].correct.mean()),
+              "test_queries": len(test[0]), "xl_accuracy": float(tested[-1].correct.mean()),
               "fixed": [{"spec": s.spec, "gflops": s.gflops, "accuracy": float(s.correct.mean())} for s in tested],
-              "cascades": [evaluate(retriever, p, tested, test_images[:args.timed], args.batch) for p in policies]}
+              "cascades": [evaluate(retriever, p, tested, test[0][:args.timed], args.batch) for p in policies]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cascade.json").write_text(json.dumps(report, indent=2))
     (args.out / "cascade.md").write_text(markdown(report))
@@ -111,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def markdown(r: dict) -> str:
     timed = r["cascades"][0]["encode_ms"]
-    if r.get("calibration_split", "train") == "test":
+    if r["calibration_split"] == "test":
         calibrated_on, tested_on = "images of the test split (not in the gallery)", "other test queries"
     else:
         calibrated_on, tested_on = "gallery images (each left out of its own neighbours)", "test queries"
