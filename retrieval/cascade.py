@@ -83,18 +83,24 @@ def confidence(signal: str, scores: np.ndarray, labels: np.ndarray) -> np.ndarra
     return ((labels == labels[:, :1]) & (labels >= 0)).mean(axis=1)
 
 
+def stops(stages: list[Stage], thresholds: list[float]) -> np.ndarray:
+    """Per query, the index of the stage it stops at: the first whose confidence reaches its threshold."""
+    stop = np.full(len(stages[0].correct), len(stages) - 1)
+    open_ = np.ones(len(stop), dtype=bool)
+    for i, (stage, threshold) in enumerate(zip(stages[:-1], thresholds, strict=True)):
+        here = open_ & (stage.confidence >= threshold)
+        stop[here] = i
+        open_ &= ~here
+    return stop
+
+
 def simulate(stages: list[Stage], thresholds: list[float], target: float = 1.0, xl: Stage | None = None) -> dict:
     """Accuracy, mean GFLOPs and the share of queries stopping at each stage of a policy on the calibration
     queries (a query escalated from S to M has paid for both), and `surplus`: the lower bound (`Z` standard
     errors) of its accuracy minus `target` times XL's (default: the last stage), per query; at least 0 meets
     the target."""
     n = len(stages[0].correct)
-    stop = np.full(n, len(stages) - 1)
-    open_ = np.ones(n, dtype=bool)
-    for i, (stage, threshold) in enumerate(zip(stages[:-1], thresholds, strict=True)):
-        here = open_ & (stage.confidence >= threshold)
-        stop[here] = i
-        open_ &= ~here
+    stop = stops(stages, thresholds)
     paid = np.cumsum([s.gflops for s in stages])
     correct = np.choose(stop, [s.correct for s in stages])
     gain = correct - target * (xl or stages[-1]).correct

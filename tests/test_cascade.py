@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from app import cli
 from app.api import Settings, create_app
+from app.bench import cascade as bench_cascade
 from matvit import data
 from matvit.images import to_png
 from retrieval import build, cascade
@@ -33,6 +34,23 @@ def synthetic_stages(n: int = 1000) -> list[cascade.Stage]:
     xl_right = s_right | (rng.random(n) < 0.5)
     return [cascade.Stage("S", 1.0, s_right, s_conf), cascade.Stage("M", 1.5, s_right, rng.random(n)),
             cascade.Stage("XL", 2.5, xl_right, np.ones(n))]
+
+
+def test_a_query_stops_at_the_first_stage_confident_enough():
+    right = np.ones(4, dtype=bool)
+    stages = [cascade.Stage("S", 1.0, right, np.array([0.9, 0.2, 0.2, 0.5])),
+              cascade.Stage("M", 2.0, right, np.array([0.0, 0.8, 0.1, 0.5])),
+              cascade.Stage("XL", 4.0, right, np.zeros(4))]
+    assert cascade.stops(stages, [0.5, 0.8]).tolist() == [0, 1, 2, 0]
+
+
+def test_the_share_of_xl_accuracy_has_an_interval_that_narrows_with_more_queries():
+    rng = np.random.default_rng(0)
+    xl = rng.random(8000) < 0.9
+    correct = xl & (rng.random(8000) < 0.98)
+    few, many = bench_cascade.share_interval(correct[:500], xl[:500]), bench_cascade.share_interval(correct, xl)
+    share = correct.mean() / xl.mean()
+    assert many[0] <= share <= many[1] and many[1] - many[0] < few[1] - few[0] < 0.05
 
 
 def test_calibration_keeps_the_target_share_of_xl_accuracy_at_the_least_cost():
@@ -142,19 +160,24 @@ def test_the_api_searches_with_the_cascade_and_refuses_it_with_a_submodel(calibr
 def test_bench_cascade_compares_the_cascade_with_every_fixed_submodel(calibrated, trained_dir, tmp_path):
     out = tmp_path / "bench"
     assert cli.main(["bench", "cascade", "--index", str(calibrated), "--checkpoint", str(trained_dir), "--dataset",
-                     "digits", "--calibration", "300", "--timed", "5", "--batch", "2", "--out", str(out)]) == 0
+                     "digits", "--calibration", "300", "--timed", "5", "--batch", "2", "--replay", "matvit-tiny-digits",
+                     "--out", str(out)]) == 0
     r = json.loads((out / "cascade.json").read_text())
     assert [f["spec"] for f in r["fixed"]] == ["S", "M", "L", "XL"] and r["test_queries"] == 360
+    assert len(r["mixnmatch"]) == 35 and {f["spec"] for f in r["fixed"]} <= {f["spec"] for f in r["mixnmatch"]}
     assert [c["target"] for c in r["cascades"]] == [0.995, 0.998, 1.0]
     stored = json.loads((calibrated / cascade.CASCADE_FILE).read_text())
     assert stored["target"] == 0.995 and stored["thresholds"] == r["cascades"][0]["thresholds"]
     for c in r["cascades"]:
         t = c["test"]
         assert sum(t["stops"].values()) == pytest.approx(1.0) and list(t["stops"]) == c["stages"]
-        assert [e["batch"] for e in c["encode_ms"]] == [1, 2] and all(e["cascade"] > 0 for e in c["encode_ms"])
+        for timed in c["encode_ms"], c["replay_ms"]:
+            assert [e["batch"] for e in timed] == [1, 2] and all(e["cascade"] > 0 and e["XL"] > 0 for e in timed)
         assert r["fixed"][0]["gflops"] <= t["mean_gflops"] <= sum(f["gflops"] for f in r["fixed"])
+        low, high = t["share_of_xl_accuracy_95"]
+        assert low <= t["share_of_xl_accuracy"] <= high
         met = [t["share_of_xl_accuracy"] >= c["target"], t["share_of_xl_gflops"] <= 0.6,
-               *(e["share_of_xl"] <= 0.6 for e in c["encode_ms"])]
+               *(e["share_of_xl"] <= 0.6 for e in c["encode_ms"] + c["replay_ms"])]
         assert [x["met"] for x in c["targets"]] == met
     assert r["xl_accuracy"] == r["fixed"][-1]["accuracy"]
     assert (out / "cascade.png").stat().st_size > 0 and "**cascade for 99.5%**" in (out / "cascade.md").read_text()
@@ -165,8 +188,9 @@ def test_bench_cascade_can_calibrate_on_part_of_the_test_split_and_evaluate_on_t
     out = tmp_path / "bench"
     assert cli.main(["bench", "cascade", "--index", str(calibrated), "--checkpoint", str(trained_dir), "--dataset",
                      "digits", "--split", "test", "--calibration", "120", "--target", "0.995", "--timed", "5",
-                     "--batch", "2", "--out", str(out)]) == 0
+                     "--batch", "2", "--replay", "none", "--out", str(out)]) == 0
     r = json.loads((out / "cascade.json").read_text())
+    assert "replay_ms" not in r["cascades"][0] and len(r["cascades"][0]["targets"]) == 4
     assert (r["calibration_split"], r["calibration_queries"], r["test_queries"]) == ("test", 120, 240)
     assert r["cascades"][0]["calibration"]["queries"] == 120
     assert "120 images of the test split (not in the gallery)" in (out / "cascade.md").read_text()

@@ -83,10 +83,14 @@ def pareto_png(r: dict, path: Path) -> None:
 
 
 def cascade_png(r: dict, cost_target: float, path: Path) -> None:
-    """1-NN accuracy against mean GFLOPs per query: each fixed submodel, and each cascade (`app.bench.cascade`)."""
+    """1-NN accuracy against mean GFLOPs per query: each fixed submodel and Mix'n'Match spec, and each cascade
+    (`app.bench.cascade`)."""
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     fixed = r["fixed"]
+    pts = [(f["gflops"], f["accuracy"]) for f in r["mixnmatch"]]
+    ax.scatter(*zip(*pts, strict=True), s=10, color="tab:gray", alpha=0.5, label="one Mix'n'Match spec")
+    ax.plot(*zip(*pareto_front(pts), strict=True), color="tab:gray", lw=1, label="their Pareto frontier")
     ax.plot([f["gflops"] for f in fixed], [f["accuracy"] for f in fixed], "o-", color="tab:blue", label="one submodel")
     for f in fixed:
         ax.annotate(f["spec"], (f["gflops"], f["accuracy"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
