@@ -171,14 +171,15 @@ def test_bench_cascade_compares_the_cascade_with_every_fixed_submodel(calibrated
     for c in r["cascades"]:
         t = c["test"]
         assert sum(t["stops"].values()) == pytest.approx(1.0) and list(t["stops"]) == c["stages"]
-        for timed in c["encode_ms"], c["replay_ms"]:
+        for timed in c["encode_ms"], c.get("replay_ms", c["encode_ms"]):
             assert [e["batch"] for e in timed] == [1, 2] and all(e["cascade"] > 0 and e["XL"] > 0 for e in timed)
         assert r["fixed"][0]["gflops"] <= t["mean_gflops"] <= sum(f["gflops"] for f in r["fixed"])
         low, high = t["share_of_xl_accuracy_95"]
         assert low <= t["share_of_xl_accuracy"] <= high
         met = [t["share_of_xl_accuracy"] >= c["target"], t["share_of_xl_gflops"] <= 0.6,
-               *(e["share_of_xl"] <= 0.6 for e in c["encode_ms"] + c["replay_ms"])]
+               *(e["share_of_xl"] <= 0.6 for e in c["encode_ms"] + c.get("replay_ms", []))]
         assert [x["met"] for x in c["targets"]] == met
+    assert ["replay_ms" in c for c in r["cascades"]] == [True, False, False]  # the stored cascade's only
     assert r["xl_accuracy"] == r["fixed"][-1]["accuracy"]
     assert (out / "cascade.png").stat().st_size > 0 and "**cascade for 99.5%**" in (out / "cascade.md").read_text()
 

@@ -31,6 +31,7 @@ from matvit import spec as specs
 from matvit.config import get_preset
 from matvit.model import MatViT
 from retrieval import cascade
+from retrieval.encoder import Encoder
 from retrieval.retriever import Retriever
 
 from .plots import cascade_png
@@ -63,13 +64,15 @@ def encode_ms(retriever: Retriever, images, policy: cascade.Policy, batch: int) 
     return timed_passes(len(images), batch, time_chunk)
 
 
-def replay_ms(preset: str, chain: list[str], stop: np.ndarray, batch: int) -> dict:
+def replay_ms(preset: str, chain: list[str], stop: np.ndarray, batch: int, backend: str) -> dict:
     """Encode time per query of the cascade's stops (`stop`: per query, the index in `chain` of its last stage)
-    replayed on an untrained MatViT of a `preset`'s shape, and of XL alone on it: a forward pass costs the same
-    whatever its weights, so this is what the same stops cost on a larger model, whose time follows its FLOPs."""
+    replayed on an untrained MatViT of a `preset`'s shape served as the retriever serves it (extracted
+    submodels, `backend`), and of XL alone on it: a forward pass costs the same whatever its weights, so this
+    is what the same stops cost on a larger model, whose time follows its FLOPs."""
     torch.manual_seed(0)
     shape = get_preset(preset).model
-    model = MatViT(shape).eval()
+    encoder = Encoder(MatViT(shape), backend=backend)
+    runners = {spec: encoder.runner(spec) for spec in {*chain, "XL"}}
     images = torch.randn(min(batch, len(stop)), shape.in_chans, shape.img_size, shape.img_size)
 
     def time_chunk(rows: slice) -> dict:
@@ -77,13 +80,13 @@ def replay_ms(preset: str, chain: list[str], stop: np.ndarray, batch: int) -> di
         t0 = time.perf_counter()
         for i, spec in enumerate(chain):
             if (last >= i).any():
-                model.embed(images[:len(last)][last >= i], spec)
+                runners[spec](images[:len(last)][last >= i])
         t1 = time.perf_counter()
-        model.embed(images[:len(last)], "XL")
+        runners["XL"](images[:len(last)])
         return {"cascade": (t1 - t0) * 1e3, "XL": (time.perf_counter() - t1) * 1e3}
-    with torch.inference_mode():
-        model.embed(images, "XL")  # warm-up
-        return timed_passes(len(stop), batch, time_chunk)
+    for run in runners.values():
+        run(images)  # warm-up
+    return timed_passes(len(stop), batch, time_chunk)
 
 
 def share_interval(correct: np.ndarray, xl_correct: np.ndarray) -> list[float]:
@@ -106,7 +109,8 @@ def evaluate(retriever: Retriever, policy: cascade.Policy, tested: list[cascade.
     share_gflops = outcome["mean_gflops"] / xl.gflops
     timings = {"encode_ms": [encode_ms(retriever, timed_images, policy, b) for b in (1, batch)]}
     if replay is not None:
-        timings["replay_ms"] = [replay_ms(replay, policy.stages, stop[:len(timed_images)], b) for b in (1, batch)]
+        timings["replay_ms"] = [replay_ms(replay, policy.stages, stop[:len(timed_images)], b,
+                                          retriever.encoder.backend) for b in (1, batch)]
     replayed = f" replayed on {replay}'s shape (untrained)"
     return {"target": policy.target, "stages": policy.stages, "thresholds": policy.thresholds,
             "calibration": {k: v for k, v in policy.calibration.items() if k not in ("command", "commit", "machine")},
@@ -156,7 +160,8 @@ def run(args: argparse.Namespace) -> dict:
               "fixed": [{"spec": s.spec, "gflops": s.gflops, "accuracy": float(s.correct.mean())} for s in tested],
               "mixnmatch": [{"spec": s.spec, "gflops": s.gflops, "accuracy": float(s.correct.mean())} for s in fixed],
               "replay": replay,
-              "cascades": [evaluate(retriever, p, tested, test[0][:args.timed], args.batch, replay) for p in policies]}
+              "cascades": [evaluate(retriever, p, tested, test[0][:args.timed], args.batch, None if i else replay)
+                           for i, p in enumerate(policies)]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cascade.json").write_text(json.dumps(report, indent=2))
     (args.out / "cascade.md").write_text(markdown(report))
@@ -176,7 +181,7 @@ def markdown(r: dict) -> str:
         calibrated_on, tested_on = "images of the test split (not in the gallery)", "other test queries"
     else:
         calibrated_on, tested_on = "gallery images (each left out of its own neighbours)", "test queries"
-    replayed = (f" Replayed: each cascade's stops on the same queries replayed on an untrained MatViT of "
+    replayed = (f" Replayed: the first cascade's stops on the same queries replayed on an untrained MatViT of "
                 f"{r['replay']}'s shape and timed the same way against XL alone on it (a forward pass costs the "
                 "same whatever its weights; which queries escalate is this model's)." if r["replay"] else "")
     lines = [f"# Query cascade: {r['dataset']}", "", f"Command: `{r['command']}`  ", f"Commit: `{r['commit']}`  ",
@@ -201,8 +206,8 @@ def markdown(r: dict) -> str:
     for c in r["cascades"]:
         t = c["test"]
         low, high = t["share_of_xl_accuracy_95"]
-        times = [" / ".join(f"{e['share_of_xl']:.3f}" for e in c[key])
-                 for key in ("encode_ms", "replay_ms") if key in c]
+        times = [" / ".join(f"{e['share_of_xl']:.3f}" for e in c.get(key, []))
+                 for key in ("encode_ms", "replay_ms")[:1 + bool(r["replay"])]]
         lines.append(f"| **cascade for {c['target']:.1%}**: {' -> '.join(c['stages'])} | "
                      f"{', '.join(f'{x:.2f}' for x in c['thresholds'])} | "
                      f"{', '.join(f'{s} {v:.1%}' for s, v in t['stops'].items())} | {t['mean_gflops']:.4f} | "
@@ -244,8 +249,8 @@ def add_parser(bench_subparsers) -> None:
     q.add_argument("--batch", type=int, default=64, help="queries per batch in the batched timing (a served index "
                                                          "encodes concurrent queries as one batch)")
     q.add_argument("--replay", default="matvit-s16",
-                   help="also time each cascade's stops on the timed queries replayed on an untrained model of this "
-                        "preset's shape, against XL alone on it (`none`: do not)")
+                   help="also time the first cascade's stops on the timed queries replayed on an untrained model of "
+                        "this preset's shape, against XL alone on it (`none`: do not)")
     q.add_argument("--backend", default="eager", help="the query encoders' backend (see `matvit search`)")
     q.add_argument("--out", type=Path, required=True, help="results directory")
     q.set_defaults(func=run)
