@@ -105,5 +105,5 @@ def cascade_png(r: dict, cost_target: float, path: Path) -> None:
     ax.set_xlabel("mean GFLOPs per query")
     ax.set_ylabel("1-NN accuracy (test)")
     ax.set_title(f"Query cascade, {r['dataset']}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.savefig(path, dpi=120, bbox_inches="tight")
