@@ -219,6 +219,12 @@ def markdown(r: dict) -> str:
         lines += ["", f"The most accurate of the {len(r['mixnmatch'])} fixed Mix'n'Match specs at no more GFLOPs than "
                       f"the first cascade: `{best['spec']}`, 1-NN {best['accuracy']:.4f} at {best['gflops']:.4f} "
                       f"GFLOPs (cascade: {first['test']['accuracy']:.4f})."]
+    enough = [f for f in r["mixnmatch"] if f["accuracy"] >= first["target"] * r["xl_accuracy"]]
+    cheapest = min(enough, key=lambda f: f["gflops"], default=None)
+    if cheapest:
+        lines += ["", f"The cheapest fixed spec with {first['target']:.1%} of XL's 1-NN: `{cheapest['spec']}`, "
+                      f"{cheapest['gflops'] / xl['gflops']:.3f} of XL's GFLOPs "
+                      f"(cascade: {first['test']['share_of_xl_gflops']:.3f})."]
     lines += ["", f"Targets, for the cascade stored beside the index ({first['target']:.1%} of XL):", "",
               "| target | measured | target | met |", "|---|---:|---:|---|"]
     lines += [f"| {x['what']} | {x['measured']} | {x['target']} | {'yes' if x['met'] else '**no**'} |"
