@@ -195,3 +195,9 @@ def test_bench_cascade_can_calibrate_on_part_of_the_test_split_and_evaluate_on_t
     assert (r["calibration_split"], r["calibration_queries"], r["test_queries"]) == ("test", 120, 240)
     assert r["cascades"][0]["calibration"]["queries"] == 120
     assert "120 images of the test split (not in the gallery)" in (out / "cascade.md").read_text()
+
+
+def test_bench_cascade_refuses_an_unknown_replay_shape_before_measuring(tmp_path, capsys):
+    assert cli.main(["bench", "cascade", "--index", str(tmp_path), "--checkpoint", str(tmp_path), "--dataset",
+                     "digits", "--replay", "matvit-huge", "--out", str(tmp_path / "out")]) == 2
+    assert "unknown preset 'matvit-huge'" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -127,6 +127,10 @@ def evaluate(retriever: Retriever, policy: cascade.Policy, tested: list[cascade.
                   for key, where in (("encode_ms", ""), ("replay_ms", replayed)) for t in timings.get(key, []))]}
 
 
+def _point(stage: cascade.Stage) -> dict:
+    return {"spec": stage.spec, "gflops": stage.gflops, "accuracy": float(stage.correct.mean())}
+
+
 def _take(queries: tuple, rows) -> tuple:
     """The (images, class names, sources) of `cascade.labelled` at `rows`."""
     images, truth, sources = queries
@@ -135,6 +139,9 @@ def _take(queries: tuple, rows) -> tuple:
 
 def run(args: argparse.Namespace) -> dict:
     """Calibrate a cascade per target (the first is stored beside the index), evaluate each on the test split."""
+    replay = None if args.replay == "none" else args.replay
+    if replay:
+        get_preset(replay)  # an unknown preset fails now, not after the measuring
     retriever = Retriever(args.index, args.checkpoint, backend=args.backend)
     if args.backend == "auto":
         retriever.ensure_profile()  # auto's choices are made with the profile (measured here if it is stale)
@@ -150,15 +157,14 @@ def run(args: argparse.Namespace) -> dict:
                 for t in args.target.split(",")]
     policies[0].save(retriever.store.files / cascade.CASCADE_FILE)
     tested = cascade.measure(retriever, *test, stages, args.signal)
-    fixed = cascade.measure(retriever, *test, [s.text for s in specs.monotone(retriever.encoder.config)], args.signal)
-    replay = None if args.replay == "none" else args.replay
+    mixnmatch = cascade.measure(retriever, *test, [s.text for s in specs.monotone(retriever.encoder.config)],
+                                args.signal)
     report = {**provenance.record(), "dataset": args.dataset, "index": str(args.index),
               "checkpoint": str(args.checkpoint), "backends": {s: retriever.encoder.serving(s) for s in stages},
               "stages": stages, "signal": args.signal, "calibration_split": args.split,
               "calibration_queries": len(queries[0]),
               "test_queries": len(test[0]), "xl_accuracy": float(tested[-1].correct.mean()),
-              "fixed": [{"spec": s.spec, "gflops": s.gflops, "accuracy": float(s.correct.mean())} for s in tested],
-              "mixnmatch": [{"spec": s.spec, "gflops": s.gflops, "accuracy": float(s.correct.mean())} for s in fixed],
+              "fixed": [_point(s) for s in tested], "mixnmatch": [_point(s) for s in mixnmatch],
               "replay": replay,
               "cascades": [evaluate(retriever, p, tested, test[0][:args.timed], args.batch, None if i else replay)
                            for i, p in enumerate(policies)]}
