@@ -364,7 +364,8 @@ def cmd_bench_consistency(args: argparse.Namespace) -> None:
         raise UserError(f"--baselines takes granularities of {', '.join(GRANULARITY_NAMES)}, S among them "
                         f"(got {','.join(args.baselines)})")
     result = run(BenchOptions(dataset=args.dataset, preset=args.preset, out=args.out, epochs=args.epochs,
-                              augment=args.augment, reuse=args.reuse, cache=args.cache, seeds=args.seeds,
+                              augment=args.augment, mixnmatch_prob=args.mixnmatch_prob, reuse=args.reuse,
+                              cache=args.cache, seeds=args.seeds,
                               baselines=[g for g in GRANULARITY_NAMES if g in args.baselines], data_dir=args.data_dir))
     for t in result["targets"]:
         print(f"{'n/a   ' if t['met'] is None else 'met   ' if t['met'] else 'MISSED'} {t['target']}")
@@ -643,6 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--preset", required=True, choices=list(PRESETS))
     q.add_argument("--epochs", type=int, help="default: the preset's recipe")
     q.add_argument("--augment", choices=AUGMENTATIONS, help="default: the preset's recipe")
+    q.add_argument("--mixnmatch-prob", type=float, default=0.0,
+                   help="train the MatViT (not the baselines) with a random monotone Mix'n'Match spec in this share "
+                        "of the steps, as `matvit train --mixnmatch-prob`")
     q.add_argument("--out", type=Path, default=Path("runs/consistency"))
     q.add_argument("--reuse", action="store_true",
                    help="reuse finished trainings of the same setting in --cache and measured seeds in --out/steps")

@@ -117,6 +117,18 @@ def test_an_unset_option_matches_a_step_written_before_it_existed(tmp_path):
                                                      "baseline-S")
 
 
+def test_mixnmatch_sampling_trains_its_own_matvit_beside_the_same_baselines(tmp_path):
+    plain = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path)
+    mixed = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, mixnmatch_prob=0.5)
+    matvit = train_options(mixed, 1, None)
+    assert matvit.mixnmatch_prob == 0.5 and matvit.out.name == "matvit-mixnmatch-0.5"
+    assert matvit.out.parent == train_options(plain, 1, None).out.parent
+    baseline = train_options(mixed, 1, "S")
+    assert baseline == train_options(plain, 1, "S") and baseline.mixnmatch_prob == 0
+    assert not steps.same_settings({"matvit": options_json(train_options(plain, 1, None))},
+                                   {"matvit": options_json(matvit)})
+
+
 def _cells(diagonal: dict, off: dict) -> dict:
     names = list(diagonal)
     return {"grid": {i: {q: {"knn1": diagonal[i] if i == q else off[f"{i}/{q}"]} for q in names} for i in names}}

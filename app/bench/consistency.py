@@ -36,6 +36,7 @@ class BenchOptions:
     out: Path
     epochs: int | None = None
     augment: str | None = None  # default: the preset's recipe
+    mixnmatch_prob: float = 0.0  # MatViT only: a random monotone Mix'n'Match spec in this share of the steps
     reuse: bool = False
     cache: Path | None = None  # trainings, under seed-N/; default runs/consistency/<preset>-<dataset>[-augment-<kind>]
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -88,9 +89,13 @@ def train_options(opts: BenchOptions, seed: int, baseline: str | None) -> TrainO
     slug = opts.dataset.replace(":", "-").replace("/", "_").strip("_")
     default = f"{opts.preset}-{slug}" + (f"-augment-{opts.augment}" if opts.augment else "")
     cache = Path(opts.cache or Path("runs") / "consistency" / default) / f"seed-{seed}"
-    return TrainOptions(preset=opts.preset, dataset=opts.dataset, out=cache / (f"baseline-{baseline}" if baseline
-                        else "matvit"), data_dir=opts.data_dir, epochs=opts.epochs, augment=opts.augment,
-                        baseline=baseline, seed=baseline_seed(seed, baseline) if baseline else seed)
+    if baseline:  # a baseline has no nested widths: the same one serves every MatViT of its seed
+        return TrainOptions(preset=opts.preset, dataset=opts.dataset, out=cache / f"baseline-{baseline}",
+                            data_dir=opts.data_dir, epochs=opts.epochs, augment=opts.augment, baseline=baseline,
+                            seed=baseline_seed(seed, baseline))
+    return TrainOptions(preset=opts.preset, dataset=opts.dataset, data_dir=opts.data_dir, epochs=opts.epochs,
+                        augment=opts.augment, seed=seed, mixnmatch_prob=opts.mixnmatch_prob,
+                        out=cache / ("matvit" + (f"-mixnmatch-{opts.mixnmatch_prob:g}" if opts.mixnmatch_prob else "")))
 
 
 def embed_named(encoder: Encoder, dataset: str, data_dir: Path | None, label: str):
@@ -204,7 +209,8 @@ def run(opts: BenchOptions, log=print) -> dict:
     origin = provenance.record()  # the code that started the run, not whatever is checked out at its end
     rows = [measure_seed(opts, seed, log) for seed in opts.seeds]
     result = {"dataset": opts.dataset, "preset": opts.preset,
-              "epochs": opts.epochs or get_preset(opts.preset).recipe.epochs, **origin, **combine(rows)}
+              "epochs": opts.epochs or get_preset(opts.preset).recipe.epochs, "mixnmatch_prob": opts.mixnmatch_prob,
+              **origin, **combine(rows)}
     (out / "consistency.json").write_text(json.dumps(result, indent=2))
     (out / "consistency.md").write_text(markdown(result))
     consistency_grids_png(result, out / "grid.png")
@@ -290,7 +296,9 @@ def markdown(r: dict) -> str:
              f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}", "",
              f"1-NN accuracy (%), mean over the seeds{spread}. Rows: index (gallery) encoder; columns: query "
              "encoder. MatViT submodels, with the independently trained baseline of the same width in brackets on "
-             "the diagonal. MatViT of seed s trains with seed s; its baselines S, M, L, XL with seeds 4s+1 to 4s+4.",
+             "the diagonal. MatViT of seed s trains with seed s; its baselines S, M, L, XL with seeds 4s+1 to 4s+4."
+             + (f" The MatViT trains with a random monotone Mix'n'Match spec in {r['mixnmatch_prob']:.0%} of the "
+                "steps." if r.get("mixnmatch_prob") else ""),
              "", "| index \\ query | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for i in names:
         cells = [_cell(m[i][q]) + (f" ({_cell(b[i][q])})" if i == q and i in b else "") for q in names]
