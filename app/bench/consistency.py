@@ -89,13 +89,11 @@ def train_options(opts: BenchOptions, seed: int, baseline: str | None) -> TrainO
     slug = opts.dataset.replace(":", "-").replace("/", "_").strip("_")
     default = f"{opts.preset}-{slug}" + (f"-augment-{opts.augment}" if opts.augment else "")
     cache = Path(opts.cache or Path("runs") / "consistency" / default) / f"seed-{seed}"
-    if baseline:  # a baseline has no nested widths: the same one serves every MatViT of its seed
-        return TrainOptions(preset=opts.preset, dataset=opts.dataset, out=cache / f"baseline-{baseline}",
-                            data_dir=opts.data_dir, epochs=opts.epochs, augment=opts.augment, baseline=baseline,
-                            seed=baseline_seed(seed, baseline))
-    return TrainOptions(preset=opts.preset, dataset=opts.dataset, data_dir=opts.data_dir, epochs=opts.epochs,
-                        augment=opts.augment, seed=seed, mixnmatch_prob=opts.mixnmatch_prob,
-                        out=cache / ("matvit" + (f"-mixnmatch-{opts.mixnmatch_prob:g}" if opts.mixnmatch_prob else "")))
+    mixnmatch = 0.0 if baseline else opts.mixnmatch_prob  # a baseline has no nested widths: one serves every MatViT
+    name = f"baseline-{baseline}" if baseline else "matvit" + (f"-mixnmatch-{mixnmatch:g}" if mixnmatch else "")
+    return TrainOptions(preset=opts.preset, dataset=opts.dataset, out=cache / name, data_dir=opts.data_dir,
+                        epochs=opts.epochs, augment=opts.augment, baseline=baseline, mixnmatch_prob=mixnmatch,
+                        seed=baseline_seed(seed, baseline) if baseline else seed)
 
 
 def embed_named(encoder: Encoder, dataset: str, data_dir: Path | None, label: str):
