@@ -95,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     opts = TrainOptions(
         preset=args.preset, dataset=args.dataset, out=args.out, data_dir=args.data_dir, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, augment=args.augment, mode=args.mode, weights=args.weights,
-        distill=args.distill, mixnmatch_prob=args.mixnmatch_prob, baseline=args.baseline,
+        distill=args.distill, mixnmatch_prob=args.mixnmatch_prob, baseline=args.baseline, head=args.head,
         init=args.init and str(args.init), seed=args.seed,
     )
     rt = runtime.start(args.device, args.precision, args.compile)
@@ -440,7 +440,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from matvit.config import AUGMENTATIONS, DISTILLATIONS, GRANULARITY_NAMES, PRESETS
+    from matvit.config import AUGMENTATIONS, DISTILLATIONS, GRANULARITY_NAMES, HEADS, PRESETS
 
     parser = argparse.ArgumentParser(prog="matvit", description="Adaptive image retrieval on MatViT.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -466,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probability per step of also training a random monotone Mix'n'Match submodel")
     p.add_argument("--baseline", choices=["S", "M", "L", "XL"],
                    help="train an independent plain ViT with this granularity's FFN width")
+    p.add_argument("--head", choices=HEADS, help="the classifier: linear (default), or the scaled cosine of the "
+                                                 "embedding to each class weight (the similarity retrieval ranks by)")
     p.add_argument("--init", type=Path, help="start from these weights (model.safetensors of the same preset)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--seed", type=int, default=0)

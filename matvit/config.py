@@ -11,6 +11,9 @@ GRANULARITY_NAMES = ("S", "M", "L", "XL")
 # Self-distillation of the smaller granularities from XL (`matvit train --distill`); `both` is logits and embedding.
 DISTILLATIONS = ("none", "logits", "embedding", "relational", "both")
 AUGMENTATIONS = ("none", "crop", "crop-flip")  # training images: as they are, random crops, and flips
+# The classifier on the embedding: `linear` (timm's head), or `cosine` (the scaled cosine of the embedding to each
+# class's head weight, the similarity retrieval ranks by).
+HEADS = ("linear", "cosine")
 
 
 def default_granularities(mlp_hidden: int) -> dict[str, int]:
@@ -32,8 +35,11 @@ class MatViTConfig:
     mlp_hidden: int = 3072
     drop_path_rate: float = 0.0
     granularities: dict[str, int] = field(default_factory=dict)
+    head: str = "linear"  # one of HEADS
 
     def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}; use one of {', '.join(HEADS)}")
         if not self.granularities:
             self.granularities = default_granularities(self.mlp_hidden)
         self.granularities = dict(sorted(self.granularities.items(), key=lambda kv: kv[1]))

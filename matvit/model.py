@@ -22,6 +22,8 @@ from . import spec as specs
 from .config import MatViTConfig
 from .spec import Submodel
 
+COSINE_SCALE = 16.0  # a cosine head's logits are this times the cosine to each class weight
+
 
 class NestedMlp(Mlp):
     """timm `Mlp` that computes with only its first `width` hidden neurons (all of them when None)."""
@@ -74,9 +76,11 @@ class MatViT(VisionTransformer):
     def features_and_logits(
         self, x: torch.Tensor, spec: str | Submodel | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-logits CLS feature after the final norm, and the classifier logits."""
+        """Pre-logits CLS feature after the final norm, and the classifier logits (the config's `head`)."""
         with self.submodel(spec):
             feats = self.forward_head(self.forward_features(x), pre_logits=True)
+        if self.config.head == "cosine":
+            return feats, COSINE_SCALE * F.linear(F.normalize(feats, dim=-1), F.normalize(self.head.weight, dim=-1))
         return feats, self.head(feats)
 
     def forward(self, x: torch.Tensor, spec: str | Submodel | None = None) -> torch.Tensor:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from . import checkpoint, metrics, provenance, sources
 from . import spec as specs
-from .config import AUGMENTATIONS, DISTILLATIONS, MatViTConfig, TrainRecipe, get_preset
+from .config import AUGMENTATIONS, DISTILLATIONS, HEADS, MatViTConfig, TrainRecipe, get_preset
 from .errors import UserError
 from .images import to_input
 from .model import MatViT
@@ -54,6 +54,7 @@ class TrainOptions:
     distill: str = "none"  # none | logits | embedding | relational | both (logits and embedding)
     mixnmatch_prob: float = 0.0
     baseline: str | None = None  # train a plain ViT with this granularity's FFN width
+    head: str | None = None  # one of HEADS; None is the preset's (linear)
     init: str | None = None  # start from these weights (a MatViT safetensors file of the same shape)
     seed: int = 0
     recipe: TrainRecipe = field(init=False)
@@ -68,12 +69,15 @@ class TrainOptions:
             raise UserError(f"unknown mode {self.mode!r}; use sum or sample")
         if self.distill not in DISTILLATIONS:
             raise UserError(f"unknown distillation {self.distill!r}; use one of {', '.join(DISTILLATIONS)}")
+        if self.head is not None and self.head not in HEADS:
+            raise UserError(f"unknown head {self.head!r}; use one of {', '.join(HEADS)}")
         if not 0.0 <= self.mixnmatch_prob <= 1.0:
             raise UserError("--mixnmatch-prob must be between 0 and 1")
 
     def model_config(self, num_classes: int) -> MatViTConfig:
         cfg = get_preset(self.preset).model
         cfg.num_classes = num_classes
+        cfg.head = self.head or cfg.head
         if self.baseline is not None:
             if self.baseline not in cfg.granularities:
                 raise UserError(f"unknown baseline {self.baseline!r}; use one of {', '.join(cfg.granularities)}")

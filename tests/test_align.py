@@ -2,7 +2,7 @@
 
 import json
 
-from app.bench.align import AlignOptions, run, train_options
+from app.bench.align import AlignOptions, markdown, run, train_options
 
 
 def test_each_option_is_measured_once_and_reported(tmp_path):
@@ -31,5 +31,22 @@ def test_longer_doubles_the_epochs_and_options_change_one_thing():
     assert train_options(opts, "small-weights").weights == [2.0, 1.5, 1.25, 1.0]
     assert train_options(opts, "mixnmatch").mixnmatch_prob == 0.5
     assert train_options(opts, "baseline-S").baseline == "S"
+    assert train_options(opts, "cosine").head == "cosine" and train_options(opts, "cosine").baseline is None
+    assert (train_options(opts, "baseline-S-cosine").baseline, train_options(opts, "baseline-S-cosine").head) == (
+        "S", "cosine")
     plain = train_options(opts, "plain")
-    assert (plain.distill, plain.weights, plain.mixnmatch_prob, plain.recipe.epochs) == ("none", None, 0.0, 3)
+    assert (plain.distill, plain.weights, plain.mixnmatch_prob, plain.head, plain.recipe.epochs) == (
+        "none", None, 0.0, None, 3)
+
+
+def test_an_option_is_compared_with_the_baseline_s_of_its_own_classifier():
+    def row(option, head, s, xl_s=None):
+        grid = {"S": {"S": s}} | ({} if xl_s is None else {"XL": {"S": xl_s, "XL": s}})
+        return {"option": option, "what": option, "epochs": 2, "settings": {"train": {"head": head}}, "grid": grid,
+                "train_seconds": 60, "queries": 100, "commit": "c", "machine": {}}
+    result = {"dataset": "digits", "preset": "matvit-tiny-digits", "epochs": 2, "seed": 0, "command": "c",
+              "options": [row("plain", None, 0.80, 0.78), row("cosine", "cosine", 0.82, 0.81),
+                          row("baseline-S", None, 0.80), row("baseline-S-cosine", "cosine", 0.84)]}
+    lines = {line.split(" | ")[0]: line.split(" | ") for line in markdown(result).splitlines()}
+    assert lines["| plain"][9] == "-2.00"  # 78 against plain baseline S's 80
+    assert lines["| cosine"][9] == "-3.00"  # 81 against the cosine baseline S's 84

@@ -6,7 +6,7 @@ from timm.models.vision_transformer import VisionTransformer
 from matvit import spec as specs
 from matvit.config import MatViTConfig, get_preset
 from matvit.extract import extract
-from matvit.model import MatViT, NestedMlp
+from matvit.model import COSINE_SCALE, MatViT, NestedMlp
 
 
 def masked_forward(model: MatViT, x: torch.Tensor, spec) -> torch.Tensor:
@@ -113,3 +113,19 @@ def test_ffn_width_is_exact_when_mlp_hidden_is_not_a_multiple_of_embed_dim():
         assert [b.mlp.fc1.out_features for b in standalone.blocks] == list(model.spec(text).widths)
         with torch.no_grad():
             torch.testing.assert_close(standalone(x), model(x, text))
+
+
+def test_cosine_head_scores_the_embedding_by_its_cosine_to_each_class_weight():
+    torch.manual_seed(0)
+    config = get_preset("matvit-tiny-digits").model
+    config.head = "cosine"
+    model = MatViT(config).eval()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        logits = model(x, "S")
+        weights = torch.nn.functional.normalize(model.head.weight, dim=-1)
+        torch.testing.assert_close(logits, COSINE_SCALE * model.embed(x, "S") @ weights.T, rtol=1e-5, atol=1e-5)
+    assert logits.abs().max() <= COSINE_SCALE + 1e-4
+    assert MatViTConfig.from_dict(config.to_dict()).head == "cosine"
+    old = {k: v for k, v in config.to_dict().items() if k != "head"}  # a config saved before heads existed
+    assert MatViTConfig.from_dict(old).head == "linear"

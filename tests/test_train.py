@@ -144,6 +144,17 @@ def test_baseline_is_a_plain_vit_of_one_width(tmp_path):
     assert set(result["top1"]) == {"M"}
 
 
+def test_cosine_head_trains_and_round_trips_and_a_bad_head_is_refused(tmp_path):
+    trainer = Trainer(_options(tmp_path, epochs=1, head="cosine", baseline="S"))
+    assert trainer.model.config.head == "cosine"
+    result = trainer.run(**QUIET)
+    assert result["knn1"]["S"] > 0.3  # chance is 0.1
+    loaded, _ = checkpoint.load(tmp_path)
+    assert loaded.config.head == "cosine"
+    with pytest.raises(UserError, match="unknown head 'arc'"):
+        _options(tmp_path, head="arc")
+
+
 def test_run_writes_outputs_and_checkpoint_round_trips(trainer, trained_dir):
     assert {p.name for p in trained_dir.iterdir()} >= {"model.safetensors", "config.json", "train_log.jsonl",
                                                       "eval.json", checkpoint.TRAINING_FILE}

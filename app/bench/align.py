@@ -37,7 +37,11 @@ OPTIONS: dict[str, tuple[str, dict]] = {
     "small-weights": ("loss weights 2, 1.5, 1.25, 1 (S, M, L, XL)", {"weights": [2.0, 1.5, 1.25, 1.0]}),
     "mixnmatch": ("+ a random monotone Mix'n'Match spec in half the steps", {"mixnmatch_prob": 0.5}),
     "longer": ("plain, twice the epochs", {"epochs_scale": 2}),
+    "cosine": ("cosine classifier (16 x cosine of the embedding to each class weight) instead of linear",
+               {"head": "cosine"}),
     "baseline-S": ("an independent plain ViT of S's width (the reference of target 2)", {"baseline": "S"}),
+    "baseline-S-cosine": ("baseline S with the cosine classifier (the reference of `cosine`)",
+                          {"baseline": "S", "head": "cosine"}),
 }
 
 
@@ -112,7 +116,6 @@ def _pt(x: float | None, signed: bool = False) -> str:
 
 def markdown(r: dict) -> str:
     rows = {row["option"]: row for row in r["options"]}
-    base = rows.get("baseline-S")
     full = get_preset(r["preset"]).recipe.epochs
     first = r["options"][0] if r["options"] else {}
     lines = [f"# Aligning the metric space: {r['dataset']}, {r['preset']}, {r['epochs']} epochs "
@@ -126,13 +129,14 @@ def markdown(r: dict) -> str:
              "Mix'n'Match misses: monotone specs more than 0.5 points under the segments joining the trained "
              "granularities on the XL index (target 5).", "",
              "| option | recipe | epochs | S | M | L | XL | XL / S | XL / S - S / S "
-             "| XL / S - baseline S (same epochs) | Mix'n'Match misses | train min |",
+             "| XL / S - baseline S (same epochs and classifier) | Mix'n'Match misses | train min |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in rows.items():
         grid = row["grid"]
         diag = [grid[g][g] if g in grid else None for g in ("S", "M", "L", "XL")]
         xl_s = grid.get("XL", {}).get("S")
         gap = xl_s - grid["S"]["S"] if xl_s is not None else None
+        base = rows.get("baseline-S-cosine" if row["settings"]["train"].get("head") == "cosine" else "baseline-S")
         same_length = base is not None and base["epochs"] == row["epochs"]  # else no baseline of its length
         vs = xl_s - base["grid"]["S"]["S"] if xl_s is not None and same_length else None
         misses = ""
