@@ -31,9 +31,9 @@ def test_longer_doubles_the_epochs_and_options_change_one_thing():
     assert train_options(opts, "small-weights").weights == [2.0, 1.5, 1.25, 1.0]
     assert train_options(opts, "mixnmatch").mixnmatch_prob == 0.5
     assert train_options(opts, "baseline-S").baseline == "S"
-    assert train_options(opts, "cosine").head == "cosine" and train_options(opts, "cosine").baseline is None
-    assert (train_options(opts, "baseline-S-cosine").baseline, train_options(opts, "baseline-S-cosine").head) == (
-        "S", "cosine")
+    cosine, baseline_cosine = train_options(opts, "cosine"), train_options(opts, "baseline-S-cosine")
+    assert (cosine.head, cosine.baseline) == ("cosine", None)
+    assert (baseline_cosine.head, baseline_cosine.baseline) == ("cosine", "S")
     plain = train_options(opts, "plain")
     assert (plain.distill, plain.weights, plain.mixnmatch_prob, plain.head, plain.recipe.epochs) == (
         "none", None, 0.0, None, 3)
