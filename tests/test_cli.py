@@ -70,9 +70,10 @@ def test_search_json_and_table(cli_index, trained_dir, query_png, capsys):
     assert [r["rank"] for r in result["results"]] == [1, 2, 3]
     assert result["submodel"]["spec"] == "S"
     assert set(result["timings_ms"]) == {"decode", "queue", "encode", "search", "metadata", "total"}
+    assert result["prepare_ms"] > 0  # building the submodel, kept out of the query's encode time
     assert main(base + ["--budget-gflops", "1"]) == 0
     text = capsys.readouterr().out
-    assert "submodel XL" in text and "timings (ms)" in text
+    assert "submodel XL" in text and "timings (ms)" in text and "; prepare " in text
 
 
 def test_index_info_and_profile(cli_index, trained_dir, capsys, tmp_path):
