@@ -43,6 +43,7 @@ OPTIONS: dict[str, tuple[str, dict]] = {
     "baseline-S-cosine": ("baseline S with the cosine classifier (the reference of `cosine`)",
                           {"baseline": "S", "head": "cosine"}),
 }
+MIXNMATCH_MEASURED = ["plain", "mixnmatch", "cosine"]  # the options whose Mix'n'Match specs are measured by default
 
 
 @dataclass
@@ -52,7 +53,7 @@ class AlignOptions:
     out: Path
     epochs: int = 2
     options: list[str] = field(default_factory=lambda: list(OPTIONS))
-    mixnmatch: list[str] = field(default_factory=lambda: ["plain", "mixnmatch", "cosine"])
+    mixnmatch: list[str] = field(default_factory=lambda: list(MIXNMATCH_MEASURED))
     cache: Path | None = None  # trainings; default runs/align/<preset>-<dataset>
     seed: int = 0
     data_dir: Path | None = None
@@ -173,7 +174,7 @@ def add_parser(bench_subparsers) -> None:
     q.add_argument("--preset", default="matvit-small-fmnist", choices=list(PRESETS))
     q.add_argument("--epochs", type=int, default=2, help="epochs of every option (a proxy of the full recipe)")
     q.add_argument("--options", type=_names, default=list(OPTIONS), help=f"of: {', '.join(OPTIONS)}")
-    q.add_argument("--mixnmatch", type=_names, default=["plain", "mixnmatch", "cosine"],
+    q.add_argument("--mixnmatch", type=_names, default=list(MIXNMATCH_MEASURED),
                    help="options whose Mix'n'Match specs are measured")
     q.add_argument("--out", type=Path, default=Path("docs/results/align-fmnist"))
     q.add_argument("--cache", type=Path, help="training runs (default runs/align/PRESET-DATASET)")
