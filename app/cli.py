@@ -403,7 +403,8 @@ def cmd_bench_induce(args: argparse.Namespace) -> None:
 
     opts = InduceBenchOptions(dataset=args.dataset, preset=args.preset, out=args.out, epochs=args.epochs,
                               dense_epochs=args.dense_epochs, importances=tuple(args.importances.split(",")),
-                              cache=args.cache, seed=args.seed, data_dir=args.data_dir, reference=args.reference)
+                              scratch=args.scratch, cache=args.cache, seed=args.seed, data_dir=args.data_dir,
+                              reference=args.reference)
     result = Bench(opts).run()
     print(f"wrote {args.out / 'induce.json'}, induce.md, induce.png ({len(result['steps'])} steps)")
 
@@ -693,6 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--epochs", type=int, default=2, help="joint epochs of the induced and from-scratch MatViTs")
     q.add_argument("--dense-epochs", type=int, default=5, help="training epochs of the dense XL-width ViT")
     q.add_argument("--importances", default="taylor,weight,none", help="importance scores to compare")
+    q.add_argument("--no-scratch", dest="scratch", action="store_false",
+                   help="skip the MatViT trained from scratch for the same joint epochs")
     q.add_argument("--out", type=Path, default=Path("docs/results/induce-fmnist"))
     q.add_argument("--cache", type=Path, help="training runs (default runs/induce/PRESET-DATASET)")
     q.add_argument("--reference", type=Path,

@@ -239,3 +239,25 @@ def test_one_joint_epoch_lifts_the_raw_slices_of_a_trained_dense_vit(tmp_path):
     assert _s_loss(joint, test.images, test.labels) < _s_loss(raw, test.images, test.labels) - 0.05
     assert result["eval"]["knn1"]["S"] > raw_eval["knn1"]["S"]
     assert result["induce"]["mean_after"]["S"] > 0.125
+
+
+def test_bench_writes_each_step_and_skips_what_it_is_told(tmp_path):
+    from app.bench.induce import Bench, InduceBenchOptions
+
+    reference = tmp_path / "consistency.json"  # a reference whose baseline S every MatViT beats
+    knn = lambda v: {i: {q: {"knn1": v} for q in "S M L XL".split()} for i in "S M L XL".split()}  # noqa: E731
+    reference.write_text(json.dumps({"epochs": 2, "matvit": {"grid": knn(0.5)}, "baseline": {"grid": knn(0.0)},
+                                     "train_seconds": {"matvit": 1.0, "baseline": {"S": 1.0}},
+                                     "command": "c", "commit": "x"}))
+    opts = InduceBenchOptions(dataset="digits", preset=PRESET, out=tmp_path / "out", epochs=1, dense_epochs=1,
+                              importances=("weight",), scratch=False, cache=tmp_path / "runs", reference=reference,
+                              log=lambda s: None)
+    result = Bench(opts).run()
+    assert list(result["steps"]) == ["dense", "weight-0", "weight-1"]  # no scratch, no full-recipe run cached
+    induced = result["steps"]["weight-1"]
+    assert induced["epochs"] == {"dense": 1, "joint": 1}
+    assert [t["met"] for t in induced["targets"][:2]] == [True, True]
+    assert induced["targets"][1]["xl_s"] == induced["grid"]["XL"]["S"]["knn1"] > 0.15  # chance is 0.1
+    for name in ("induce.json", "induce.md", "induce.png", "steps/weight-1.json"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert not (tmp_path / "runs" / "scratch-1").exists()

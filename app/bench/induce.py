@@ -44,6 +44,7 @@ class InduceBenchOptions:
     epochs: int = 2  # joint training epochs of every induced and from-scratch MatViT
     dense_epochs: int = 5
     importances: tuple[str, ...] = ("taylor", "weight", "none")
+    scratch: bool = True  # also train a MatViT from scratch for the same joint epochs
     cache: Path | None = None  # trainings; default runs/induce/PRESET-DATASET
     seed: int = 0
     data_dir: Path | None = None
@@ -187,7 +188,8 @@ class Bench:
             self.induced(importance, 0, dense)
         first, *rest = self.opts.importances
         self.induced(first, self.opts.epochs, dense)
-        self.scratch(self.opts.epochs)
+        if self.opts.scratch:
+            self.scratch(self.opts.epochs)
         for importance in rest:
             self.induced(importance, self.opts.epochs, dense)
         self.full()
