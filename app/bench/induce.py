@@ -263,15 +263,17 @@ def _pct(v: float | None) -> str:
 def markdown(r: dict) -> str:
     steps, ref = r["steps"], r["reference_grids"]
     names = ["S", "M", "L", "XL"]
+    with_scratch = any(s["method"] == "scratch" for s in steps.values())
+    scratch = "; a MatViT from scratch gets the same joint epochs" * with_scratch
     lines = [f"# Inducing a MatViT from a dense ViT: {r['dataset']}, {r['preset']}", "",
              f"Command: `{r['command']}`  ", f"Commit: `{r['commit']}`  ",
              f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']} "
              f"({r['machine']['torch_threads']} thread{'s' * (r['machine']['torch_threads'] > 1)})", "",
              f"The dense model is a plain ViT of the XL FFN width trained for {r['dense_epochs']} epochs. Each "
              f"importance score reorders its FFN neurons (raw slices: no training after it), then `matvit induce` "
-             f"trains all granularities jointly for {r['epochs']} epoch(s) from there; a MatViT from scratch gets the "
-             "same joint epochs. 1-NN accuracy (%) with the training split as gallery and the test split as "
-             "queries. Epochs and seconds are training only (seconds: dense + reorder + joint; the time of "
+             f"trains all granularities jointly for {r['epochs']} epoch(s) from there{scratch}. 1-NN accuracy (%) "
+             "with the training split as gallery and the test split as queries. Epochs and seconds are training "
+             "only (seconds: dense + reorder + joint; the time of "
              "each model's own evaluation is not included). They were measured on shared cores and vary with "
              "the load of other jobs; each step's wall time, evaluation included, is `step_seconds` in its file.", "",
              "| model | epochs (dense + joint) | training s (after the dense model / total) | S | M | L | XL "
