@@ -251,9 +251,9 @@ def test_bench_writes_each_step_and_skips_what_it_is_told(tmp_path):
                                      "command": "c", "commit": "x"}))
     opts = InduceBenchOptions(dataset="digits", preset=PRESET, out=tmp_path / "out", epochs=1, dense_epochs=1,
                               importances=("weight",), scratch=False, cache=tmp_path / "runs", reference=reference,
-                              log=lambda s: None)
+                              full_run=tmp_path / "no-full-run", log=lambda s: None)
     result = Bench(opts).run()
-    assert list(result["steps"]) == ["dense", "weight-0", "weight-1"]  # no scratch, no full-recipe run cached
+    assert list(result["steps"]) == ["dense", "weight-0", "weight-1"]  # no scratch, no full-recipe run
     induced = result["steps"]["weight-1"]
     assert induced["epochs"] == {"dense": 1, "joint": 1}
     assert [t["met"] for t in induced["targets"][:2]] == [True, True]
@@ -261,3 +261,4 @@ def test_bench_writes_each_step_and_skips_what_it_is_told(tmp_path):
     for name in ("induce.json", "induce.md", "induce.png", "steps/weight-1.json"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert not (tmp_path / "runs" / "scratch-1").exists()
+    assert "from scratch" not in (tmp_path / "out" / "induce.md").read_text()
