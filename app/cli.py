@@ -91,17 +91,19 @@ def _runtime(parser: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from matvit import runtime
-    from matvit.train import Trainer, TrainOptions
+    from matvit.induce import train_matvit
+    from matvit.train import TrainOptions
 
     opts = TrainOptions(
         preset=args.preset, dataset=args.dataset, out=args.out, data_dir=args.data_dir, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, augment=args.augment, mode=args.mode, weights=args.weights,
+        batch_size=args.batch_size, lr=args.lr, augment=args.augment, dense_epochs=args.dense_epochs,
+        mode=args.mode, weights=args.weights,
         distill=args.distill, mixnmatch_prob=args.mixnmatch_prob, baseline=args.baseline, head=args.head,
         init=args.init and str(args.init), seed=args.seed,
     )
     rt = runtime.start(args.device, args.precision, args.compile)
     try:
-        result = Trainer(opts, rt, workers=args.workers, in_memory=args.in_memory).run(resume=args.resume)
+        result = train_matvit(opts, rt, workers=args.workers, in_memory=args.in_memory, resume=args.resume)
     finally:
         rt.close()
     if result is None:  # not the main process of a torchrun group
@@ -462,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--augment", choices=AUGMENTATIONS, help="training images: as they are, random crops, or crops "
                                                           "and flips (default: the preset's recipe)")
+    p.add_argument("--dense-epochs", type=int,
+                   help="a dense warm-up: train a plain ViT of the XL width this many epochs, order its FFN neurons "
+                        "by weight, then train all granularities jointly from it (0: none; default: the preset's)")
     p.add_argument("--mode", choices=["sum", "sample"], default="sum",
                    help="sum: every granularity each step; sample: one drawn per step")
     p.add_argument("--weights", type=_floats,

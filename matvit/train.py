@@ -49,6 +49,7 @@ class TrainOptions:
     batch_size: int | None = None
     lr: float | None = None
     augment: str | None = None  # one of AUGMENTATIONS
+    dense_epochs: int | None = None  # 0 turns a preset's dense warm-up off
     mode: str = "sum"  # sum | sample
     weights: list[float] | None = None  # per granularity, smallest first
     distill: str = "none"  # none | logits | embedding | relational | both (logits and embedding)
@@ -61,8 +62,16 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         preset = get_preset(self.preset)
-        overrides = {k: v for k in ("epochs", "batch_size", "lr", "augment") if (v := getattr(self, k)) is not None}
+        overrides = {k: v for k in ("epochs", "batch_size", "lr", "augment", "dense_epochs")
+                     if (v := getattr(self, k)) is not None}
         self.recipe = dataclasses.replace(preset.recipe, **overrides)
+        if self.recipe.dense_epochs is not None and self.recipe.dense_epochs < 0:
+            raise UserError("--dense-epochs must be 0 (no dense warm-up) or more")
+        if not self.recipe.dense_epochs or self.baseline is not None:  # a baseline is the plain ViT itself
+            self.recipe.dense_epochs = None
+        elif self.init is not None:
+            raise UserError("--init and a dense warm-up both set the starting weights: drop --init or pass "
+                            "--dense-epochs 0")
         if self.recipe.augment not in AUGMENTATIONS:
             raise UserError(f"unknown augmentation {self.recipe.augment!r}; use one of {', '.join(AUGMENTATIONS)}")
         if self.mode not in ("sum", "sample"):
@@ -103,6 +112,18 @@ def option_differences(saved: dict, given: dict) -> list[str]:
     keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
     return [f"{k} (saved {a.get(k)!r}, given {b.get(k)!r})" for k in keys
             if not (k.startswith("recipe.") and k.removeprefix("recipe.") in keys)]
+
+
+def finished_run(run: Path, opts: TrainOptions) -> bool:
+    """True when `run` is a finished training with exactly these options (every one but `out`)."""
+    try:
+        train = json.loads((Path(run) / "config.json").read_text())["train"]
+        finished = (Path(run) / "eval.json").is_file()
+        log_epochs = len((Path(run) / "train_log.jsonl").read_text().splitlines())
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        return False
+    same = not option_differences(train, json.loads(json.dumps(opts.to_dict())))  # as JSON gives it back
+    return finished and same and log_epochs == opts.recipe.epochs
 
 
 def relational_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -162,10 +183,10 @@ class FeaturesAndLogits(torch.nn.Module):
 class Trainer:
     """One training run writing `model.safetensors`, `config.json`, `train_log.jsonl`, `eval.json`, and the
     training checkpoint it resumes from (`checkpoint.TRAINING_FILE`). `workers` processes decode streamed data;
-    `in_memory` decodes a `folder:` dataset whole instead."""
+    `in_memory` decodes a `folder:` dataset whole instead; `init` (default: `opts.init`) holds the starting weights."""
 
     def __init__(self, opts: TrainOptions, runtime: Runtime | None = None, workers: int = 2,
-                 in_memory: bool = False) -> None:
+                 in_memory: bool = False, init: Path | None = None) -> None:
         self.opts, self.recipe, self.out = opts, opts.recipe, Path(opts.out)
         self.runtime = runtime or Runtime(torch.device("cpu"))
         self.workers = workers
@@ -182,8 +203,9 @@ class Trainer:
                             f"{self.recipe.batch_size}: lower --batch-size")
         torch.manual_seed(opts.seed)
         self.model = MatViT(opts.model_config(len(self.train_set.classes)))
-        if opts.init and self.runtime.main:  # DDP starts every process from the main process's weights
-            self._load_init(Path(opts.init))
+        init = init or (opts.init and Path(opts.init))
+        if init and self.runtime.main:  # DDP starts every process from the main process's weights
+            self._load_init(init)
         self.granularities = list(self.model.config.granularities)
         weights = opts.weights or [1.0] * len(self.granularities)
         if len(weights) != len(self.granularities):

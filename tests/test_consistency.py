@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from app.bench import steps
-from app.bench.consistency import BenchOptions, _run_matches, options_json, run, targets, train_cached, train_options
+from app.bench.consistency import BenchOptions, options_json, run, targets, train_cached, train_options
 from app.bench.plots import pareto_front
-from matvit.train import Trainer, TrainOptions
+from matvit.train import Trainer, TrainOptions, finished_run
 
 
 def test_matvit_shares_a_space_and_baselines_do_not(tmp_path):
@@ -58,8 +58,8 @@ def test_matvit_shares_a_space_and_baselines_do_not(tmp_path):
 
     # The options the benchmark trains with, as written by the real training into config.json.
     ran = tmp_path / "runs" / "seed-0" / "matvit"
-    assert _run_matches(ran, TrainOptions("matvit-tiny-digits", "digits", tmp_path, epochs=6))
-    assert not _run_matches(ran, TrainOptions("matvit-tiny-digits", "digits", tmp_path, epochs=6, mode="sample"))
+    assert finished_run(ran, TrainOptions("matvit-tiny-digits", "digits", tmp_path, epochs=6))
+    assert not finished_run(ran, TrainOptions("matvit-tiny-digits", "digits", tmp_path, epochs=6, mode="sample"))
 
 
 def _fake_run(path, opts: TrainOptions, logged_epochs: int | None = None, finished: bool = True):
@@ -79,17 +79,17 @@ BENCH = {"preset": "matvit-tiny-digits", "dataset": "digits", "epochs": 3, "seed
 ])
 def test_reuse_refuses_a_run_trained_with_any_other_option(tmp_path, cached):
     _fake_run(tmp_path / "run", TrainOptions(**{**BENCH, **cached}, out=tmp_path / "run"))
-    assert not _run_matches(tmp_path / "run", TrainOptions(**BENCH, out=tmp_path / "run"))
+    assert not finished_run(tmp_path / "run", TrainOptions(**BENCH, out=tmp_path / "run"))
 
 
 def test_reuse_takes_a_finished_run_with_the_same_options_wherever_it_was_written(tmp_path):
     _fake_run(tmp_path / "a", TrainOptions(**BENCH, out=tmp_path / "elsewhere"))
-    assert _run_matches(tmp_path / "a", TrainOptions(**BENCH, out=tmp_path / "a"))
+    assert finished_run(tmp_path / "a", TrainOptions(**BENCH, out=tmp_path / "a"))
     _fake_run(tmp_path / "b", TrainOptions(**BENCH, out=tmp_path / "b"), finished=False)
-    assert not _run_matches(tmp_path / "b", TrainOptions(**BENCH, out=tmp_path / "b"))
+    assert not finished_run(tmp_path / "b", TrainOptions(**BENCH, out=tmp_path / "b"))
     _fake_run(tmp_path / "c", TrainOptions(**BENCH, out=tmp_path / "c"), logged_epochs=2)
-    assert not _run_matches(tmp_path / "c", TrainOptions(**BENCH, out=tmp_path / "c"))
-    assert not _run_matches(tmp_path / "missing", TrainOptions(**BENCH, out=tmp_path / "missing"))
+    assert not finished_run(tmp_path / "c", TrainOptions(**BENCH, out=tmp_path / "c"))
+    assert not finished_run(tmp_path / "missing", TrainOptions(**BENCH, out=tmp_path / "missing"))
 
 
 def test_reuse_continues_an_interrupted_training_of_the_same_options(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from app.cli import main
 from matvit import checkpoint, sources
 from matvit import induce as ind
 from matvit.config import get_preset
+from matvit.errors import UserError
 from matvit.images import to_input
 from matvit.induce import InduceError, InduceOptions
 from matvit.model import MatViT
@@ -262,3 +263,40 @@ def test_bench_writes_each_step_and_skips_what_it_is_told(tmp_path):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert not (tmp_path / "runs" / "scratch-1").exists()
     assert "from scratch" not in (tmp_path / "out" / "induce.md").read_text()
+
+
+def test_a_dense_warm_up_trains_orders_by_weight_then_starts_the_joint_training_there(tmp_path, small_digits, capsys):
+    out = tmp_path / "warm"
+    args = ["train", "--preset", PRESET, "--dataset", "digits", "--out", str(out), "--dense-epochs", "1",
+            "--epochs", "0", "--resume"]
+    assert main(args) == 0
+    dense, _ = checkpoint.load(out / "dense")
+    assert dense.config.granularities == {"XL": 128} and len((out / "dense/train_log.jsonl").read_text().split()) > 0
+    ind.reorder(dense, ind.orders_of(ind.weight_scores(dense)))
+    induced = load_file(out / ind.INDUCED_FILE)
+    assert all(torch.allclose(v, induced[k]) for k, v in dense.state_dict().items())
+    joint, meta = checkpoint.load(out)  # no joint epochs: the published model is the reordered dense one
+    assert all(torch.allclose(v, induced[k]) for k, v in joint.state_dict().items())
+    assert set(joint.config.granularities) == {"S", "M", "L", "XL"}
+    assert meta["train"]["recipe"]["dense_epochs"] == 1 and meta["train"]["init"] is None
+    evaluated = json.loads((out / "eval.json").read_text())
+    dense_seconds = json.loads((out / "dense/eval.json").read_text())["train_seconds"]
+    assert evaluated["dense_warmup"]["train_seconds"] == dense_seconds == evaluated["train_seconds"] > 0
+    capsys.readouterr()
+    assert main(args) == 0  # resumed: the finished warm-up is reused, not trained again
+    assert "reusing the finished dense warm-up" in capsys.readouterr().out
+    assert len((out / "dense/train_log.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kwargs, dense_epochs", [({"dense_epochs": 0}, None), ({}, None),
+                                                  ({"dense_epochs": 2, "baseline": "S"}, None),
+                                                  ({"dense_epochs": 2}, 2)])
+def test_dense_epochs_off_for_zero_and_baselines(tmp_path, kwargs, dense_epochs):
+    assert TrainOptions(PRESET, "digits", tmp_path, **kwargs).recipe.dense_epochs == dense_epochs
+
+
+@pytest.mark.parametrize("kwargs, message", [({"dense_epochs": -1}, "must be 0 .no dense warm-up. or more"),
+                                             ({"dense_epochs": 1, "init": "w.safetensors"}, "drop --init")])
+def test_bad_dense_warm_ups_are_one_line_errors(tmp_path, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        TrainOptions(PRESET, "digits", tmp_path, **kwargs)

@@ -20,7 +20,8 @@ import numpy as np
 from matvit import checkpoint, data, metrics, provenance
 from matvit import spec as specs
 from matvit.config import GRANULARITY_NAMES, get_preset
-from matvit.train import Trainer, TrainOptions, option_differences
+from matvit.induce import train_matvit
+from matvit.train import TrainOptions, finished_run, option_differences
 from retrieval.budget import measure
 from retrieval.encoder import Encoder
 from retrieval.grid import grid_from_embeddings
@@ -50,18 +51,6 @@ def baseline_seed(seed: int, granularity: str) -> int:
     return 4 * seed + GRANULARITY_NAMES.index(granularity) + 1
 
 
-def _run_matches(run: Path, train_opts: TrainOptions) -> bool:
-    """True when `run` is a finished training with exactly these options (every one but `out`)."""
-    try:
-        train = json.loads((run / "config.json").read_text())["train"]
-        finished = (run / "eval.json").is_file()
-        log_epochs = len((run / "train_log.jsonl").read_text().splitlines())
-    except (FileNotFoundError, KeyError, json.JSONDecodeError):
-        return False
-    same = not option_differences(train, json.loads(json.dumps(train_opts.to_dict())))  # as JSON gives it back
-    return finished and same and log_epochs == train_opts.recipe.epochs
-
-
 def _resumable(run: Path, train_opts: TrainOptions) -> bool:
     """True when `run` holds the training checkpoint of an interrupted training with exactly these options."""
     try:
@@ -76,12 +65,12 @@ def train_cached(train_opts: TrainOptions, log=print, reuse: bool = True) -> flo
     (with `reuse`) an interrupted one of the same options from its last epoch; returns the training's wall time
     in seconds."""
     run = Path(train_opts.out)
-    if reuse and _run_matches(run, train_opts):
+    if reuse and finished_run(run, train_opts):
         log(f"reusing {run}")
     else:
         resume = reuse and _resumable(run, train_opts)
         log(f"{'continuing' if resume else 'training'} {run.name} ({train_opts.recipe.epochs} epochs) in {run}")
-        Trainer(train_opts).run(resume=resume, log=log)
+        train_matvit(train_opts, resume=resume, log=log)
     return float(json.loads((run / "eval.json").read_text())["train_seconds"])
 
 

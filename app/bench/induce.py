@@ -28,12 +28,11 @@ from matvit import spec as specs
 from matvit.config import get_preset
 from matvit.induce import InduceOptions, induce, prepare, prepared
 from matvit.model import MatViT
-from matvit.train import Trainer, TrainOptions
+from matvit.train import Trainer, TrainOptions, finished_run
 from retrieval.encoder import Encoder
 from retrieval.grid import grid_from_embeddings
 
 from . import steps
-from .consistency import _run_matches
 
 
 @dataclass
@@ -107,7 +106,7 @@ class Bench:
                 "diagonal": {s.text: cells["grid"][s.text][s.text]["knn1"] for s in named}}
 
     def _train(self, opts: TrainOptions) -> tuple[MatViT, dict]:
-        if _run_matches(opts.out, opts):
+        if finished_run(opts.out, opts):
             self.log(f"reusing the finished training in {opts.out}")
         else:
             Trainer(opts).run(resume=True, log=self.log)
@@ -137,7 +136,7 @@ class Bench:
                 model, summary = prepare(opts, log=self.log)
                 top1, joint = None, 0.0
             else:
-                if prepared(opts) and _run_matches(opts.out, opts.train_options()):
+                if prepared(opts) and finished_run(opts.out, opts.train_options()):
                     self.log(f"reusing the finished training in {opts.out}")
                 else:
                     induce(opts, workers=2, resume=True, log=self.log)
@@ -170,7 +169,7 @@ class Bench:
                                      / f"seed-{self.opts.seed}" / "matvit")
         opts = TrainOptions(preset=self.opts.preset, dataset=self.opts.dataset, out=run,
                             data_dir=self.opts.data_dir, seed=self.opts.seed)
-        if not _run_matches(run, opts):
+        if not finished_run(run, opts):
             self.log(f"[full] no finished full-recipe training in {run}: not run")
             return None
 
