@@ -8,8 +8,18 @@ from pathlib import Path
 import pytest
 
 from app.bench import steps
-from app.bench.consistency import BenchOptions, options_json, run, targets, train_cached, train_options
+from app.bench.consistency import (
+    BenchOptions,
+    baselines_measured,
+    options_json,
+    run,
+    step_settings,
+    targets,
+    train_cached,
+    train_options,
+)
 from app.bench.plots import pareto_front
+from app.cli import main
 from matvit.train import Trainer, TrainOptions, finished_run
 
 
@@ -127,6 +137,44 @@ def test_mixnmatch_sampling_trains_its_own_matvit_beside_the_same_baselines(tmp_
     assert baseline == train_options(plain, 1, "S") and baseline.mixnmatch_prob == 0
     assert not steps.same_settings({"matvit": options_json(train_options(plain, 1, None))},
                                    {"matvit": options_json(matvit)})
+
+
+def test_another_matvit_recipe_takes_the_baselines_measured_before(tmp_path, small_digits):
+    common = dict(dataset="digits", preset="matvit-tiny-digits", epochs=1, baselines=["S"], latency_repeats=1)
+    first = run(BenchOptions(**common, out=tmp_path / "plain", cache=tmp_path / "runs"), log=lambda s: None)
+    logged = []
+    warm = BenchOptions(**common, out=tmp_path / "warm", cache=tmp_path / "other", dense_epochs=1,
+                        baselines_from=tmp_path / "plain")
+    second = run(warm, log=logged.append)
+    assert not any("baseline-S" in line for line in logged)  # trained no baseline, its cache is empty
+    assert any(line.startswith("[seed 0] baselines S measured before") for line in logged)
+    step = json.loads((tmp_path / "warm" / "steps" / "seed-0.json").read_text())
+    assert step["baseline_commit"] == first["runs"][0]["commit"]
+    assert second["baseline"] == first["baseline"] and second["runs"][0]["baseline_seeds"] == {"S": 1}
+    assert step["settings"]["matvit"]["recipe"]["dense_epochs"] == 1
+    assert (tmp_path / "other" / "seed-0" / "matvit" / "dense").is_dir()  # the MatViT trained with its warm-up
+
+    # Baselines of other options are not taken: a step measured with 1 epoch does not serve 2.
+    longer = step_settings(BenchOptions(**{**common, "epochs": 2}, out=tmp_path), 0)
+    assert not baselines_measured(step, longer) and baselines_measured(step, step_settings(warm, 0))
+    assert not baselines_measured(step, step_settings(BenchOptions(**{**common, "baselines": ["S", "M"]},
+                                                                   out=tmp_path), 0))
+
+
+def test_a_warm_up_is_the_matvits_alone(tmp_path):
+    plain = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path)
+    warm = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, dense_epochs=3)
+    assert train_options(warm, 0, None).recipe.dense_epochs == 3
+    assert train_options(warm, 0, "S") == train_options(plain, 0, "S")
+    assert step_settings(warm, 0)["baselines"] == step_settings(plain, 0)["baselines"]
+
+
+def test_baselines_from_a_folder_without_steps_is_one_line(tmp_path, capsys):
+    argv = ["bench", "consistency", "--dataset", "digits", "--preset", "matvit-tiny-digits", "--out",
+            str(tmp_path / "out"), "--baselines-from", str(tmp_path / "nothing")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no consistency result there" in err and len(err.splitlines()) == 1
 
 
 def _cells(diagonal: dict, off: dict) -> dict:

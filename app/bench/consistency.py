@@ -5,7 +5,9 @@ submodel; baselines of different widths do not share a space (MatFormer Sec. 4.2
 benchmark trains (or reuses) the MatViT and the baselines with the same data, recipe and epochs, each baseline
 with a seed of its own (the paper's baselines are independent models), then measures the MatViT grid, the
 baseline grid, Mix'n'Match query encoders against the XL index, and the costs. Each seed's measurements are one
-step file (`steps/seed-N.json`); the report gives every cell's mean and spread over the seeds.
+step file (`steps/seed-N.json`); the report gives every cell's mean and spread over the seeds. A MatViT recipe
+changes nothing in the baselines, so a run may take the baselines' measurements from another result's steps whose
+baselines trained with the same options (`baselines_from`) instead of training them again.
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ class BenchOptions:
     epochs: int | None = None
     augment: str | None = None  # default: the preset's recipe
     mixnmatch_prob: float = 0.0  # MatViT only: a random monotone Mix'n'Match spec in this share of the steps
+    dense_epochs: int | None = None  # MatViT only: a dense warm-up of this many epochs (0: none; None: the preset's)
     reuse: bool = False
     cache: Path | None = None  # trainings, under seed-N/; default runs/consistency/<preset>-<dataset>[-augment-<kind>]
     seeds: list[int] = field(default_factory=lambda: [0])
     baselines: list[str] = field(default_factory=lambda: list(GRANULARITY_NAMES))  # trained for every seed
+    baselines_from: Path | None = None  # a consistency result whose steps' baselines (same options) are taken
     data_dir: Path | None = None
     latency_repeats: int = 15
 
@@ -78,11 +82,12 @@ def train_options(opts: BenchOptions, seed: int, baseline: str | None) -> TrainO
     slug = opts.dataset.replace(":", "-").replace("/", "_").strip("_")
     default = f"{opts.preset}-{slug}" + (f"-augment-{opts.augment}" if opts.augment else "")
     cache = Path(opts.cache or Path("runs") / "consistency" / default) / f"seed-{seed}"
-    mixnmatch = 0.0 if baseline else opts.mixnmatch_prob  # a baseline has no nested widths: one serves every MatViT
+    # A baseline has no nested widths and no warm-up: one serves every MatViT recipe.
+    mixnmatch, dense = (0.0, None) if baseline else (opts.mixnmatch_prob, opts.dense_epochs)
     name = f"baseline-{baseline}" if baseline else "matvit" + (f"-mixnmatch-{mixnmatch:g}" if mixnmatch else "")
     return TrainOptions(preset=opts.preset, dataset=opts.dataset, out=cache / name, data_dir=opts.data_dir,
-                        epochs=opts.epochs, augment=opts.augment, baseline=baseline, mixnmatch_prob=mixnmatch,
-                        seed=baseline_seed(seed, baseline) if baseline else seed)
+                        epochs=opts.epochs, augment=opts.augment, dense_epochs=dense, baseline=baseline,
+                        mixnmatch_prob=mixnmatch, seed=baseline_seed(seed, baseline) if baseline else seed)
 
 
 def embed_named(encoder: Encoder, dataset: str, data_dir: Path | None, label: str):
@@ -102,43 +107,88 @@ def options_json(train_opts: TrainOptions) -> dict:
     return json.loads(json.dumps({k: v for k, v in train_opts.to_dict().items() if k != "out"}))
 
 
+def step_settings(opts: BenchOptions, seed: int) -> dict:
+    """What a seed's step was measured with: the MatViT's training options and each baseline's."""
+    return {"matvit": options_json(train_options(opts, seed, None)),
+            "baselines": {g: options_json(train_options(opts, seed, g)) for g in opts.baselines}}
+
+
+def baselines_measured(row: dict | None, settings: dict) -> bool:
+    """True when the step `row` measured every baseline of `settings` with the same training options."""
+    done = ((row or {}).get("settings") or {}).get("baselines", {})
+    return row is not None and all(steps.same_settings(done.get(g), options)
+                                   for g, options in settings["baselines"].items())
+
+
+def measure_baselines(opts: BenchOptions, seed: int, gallery, queries, log=print) -> dict:
+    """Train or reuse the seed's baselines and measure their grid and costs: the baselines' part of a step."""
+    runs = {g: train_options(opts, seed, g) for g in opts.baselines}
+    seconds = {g: train_cached(t, log, opts.reuse) for g, t in runs.items()}
+    start = time.perf_counter()
+    encoders = {g: Encoder.load(t.out) for g, t in runs.items()}
+    bg = {g: enc.encode(gallery.images, g, desc=f"baseline {g} gallery") for g, enc in encoders.items()}
+    bq = {g: enc.encode(queries.images, g, desc=f"baseline {g} queries") for g, enc in encoders.items()}
+    largest = opts.baselines[-1]
+    return {"settings": {g: options_json(t) for g, t in runs.items()}, "baselines": list(opts.baselines),
+            "baseline_seeds": {g: t.seed for g, t in runs.items()}, "commit": provenance.record()["commit"],
+            "grid": grid_from_embeddings(bg, bq, gallery.labels, queries.labels, (largest, largest)),
+            "cost": {g: measure(enc, g, opts.latency_repeats) for g, enc in encoders.items()},
+            "train_seconds": seconds, "measure_seconds": time.perf_counter() - start}
+
+
+def baselines_of(row: dict) -> dict:
+    """A saved step's baselines' part, as `measure_baselines` gives it."""
+    return {"settings": row["settings"]["baselines"], "baselines": row["baselines"],
+            "baseline_seeds": row["baseline_seeds"], "commit": row.get("baseline_commit", row["commit"]),
+            "grid": row["baseline"], "cost": row["cost"]["baseline"], "train_seconds": row["train_seconds"]["baseline"]}
+
+
+def _saved(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def measure_seed(opts: BenchOptions, seed: int, log=print) -> dict:
     """One seed's step: train or reuse its MatViT and baselines, then measure both grids, the Mix'n'Match specs
-    against the XL index, and the costs. A saved step with these settings and at least these baselines is
-    reused (with --reuse)."""
-    settings = {"matvit": options_json(train_options(opts, seed, None))}
+    against the XL index, and the costs. With --reuse, a saved step with these settings (and at least these
+    baselines) is reused whole; the baselines' measurements are taken from the saved step, or from the same
+    seed's step in `baselines_from`, when its baselines trained with these options."""
+    settings = step_settings(opts, seed)
     path = Path(opts.out) / "steps" / f"seed-{seed}.json"
-    if opts.reuse and path.is_file():
-        row = json.loads(path.read_text())
-        if steps.same_settings(row.get("settings"), settings) and set(opts.baselines) <= set(row["baselines"]):
-            log(f"[seed {seed}] measured before: {path}")
-            return row
+    row = _saved(path) if opts.reuse else None
+    if baselines_measured(row, settings) and steps.same_settings(row["settings"]["matvit"], settings["matvit"]):
+        log(f"[seed {seed}] measured before: {path}")
+        return row
+    saved = [row] + ([_saved(Path(opts.baselines_from) / "steps" / path.name)] if opts.baselines_from else [])
+    source = next((r for r in saved if baselines_measured(r, settings)), None)
     origin = provenance.record()
-    runs = {g: train_options(opts, seed, g) for g in (None, *opts.baselines)}
-    seconds = {g: train_cached(t, log, opts.reuse) for g, t in runs.items()}
-    matvit = Encoder.load(runs[None].out)
-    baselines = {g: Encoder.load(runs[g].out) for g in opts.baselines}
+    run = train_options(opts, seed, None)
+    seconds = train_cached(run, log, opts.reuse)
+    matvit = Encoder.load(run.out)
     measure_start = time.perf_counter()
     cfg = matvit.config
     gallery, queries, mg, mq = embed_named(matvit, opts.dataset, opts.data_dir, "MatViT")
     named = specs.named(cfg)
-    bg = {g: enc.encode(gallery.images, g, desc=f"baseline {g} gallery") for g, enc in baselines.items()}
-    bq = {g: enc.encode(queries.images, g, desc=f"baseline {g} queries") for g, enc in baselines.items()}
-    largest = opts.baselines[-1]
     mixnmatch = []
     for spec in specs.monotone(cfg):
         emb = mq[spec.text] if spec.text in mq else matvit.encode(queries.images, spec)
         mixnmatch.append({"spec": spec.text, "params": matvit.params(spec), "gflops": matvit.gflops(spec),
                           "knn1": metrics.knn1(mg["XL"], gallery.labels, emb, queries.labels)})
-    row = {"settings": settings, "seed": seed, "baselines": list(opts.baselines),
-           "baseline_seeds": {g: runs[g].seed for g in opts.baselines}, **origin,
+    cost = {s.text: measure(matvit, s, opts.latency_repeats) for s in named}
+    measure_seconds = time.perf_counter() - measure_start
+    if source is not None:
+        part = baselines_of(source)
+        log(f"[seed {seed}] baselines {', '.join(part['baselines'])} measured before (commit {part['commit'][:12]})")
+    else:
+        part = measure_baselines(opts, seed, gallery, queries, log)
+    row = {"settings": {"matvit": settings["matvit"], "baselines": part["settings"]}, "seed": seed,
+           "baselines": part["baselines"], "baseline_seeds": part["baseline_seeds"], **origin,
+           "baseline_commit": part["commit"],
            "matvit": grid_from_embeddings(mg, mq, gallery.labels, queries.labels),
-           "baseline": grid_from_embeddings(bg, bq, gallery.labels, queries.labels, (largest, largest)),
-           "mixnmatch": mixnmatch,
-           "cost": {"matvit": {s.text: measure(matvit, s, opts.latency_repeats) for s in named},
-                    "baseline": {g: measure(enc, g, opts.latency_repeats) for g, enc in baselines.items()}},
-           "train_seconds": {"matvit": seconds[None], "baseline": {g: seconds[g] for g in opts.baselines}},
-           "measure_seconds": round(time.perf_counter() - measure_start, 1), "classes": len(gallery.classes)}
+           "baseline": part["grid"], "mixnmatch": mixnmatch,
+           "cost": {"matvit": cost, "baseline": part["cost"]},
+           "train_seconds": {"matvit": seconds, "baseline": part["train_seconds"]},
+           "measure_seconds": round(measure_seconds + part.get("measure_seconds", 0.0), 1),
+           "classes": len(gallery.classes)}
     row["targets"] = targets(row)
     return steps.write(path, row)
 
