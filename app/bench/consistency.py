@@ -173,6 +173,7 @@ def measure_seed(opts: BenchOptions, seed: int, log=print) -> dict:
         emb = mq[spec.text] if spec.text in mq else matvit.encode(queries.images, spec)
         mixnmatch.append({"spec": spec.text, "params": matvit.params(spec), "gflops": matvit.gflops(spec),
                           "knn1": metrics.knn1(mg["XL"], gallery.labels, emb, queries.labels)})
+    grid = grid_from_embeddings(mg, mq, gallery.labels, queries.labels)
     cost = {s.text: measure(matvit, s, opts.latency_repeats) for s in named}
     measure_seconds = time.perf_counter() - measure_start
     if source is not None:
@@ -183,8 +184,7 @@ def measure_seed(opts: BenchOptions, seed: int, log=print) -> dict:
     row = {"settings": {"matvit": settings["matvit"], "baselines": part["settings"]}, "seed": seed,
            "baselines": part["baselines"], "baseline_seeds": part["baseline_seeds"], **origin,
            "baseline_commit": part["commit"],
-           "matvit": grid_from_embeddings(mg, mq, gallery.labels, queries.labels),
-           "baseline": part["grid"], "mixnmatch": mixnmatch,
+           "matvit": grid, "baseline": part["grid"], "mixnmatch": mixnmatch,
            "cost": {"matvit": cost, "baseline": part["cost"]},
            "train_seconds": {"matvit": seconds, "baseline": part["train_seconds"]},
            "measure_seconds": round(measure_seconds + part.get("measure_seconds", 0.0), 1),
