@@ -152,6 +152,9 @@ def test_another_matvit_recipe_takes_the_baselines_measured_before(tmp_path, sma
     assert step["baseline_commit"] == first["runs"][0]["commit"]
     assert second["baseline"] == first["baseline"] and second["runs"][0]["baseline_seeds"] == {"S": 1}
     assert step["settings"]["matvit"]["recipe"]["dense_epochs"] == 1
+    assert step["baselines_from"] == str(tmp_path / "plain" / "steps" / "seed-0.json")
+    report = (tmp_path / "warm" / "consistency.md").read_text()
+    assert f"Baselines measured before: seed 0 in `{step['baselines_from']}`" in report
     assert (tmp_path / "other" / "seed-0" / "matvit" / "dense").is_dir()  # the MatViT trained with its warm-up
 
     # Baselines of other options are not taken: a step measured with 1 epoch does not serve 2.

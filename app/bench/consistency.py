@@ -158,8 +158,11 @@ def measure_seed(opts: BenchOptions, seed: int, log=print) -> dict:
     if baselines_measured(row, settings) and steps.same_settings(row["settings"]["matvit"], settings["matvit"]):
         log(f"[seed {seed}] measured before: {path}")
         return row
-    saved = [row] + ([_saved(Path(opts.baselines_from) / "steps" / path.name)] if opts.baselines_from else [])
-    source = next((r for r in saved if baselines_measured(r, settings)), None)
+    candidates = [(path, row)]
+    if opts.baselines_from:
+        other = Path(opts.baselines_from) / "steps" / path.name
+        candidates.append((other, _saved(other)))
+    source_path, source = next(((p, r) for p, r in candidates if baselines_measured(r, settings)), (None, None))
     origin = provenance.record()
     run = train_options(opts, seed, None)
     seconds = train_cached(run, log, opts.reuse)
@@ -176,14 +179,15 @@ def measure_seed(opts: BenchOptions, seed: int, log=print) -> dict:
     grid = grid_from_embeddings(mg, mq, gallery.labels, queries.labels)
     cost = {s.text: measure(matvit, s, opts.latency_repeats) for s in named}
     measure_seconds = time.perf_counter() - measure_start
+    taken_from = None
     if source is not None:
-        part = baselines_of(source)
+        part, taken_from = baselines_of(source), source.get("baselines_from") or str(source_path)
         log(f"[seed {seed}] baselines {', '.join(part['baselines'])} measured before (commit {part['commit'][:12]})")
     else:
         part = measure_baselines(opts, seed, gallery, queries, log)
     row = {"settings": {"matvit": settings["matvit"], "baselines": part["settings"]}, "seed": seed,
            "baselines": part["baselines"], "baseline_seeds": part["baseline_seeds"], **origin,
-           "baseline_commit": part["commit"],
+           "baseline_commit": part["commit"], "baselines_from": taken_from,
            "matvit": grid, "baseline": part["grid"], "mixnmatch": mixnmatch,
            "cost": {"matvit": cost, "baseline": part["cost"]},
            "train_seconds": {"matvit": seconds, "baseline": part["train_seconds"]},
@@ -229,8 +233,10 @@ def combine(rows: list[dict]) -> dict:
                                                          if g in r["baselines"]])) for g in baselines}},
         "measure_seconds": float(np.mean([r["measure_seconds"] for r in rows])),
         "classes": first["classes"],
-        "runs": [{k: r[k] for k in ("seed", "baseline_seeds", "commit", "command", "matvit", "baseline",
-                                    "train_seconds", "targets")} for r in rows],
+        "runs": [{**{k: r[k] for k in ("seed", "baseline_seeds", "commit", "command", "matvit", "baseline",
+                                       "train_seconds", "targets")},
+                  "baseline_commit": r.get("baseline_commit", r["commit"]), "baselines_from": r.get("baselines_from")}
+                 for r in rows],
     }
     result["baseline"]["grid"] = {g: result["baseline"]["grid"][g] for g in GRANULARITY_NAMES
                                   if g in result["baseline"]["grid"]}
@@ -327,10 +333,14 @@ def markdown(r: dict) -> str:
     m, b = r["matvit"]["grid"], r["baseline"]["grid"]
     names, runs = list(m), r["runs"]
     seeds = ", ".join(str(s) for s in r["seeds"])
+    taken = [run for run in runs if run["baselines_from"] or run["baseline_commit"] != run["commit"]]
     spread = " ± the standard deviation over seeds" if len(runs) > 1 else ""
     lines = [f"# Cross-consistency: {r['dataset']}, {r['preset']}, {r['epochs']} epochs, seed(s) {seeds}", "",
              f"Command: `{r['command']}`  ", f"Commit: `{r['commit']}` (each seed's own: `seeds` in the JSON)  ",
              f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}", "",
+             *(["Baselines measured before: " + "; ".join(
+                 f"seed {run['seed']} in `{run['baselines_from'] or 'the --baselines-from result'}` at commit "
+                 f"`{run['baseline_commit'][:12]}`" for run in taken), ""] if taken else []),
              f"1-NN accuracy (%), mean over the seeds{spread}. Rows: index (gallery) encoder; columns: query "
              "encoder. MatViT submodels, with the independently trained baseline of the same width in brackets on "
              "the diagonal. MatViT of seed s trains with seed s; its baselines S, M, L, XL with seeds 4s+1 to 4s+4."
