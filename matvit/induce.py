@@ -424,6 +424,12 @@ def induce(opts: InduceOptions, runtime: Runtime | None = None, workers: int = 2
     return None if result is None else {"induce": summary, "eval": result}
 
 
+def dense_options(opts: TrainOptions) -> TrainOptions:
+    """The dense warm-up's training for a recipe with `dense_epochs`: a plain ViT of the XL width in OUT/dense."""
+    return dataclasses.replace(opts, out=Path(opts.out) / "dense", epochs=opts.recipe.dense_epochs, dense_epochs=0,
+                               baseline="XL", mode="sum", weights=None, distill="none", mixnmatch_prob=0.0)
+
+
 def train_matvit(opts: TrainOptions, runtime: Runtime | None = None, workers: int = 2, in_memory: bool = False,
                  resume: bool = False, log=print) -> dict | None:
     """`Trainer(opts).run`, after a dense warm-up when the recipe has one (`dense_epochs`): a plain ViT of the XL
@@ -435,8 +441,7 @@ def train_matvit(opts: TrainOptions, runtime: Runtime | None = None, workers: in
         return Trainer(opts, runtime, workers, in_memory).run(resume=resume, log=log)
     rt = runtime or Runtime(torch.device("cpu"))
     out = Path(opts.out)
-    dense = dataclasses.replace(opts, out=out / "dense", epochs=epochs, dense_epochs=0, baseline="XL", mode="sum",
-                                weights=None, distill="none", mixnmatch_prob=0.0)
+    dense = dense_options(opts)
     if resume and finished_run(dense.out, dense):
         log(f"reusing the finished dense warm-up in {dense.out}")
     else:

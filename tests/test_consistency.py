@@ -115,6 +115,20 @@ def test_reuse_continues_an_interrupted_training_of_the_same_options(tmp_path, m
         train_cached(other, log=lambda s: None)
 
 
+def test_reuse_continues_after_a_finished_dense_warm_up(tmp_path, monkeypatch, small_digits):
+    opts = TrainOptions(**{**BENCH, "epochs": 1}, dense_epochs=1, out=tmp_path / "run")
+    train_cached(opts, log=lambda s: None)
+    for name in ("training.pt", "eval.json", "train_log.jsonl"):  # as if stopped before the joint epochs began
+        (tmp_path / "run" / name).unlink()
+    trained = []
+    original = Trainer.train_epoch
+    monkeypatch.setattr(Trainer, "train_epoch", lambda self: (trained.append(self.out.name), original(self))[1])
+    logged = []
+    train_cached(opts, log=logged.append)
+    assert logged[0].startswith("continuing run") and trained == ["run"]  # the joint epoch, not the warm-up again
+    assert any(line.startswith("reusing the finished dense warm-up") for line in logged)
+
+
 def test_an_unset_option_matches_a_step_written_before_it_existed(tmp_path):
     opts = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path)
     given = {"matvit": options_json(train_options(opts, 0, None))}

@@ -22,7 +22,7 @@ import numpy as np
 from matvit import checkpoint, data, metrics, provenance
 from matvit import spec as specs
 from matvit.config import GRANULARITY_NAMES, get_preset
-from matvit.induce import train_matvit
+from matvit.induce import dense_options, train_matvit
 from matvit.train import TrainOptions, finished_run, option_differences
 from retrieval.budget import measure
 from retrieval.encoder import Encoder
@@ -66,13 +66,14 @@ def _resumable(run: Path, train_opts: TrainOptions) -> bool:
 
 def train_cached(train_opts: TrainOptions, log=print, reuse: bool = True) -> float:
     """Train into `train_opts.out` unless (with `reuse`) a finished run of the same options is there, continuing
-    (with `reuse`) an interrupted one of the same options from its last epoch; returns the training's wall time
-    in seconds."""
+    (with `reuse`) an interrupted one of the same options, or its interrupted dense warm-up, from its last epoch;
+    returns the training's wall time in seconds."""
     run = Path(train_opts.out)
     if reuse and finished_run(run, train_opts):
         log(f"reusing {run}")
     else:
-        resume = reuse and _resumable(run, train_opts)
+        warm_up = train_opts.recipe.dense_epochs and _resumable(run / "dense", dense_options(train_opts))
+        resume = reuse and bool(_resumable(run, train_opts) or warm_up)
         log(f"{'continuing' if resume else 'training'} {run.name} ({train_opts.recipe.epochs} epochs) in {run}")
         train_matvit(train_opts, resume=resume, log=log)
     return float(json.loads((run / "eval.json").read_text())["train_seconds"])
