@@ -98,6 +98,7 @@ class TrainOptions:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         d["out"], d["data_dir"] = str(self.out), self.data_dir and str(self.data_dir)
         d["recipe"] = dataclasses.asdict(self.recipe)
+        d["dense_epochs"] = self.recipe.dense_epochs  # what ran: None for none, however it was turned off
         return d
 
 

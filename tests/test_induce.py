@@ -281,7 +281,8 @@ def test_a_dense_warm_up_trains_orders_by_weight_then_starts_the_joint_training_
     assert meta["train"]["recipe"]["dense_epochs"] == 1 and meta["train"]["init"] is None
     evaluated = json.loads((out / "eval.json").read_text())
     dense_seconds = json.loads((out / "dense/eval.json").read_text())["train_seconds"]
-    assert evaluated["dense_warmup"]["train_seconds"] == dense_seconds == evaluated["train_seconds"] > 0
+    # No joint epochs: the training seconds are the warm-up's (rounded to 0.1 s, so 0.0 on a fast machine).
+    assert evaluated["dense_warmup"]["train_seconds"] == dense_seconds == evaluated["train_seconds"] >= 0
     capsys.readouterr()
     assert main(args) == 0  # resumed: the finished warm-up is reused, not trained again
     assert "reusing the finished dense warm-up" in capsys.readouterr().out

@@ -83,11 +83,10 @@ def train_options(opts: BenchOptions, seed: int, baseline: str | None) -> TrainO
     slug = opts.dataset.replace(":", "-").replace("/", "_").strip("_")
     default = f"{opts.preset}-{slug}" + (f"-augment-{opts.augment}" if opts.augment else "")
     cache = Path(opts.cache or Path("runs") / "consistency" / default) / f"seed-{seed}"
-    # A baseline has no nested widths and no warm-up: one serves every MatViT recipe.
-    mixnmatch, dense = (0.0, None) if baseline else (opts.mixnmatch_prob, opts.dense_epochs)
+    mixnmatch = 0.0 if baseline else opts.mixnmatch_prob  # a baseline has no nested widths: one serves every MatViT
     name = f"baseline-{baseline}" if baseline else "matvit" + (f"-mixnmatch-{mixnmatch:g}" if mixnmatch else "")
     return TrainOptions(preset=opts.preset, dataset=opts.dataset, out=cache / name, data_dir=opts.data_dir,
-                        epochs=opts.epochs, augment=opts.augment, dense_epochs=dense, baseline=baseline,
+                        epochs=opts.epochs, augment=opts.augment, dense_epochs=opts.dense_epochs, baseline=baseline,
                         mixnmatch_prob=mixnmatch, seed=baseline_seed(seed, baseline) if baseline else seed)
 
 
