@@ -64,8 +64,9 @@ def train_options(opts: AlignOptions, name: str) -> TrainOptions:
     epochs = opts.epochs * fields.pop("epochs_scale", 1)
     slug = opts.dataset.replace(":", "-").replace("/", "_").strip("_")
     cache = Path(opts.cache or Path("runs") / "align" / f"{opts.preset}-{slug}")
+    # Every option on plain joint training, whatever the preset's recipe: the warm-up is `bench induce`'s study.
     return TrainOptions(preset=opts.preset, dataset=opts.dataset, out=cache / name, data_dir=opts.data_dir,
-                        epochs=epochs, seed=opts.seed, **fields)
+                        epochs=epochs, seed=opts.seed, **{"dense_epochs": 0, **fields})
 
 
 def measure_option(opts: AlignOptions, name: str, log=print) -> dict:

@@ -154,7 +154,7 @@ class Bench:
 
     def scratch(self, epochs: int) -> dict:
         opts = TrainOptions(preset=self.opts.preset, dataset=self.opts.dataset, out=self.cache / f"scratch-{epochs}",
-                            data_dir=self.opts.data_dir, epochs=epochs, seed=self.opts.seed)
+                            data_dir=self.opts.data_dir, epochs=epochs, dense_epochs=0, seed=self.opts.seed)
 
         def make() -> dict:
             model, ev = self._train(opts)

@@ -425,7 +425,7 @@ class Bench:
             for g in (None, *GRANULARITY_NAMES):
                 name = "MatViT" if g is None else g
                 t = Trainer(TrainOptions(preset=preset, dataset=dataset, out=scratch / name, data_dir=o.data_dir,
-                                         epochs=1, batch_size=o.train_batch, baseline=g, seed=o.seed))
+                                         epochs=1, batch_size=o.train_batch, dense_epochs=0, baseline=g, seed=o.seed))
                 full = t.train_set.set
                 t.train_set = InMemory(data.ImageSet(full.images[:o.train_images], full.labels[:o.train_images],
                                                      full.classes, full.sources[:o.train_images]))
