@@ -67,7 +67,8 @@ class TrainOptions:
         self.recipe = dataclasses.replace(preset.recipe, **overrides)
         if self.recipe.dense_epochs is not None and self.recipe.dense_epochs < 0:
             raise UserError("--dense-epochs must be 0 (no dense warm-up) or more")
-        if not self.recipe.dense_epochs or self.baseline is not None:  # a baseline is the plain ViT itself
+        # A baseline is the plain ViT itself; given starting weights replace the preset's warm-up.
+        if not self.recipe.dense_epochs or self.baseline is not None or (self.init and self.dense_epochs is None):
             self.recipe.dense_epochs = None
         elif self.init is not None:
             raise UserError("--init and a dense warm-up both set the starting weights: drop --init or pass "

@@ -296,6 +296,13 @@ def test_dense_epochs_off_for_zero_and_baselines(tmp_path, kwargs, dense_epochs)
     assert TrainOptions(PRESET, "digits", tmp_path, **kwargs).recipe.dense_epochs == dense_epochs
 
 
+@pytest.mark.parametrize("kwargs, dense_epochs", [({}, 5), ({"dense_epochs": 0}, None), ({"dense_epochs": 2}, 2),
+                                                  ({"init": "w.safetensors"}, None), ({"baseline": "S"}, None)])
+def test_a_presets_warm_up_gives_way_to_zero_to_a_baseline_and_to_starting_weights(tmp_path, kwargs, dense_epochs):
+    opts = TrainOptions("matvit-small-fmnist", "fashion-mnist", tmp_path, **kwargs)
+    assert opts.recipe.dense_epochs == opts.to_dict()["dense_epochs"] == dense_epochs
+
+
 @pytest.mark.parametrize("kwargs, message", [({"dense_epochs": -1}, "must be 0 .no dense warm-up. or more"),
                                              ({"dense_epochs": 1, "init": "w.safetensors"}, "drop --init")])
 def test_bad_dense_warm_ups_are_one_line_errors(tmp_path, kwargs, message):
