@@ -115,9 +115,10 @@ def step_settings(opts: BenchOptions, seed: int) -> dict:
 
 def baselines_measured(row: dict | None, settings: dict) -> bool:
     """True when the step `row` measured every baseline of `settings` with the same training options."""
-    done = ((row or {}).get("settings") or {}).get("baselines", {})
-    return row is not None and all(steps.same_settings(done.get(g), options)
-                                   for g, options in settings["baselines"].items())
+    if row is None:
+        return False
+    done = row["settings"].get("baselines", {})
+    return all(steps.same_settings(done.get(g), options) for g, options in settings["baselines"].items())
 
 
 def measure_baselines(opts: BenchOptions, seed: int, gallery, queries, log=print) -> dict:
