@@ -2,12 +2,13 @@
 targets on hand-made results, and which cached trainings `--reuse` may take."""
 
 import copy
+import itertools
 import json
 from pathlib import Path
 
 import pytest
 
-from app.bench import steps
+from app.bench import consistency, steps
 from app.bench.consistency import (
     BenchOptions,
     baselines_measured,
@@ -23,7 +24,10 @@ from app.cli import main
 from matvit.train import Trainer, TrainOptions, finished_run
 
 
-def test_matvit_shares_a_space_and_baselines_do_not(tmp_path):
+def test_matvit_shares_a_space_and_baselines_do_not(tmp_path, monkeypatch):
+    # Each provenance record sees a new commit, as when the checkout moves on during a long run.
+    record, commits = consistency.provenance.record, itertools.count()
+    monkeypatch.setattr(consistency.provenance, "record", lambda *a: {**record(*a), "commit": f"c{next(commits)}"})
     result = run(BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, epochs=6,
                               cache=tmp_path / "runs", latency_repeats=2), log=lambda s: None)
     matvit, baseline = result["matvit"]["grid"], result["baseline"]["grid"]
@@ -47,6 +51,9 @@ def test_matvit_shares_a_space_and_baselines_do_not(tmp_path):
     assert saved["targets"] == targets(saved)
     for name in ("consistency.md", "grid.png", "pareto.png", "steps/seed-0.json"):
         assert (tmp_path / name).stat().st_size > 0
+    # Baselines trained in the step are recorded at the step's own commit, not reported as taken from elsewhere.
+    assert saved["runs"][0]["baseline_commit"] == saved["runs"][0]["commit"]
+    assert "Baselines measured before" not in (tmp_path / "consistency.md").read_text()
 
     # A second seed with baseline S only: seed 0's step is reused whole, seed 1 trains two models.
     logged = []

@@ -121,8 +121,9 @@ def baselines_measured(row: dict | None, settings: dict) -> bool:
     return all(steps.same_settings(done.get(g), options) for g, options in settings["baselines"].items())
 
 
-def measure_baselines(opts: BenchOptions, seed: int, gallery, queries, log=print) -> dict:
-    """Train or reuse the seed's baselines and measure their grid and costs: the baselines' part of a step."""
+def measure_baselines(opts: BenchOptions, seed: int, gallery, queries, commit: str, log=print) -> dict:
+    """Train or reuse the seed's baselines and measure their grid and costs: the baselines' part of a step,
+    recorded at `commit`, the checkout the step started from."""
     runs = {g: train_options(opts, seed, g) for g in opts.baselines}
     seconds = {g: train_cached(t, log, opts.reuse) for g, t in runs.items()}
     start = time.perf_counter()
@@ -131,7 +132,7 @@ def measure_baselines(opts: BenchOptions, seed: int, gallery, queries, log=print
     bq = {g: enc.encode(queries.images, g, desc=f"baseline {g} queries") for g, enc in encoders.items()}
     largest = opts.baselines[-1]
     return {"settings": {g: options_json(t) for g, t in runs.items()}, "baselines": list(opts.baselines),
-            "baseline_seeds": {g: t.seed for g, t in runs.items()}, "commit": provenance.record()["commit"],
+            "baseline_seeds": {g: t.seed for g, t in runs.items()}, "commit": commit,
             "grid": grid_from_embeddings(bg, bq, gallery.labels, queries.labels, (largest, largest)),
             "cost": {g: measure(enc, g, opts.latency_repeats) for g, enc in encoders.items()},
             "train_seconds": seconds, "measure_seconds": time.perf_counter() - start}
@@ -185,7 +186,7 @@ def measure_seed(opts: BenchOptions, seed: int, log=print) -> dict:
         part, taken_from = baselines_of(source), source.get("baselines_from") or str(source_path)
         log(f"[seed {seed}] baselines {', '.join(part['baselines'])} measured before (commit {part['commit'][:12]})")
     else:
-        part = measure_baselines(opts, seed, gallery, queries, log)
+        part = measure_baselines(opts, seed, gallery, queries, origin["commit"], log)
     row = {"settings": {"matvit": settings["matvit"], "baselines": part["settings"]}, "seed": seed,
            "baselines": part["baselines"], "baseline_seeds": part["baseline_seeds"], **origin,
            "baseline_commit": part["commit"], "baselines_from": taken_from,
