@@ -335,13 +335,13 @@ def markdown(r: dict) -> str:
     m, b = r["matvit"]["grid"], r["baseline"]["grid"]
     names, runs = list(m), r["runs"]
     seeds = ", ".join(str(s) for s in r["seeds"])
-    taken = [run for run in runs if run["baselines_from"] or run["baseline_commit"] != run["commit"]]
+    taken = [run for run in runs if run["baselines_from"]]
     spread = " ± the standard deviation over seeds" if len(runs) > 1 else ""
     lines = [f"# Cross-consistency: {r['dataset']}, {r['preset']}, {r['epochs']} epochs, seed(s) {seeds}", "",
              f"Command: `{r['command']}`  ", f"Commit: `{r['commit']}` (each seed's own: `seeds` in the JSON)  ",
              f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}", "",
              *(["Baselines measured before: " + "; ".join(
-                 f"seed {run['seed']} in `{run['baselines_from'] or 'the --baselines-from result'}` at commit "
+                 f"seed {run['seed']} in `{run['baselines_from']}` at commit "
                  f"`{run['baseline_commit'][:12]}`" for run in taken), ""] if taken else []),
              f"1-NN accuracy (%), mean over the seeds{spread}. Rows: index (gallery) encoder; columns: query "
              "encoder. MatViT submodels, with the independently trained baseline of the same width in brackets on "
