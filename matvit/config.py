@@ -109,8 +109,9 @@ PRESETS: dict[str, Preset] = {
         MatViTConfig(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=128, depth=6,
                      num_heads=4, mlp_hidden=512),
         # No augmentation: in 10 epochs random crops and flips cost more than they give (XL test top-1
-        # 0.861 with crop-flip, 0.895 without). A 5-epoch dense warm-up lifts the XL-index / S-query cell to
-        # baseline S's level (README, "A dense warm-up"); `--dense-epochs 0` is the plain recipe.
+        # 0.861 with crop-flip, 0.895 without). A 5-epoch dense warm-up lifts every cell over plain training
+        # and the XL-index / S-query cell to within noise of baseline S (README, "A dense warm-up");
+        # `--dense-epochs 0` is the plain recipe.
         TrainRecipe(epochs=10, batch_size=128, lr=1e-3, warmup_epochs=1, augment="none", dense_epochs=5),
     ),
     # Patch 8 (16 tokens): a sum-mode step is 4x cheaper than at patch 4, so the consistency benchmark's
