@@ -54,6 +54,11 @@ def test_matvit_shares_a_space_and_baselines_do_not(tmp_path, monkeypatch):
     # Baselines trained in the step are recorded at the step's own commit, not reported as taken from elsewhere.
     assert saved["runs"][0]["baseline_commit"] == saved["runs"][0]["commit"]
     assert "Baselines measured before" not in (tmp_path / "consistency.md").read_text()
+    # Each training records the CPU it ran on (here, the measuring machine's).
+    trained = saved["runs"][0]["trained_on"]
+    assert trained["matvit"]["cpu"] == saved["machine"]["cpu"] and set(trained["baseline"]) == {"S", "M", "L", "XL"}
+    assert f"Trained on: {saved['machine']['cpu']} (seed 0 MatViT, seed 0 baseline S" in (
+        tmp_path / "consistency.md").read_text()
 
     # A second seed with baseline S only: seed 0's step is reused whole, seed 1 trains two models.
     logged = []
@@ -174,6 +179,7 @@ def test_another_matvit_recipe_takes_the_baselines_measured_before(tmp_path, sma
     assert second["baseline"] == first["baseline"] and second["runs"][0]["baseline_seeds"] == {"S": 1}
     assert step["settings"]["matvit"]["recipe"]["dense_epochs"] == 1
     assert step["baselines_from"] == str(tmp_path / "plain" / "steps" / "seed-0.json")
+    assert step["trained_on"]["baseline"] == first["runs"][0]["trained_on"]["baseline"]
     report = (tmp_path / "warm" / "consistency.md").read_text()
     assert f"Baselines measured before: seed 0 in `{step['baselines_from']}`" in report
     assert (tmp_path / "other" / "seed-0" / "matvit" / "dense").is_dir()  # the MatViT trained with its warm-up
@@ -183,6 +189,16 @@ def test_another_matvit_recipe_takes_the_baselines_measured_before(tmp_path, sma
     assert not baselines_measured(step, longer) and baselines_measured(step, step_settings(warm, 0))
     assert not baselines_measured(step, step_settings(BenchOptions(**{**common, "baselines": ["S", "M"]},
                                                                    out=tmp_path), 0))
+
+
+def test_trainings_are_listed_under_the_cpu_they_ran_on():
+    xeon, epyc = {"commit": "a", "cpu": "Intel Xeon"}, {"commit": "b", "cpu": "AMD EPYC"}
+    runs = [{"seed": 0, "trained_on": {"matvit": xeon, "baseline": {"S": epyc}}},
+            {"seed": 1, "trained_on": {"matvit": epyc, "baseline": {}}},
+            {"seed": 2, "trained_on": None}]  # a step written before trainings recorded their CPU
+    line = consistency.trained_on_lines(runs)[0]
+    assert line.startswith("Trained on: Intel Xeon (seed 0 MatViT); AMD EPYC (seed 0 baseline S, seed 1 MatViT)")
+    assert consistency.trained_on_lines([{"seed": 0}]) == []
 
 
 def test_a_warm_up_is_the_matvits_alone(tmp_path):

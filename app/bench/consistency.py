@@ -79,6 +79,13 @@ def train_cached(train_opts: TrainOptions, log=print, reuse: bool = True) -> flo
     return float(json.loads((run / "eval.json").read_text())["train_seconds"])
 
 
+def trained_on(run: Path) -> dict:
+    """The commit and CPU a finished training ran on (its eval.json's): a seed reproduces a training on the same
+    kind of CPU only, and a reused training may come from another machine than the measuring."""
+    ev = json.loads((Path(run) / "eval.json").read_text())
+    return {"commit": ev.get("commit"), "cpu": ev.get("machine", {}).get("cpu")}
+
+
 def train_options(opts: BenchOptions, seed: int, baseline: str | None) -> TrainOptions:
     slug = opts.dataset.replace(":", "-").replace("/", "_").strip("_")
     default = f"{opts.preset}-{slug}" + (f"-augment-{opts.augment}" if opts.augment else "")
@@ -135,6 +142,7 @@ def measure_baselines(opts: BenchOptions, seed: int, gallery, queries, commit: s
             "baseline_seeds": {g: t.seed for g, t in runs.items()}, "commit": commit,
             "grid": grid_from_embeddings(bg, bq, gallery.labels, queries.labels, (largest, largest)),
             "cost": {g: measure(enc, g, opts.latency_repeats) for g, enc in encoders.items()},
+            "trained_on": {g: trained_on(t.out) for g, t in runs.items()},
             "train_seconds": seconds, "measure_seconds": time.perf_counter() - start}
 
 
@@ -142,7 +150,8 @@ def baselines_of(row: dict) -> dict:
     """A saved step's baselines' part, as `measure_baselines` gives it."""
     return {"settings": row["settings"]["baselines"], "baselines": row["baselines"],
             "baseline_seeds": row["baseline_seeds"], "commit": row.get("baseline_commit", row["commit"]),
-            "grid": row["baseline"], "cost": row["cost"]["baseline"], "train_seconds": row["train_seconds"]["baseline"]}
+            "grid": row["baseline"], "cost": row["cost"]["baseline"], "train_seconds": row["train_seconds"]["baseline"],
+            "trained_on": row.get("trained_on", {}).get("baseline", {})}
 
 
 def _saved(path: Path) -> dict | None:
@@ -193,6 +202,7 @@ def measure_seed(opts: BenchOptions, seed: int, log=print) -> dict:
            "matvit": grid, "baseline": part["grid"], "mixnmatch": mixnmatch,
            "cost": {"matvit": cost, "baseline": part["cost"]},
            "train_seconds": {"matvit": seconds, "baseline": part["train_seconds"]},
+           "trained_on": {"matvit": trained_on(run.out), "baseline": part["trained_on"]},
            "measure_seconds": round(measure_seconds + part.get("measure_seconds", 0.0), 1),
            "classes": len(gallery.classes)}
     row["targets"] = targets(row)
@@ -237,7 +247,8 @@ def combine(rows: list[dict]) -> dict:
         "classes": first["classes"],
         "runs": [{**{k: r[k] for k in ("seed", "baseline_seeds", "commit", "command", "matvit", "baseline",
                                        "train_seconds", "targets")},
-                  "baseline_commit": r.get("baseline_commit", r["commit"]), "baselines_from": r.get("baselines_from")}
+                  "baseline_commit": r.get("baseline_commit", r["commit"]), "baselines_from": r.get("baselines_from"),
+                  "trained_on": r.get("trained_on")}
                  for r in rows],
     }
     result["baseline"]["grid"] = {g: result["baseline"]["grid"][g] for g in GRANULARITY_NAMES
@@ -331,6 +342,20 @@ def _verdict(met: bool | None) -> str:
     return "not measured" if met is None else "met" if met else "**missed**"
 
 
+def trained_on_lines(runs: list[dict]) -> list[str]:
+    """Which CPU ran which training, for the steps that recorded it (older steps did not)."""
+    where: dict[str, list[str]] = {}
+    for run in runs:
+        recorded = run.get("trained_on") or {}
+        trainings = [("MatViT", recorded.get("matvit")),
+                     *((f"baseline {g}", t) for g, t in recorded.get("baseline", {}).items())]
+        for name, t in trainings:
+            if t:
+                where.setdefault(t["cpu"], []).append(f"seed {run['seed']} {name}")
+    return ["Trained on: " + "; ".join(f"{cpu} ({', '.join(names)})" for cpu, names in where.items())
+            + " (a seed reproduces a training on the same kind of CPU only)", ""] if where else []
+
+
 def markdown(r: dict) -> str:
     m, b = r["matvit"]["grid"], r["baseline"]["grid"]
     names, runs = list(m), r["runs"]
@@ -340,6 +365,7 @@ def markdown(r: dict) -> str:
     lines = [f"# Cross-consistency: {r['dataset']}, {r['preset']}, {r['epochs']} epochs, seed(s) {seeds}", "",
              f"Command: `{r['command']}`  ", f"Commit: `{r['commit']}` (each seed's own: `seeds` in the JSON)  ",
              f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}", "",
+             *trained_on_lines(runs),
              *(["Baselines measured before: " + "; ".join(
                  f"seed {run['seed']} in `{run['baselines_from']}` at commit "
                  f"`{run['baseline_commit'][:12]}`" for run in taken), ""] if taken else []),
