@@ -108,6 +108,7 @@ def option_differences(saved: dict, given: dict) -> list[str]:
     field is named `recipe.<field>` unless the option of the same name already differs."""
     def flat(options: dict) -> dict:
         top = {k: v for k, v in options.items() if k not in ("out", "recipe")}
+        top["dense_epochs"] = top.get("dense_epochs") or None  # runs recorded before 1ebded7 wrote 0 for none
         return top | {f"recipe.{k}": v for k, v in options.get("recipe", {}).items()}
 
     a, b = flat(saved), flat(given)

@@ -21,7 +21,7 @@ from app.bench.consistency import (
 )
 from app.bench.plots import pareto_front
 from app.cli import main
-from matvit.train import Trainer, TrainOptions, finished_run
+from matvit.train import Trainer, TrainOptions, finished_run, option_differences
 
 
 def test_matvit_shares_a_space_and_baselines_do_not(tmp_path, monkeypatch):
@@ -112,6 +112,13 @@ def test_reuse_takes_a_finished_run_with_the_same_options_wherever_it_was_writte
     _fake_run(tmp_path / "c", TrainOptions(**BENCH, out=tmp_path / "c"), logged_epochs=2)
     assert not finished_run(tmp_path / "c", TrainOptions(**BENCH, out=tmp_path / "c"))
     assert not finished_run(tmp_path / "missing", TrainOptions(**BENCH, out=tmp_path / "missing"))
+
+
+def test_reuse_takes_a_run_that_recorded_no_warm_up_as_0():
+    opts = TrainOptions(**BENCH, out="run", baseline="XL", dense_epochs=0)
+    older = opts.to_dict() | {"dense_epochs": 0}  # how runs recorded a turned-off warm-up before they wrote None
+    assert opts.to_dict()["dense_epochs"] is None and not option_differences(older, opts.to_dict())
+    assert option_differences(older, TrainOptions(**BENCH, out="run", dense_epochs=5).to_dict())
 
 
 def test_reuse_continues_an_interrupted_training_of_the_same_options(tmp_path, monkeypatch):
