@@ -1,7 +1,7 @@
 """`matvit bench consistency` as a script: MatViT against independently trained baselines.
 
     python scripts/benchmark_consistency.py --dataset fashion-mnist --preset matvit-small-fmnist \
-        --out docs/results/consistency-fmnist --reuse
+        --seeds 0,1,2 --baselines S --out runs/consistency --reuse
 """
 
 import sys
