@@ -36,6 +36,8 @@ from .model import MatViT
 from .runtime import Runtime
 from .spec import Submodel
 
+RECIPE_OVERRIDES = ("epochs", "batch_size", "lr", "augment", "dense_epochs")  # options that replace a preset's
+
 
 @dataclass
 class TrainOptions:
@@ -62,8 +64,7 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         preset = get_preset(self.preset)
-        overrides = {k: v for k in ("epochs", "batch_size", "lr", "augment", "dense_epochs")
-                     if (v := getattr(self, k)) is not None}
+        overrides = {k: v for k in RECIPE_OVERRIDES if (v := getattr(self, k)) is not None}
         self.recipe = dataclasses.replace(preset.recipe, **overrides)
         if self.recipe.dense_epochs is not None and self.recipe.dense_epochs < 0:
             raise UserError("--dense-epochs must be 0 (no dense warm-up) or more")
@@ -104,17 +105,20 @@ class TrainOptions:
 
 
 def option_differences(saved: dict, given: dict) -> list[str]:
-    """`name (saved X, given Y)` for every option (`TrainOptions.to_dict()`, `out` aside) that differs; a recipe
-    field is named `recipe.<field>` unless the option of the same name already differs."""
+    """`name (saved X, given Y)` for every option (`TrainOptions.to_dict()`, `out` aside) that differs. The
+    recipe is compared as it ran (`recipe.<field>`), not how it was asked for: `--epochs 10` matches a run that
+    took 10 epochs from its preset."""
     def flat(options: dict) -> dict:
-        top = {k: v for k, v in options.items() if k not in ("out", "recipe")}
-        top["dense_epochs"] = top.get("dense_epochs") or None  # runs recorded before 1ebded7 wrote 0 for none
-        return top | {f"recipe.{k}": v for k, v in options.get("recipe", {}).items()}
+        top = {k: v for k, v in options.items() if k not in ("out", "recipe", *RECIPE_OVERRIDES)}
+        recipe = {f"recipe.{k}": v for k, v in options.get("recipe", {}).items()}
+        # runs recorded before 1ebded7 wrote 0 for no warm-up, and before that no recipe field at all
+        warm_up = recipe["recipe.dense_epochs"] if "recipe.dense_epochs" in recipe else options.get("dense_epochs")
+        recipe["recipe.dense_epochs"] = warm_up or None
+        return top | recipe
 
     a, b = flat(saved), flat(given)
-    keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
-    return [f"{k} (saved {a.get(k)!r}, given {b.get(k)!r})" for k in keys
-            if not (k.startswith("recipe.") and k.removeprefix("recipe.") in keys)]
+    return [f"{k} (saved {a.get(k)!r}, given {b.get(k)!r})" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)]
 
 
 def finished_run(run: Path, opts: TrainOptions) -> bool:

@@ -121,6 +121,15 @@ def test_reuse_takes_a_run_that_recorded_no_warm_up_as_0():
     assert option_differences(older, TrainOptions(**BENCH, out="run", dense_epochs=5).to_dict())
 
 
+def test_reuse_compares_the_recipe_that_ran_not_how_it_was_asked_for():
+    unpinned = {k: v for k, v in BENCH.items() if k != "epochs"}
+    by_default = TrainOptions(**unpinned, out="run").to_dict()  # the preset's epochs, `epochs` left unset
+    epochs = by_default["recipe"]["epochs"]
+    assert not option_differences(by_default, TrainOptions(**unpinned, out="run", epochs=epochs).to_dict())
+    assert option_differences(by_default, TrainOptions(**unpinned, out="run", epochs=epochs + 1).to_dict()) == [
+        f"recipe.epochs (saved {epochs}, given {epochs + 1})"]
+
+
 def test_reuse_continues_an_interrupted_training_of_the_same_options(tmp_path, monkeypatch):
     opts = TrainOptions(**{**BENCH, "epochs": 1}, out=tmp_path / "run")
     seconds = train_cached(opts, log=lambda s: None)

@@ -125,7 +125,7 @@ def baselines_measured(row: dict | None, settings: dict) -> bool:
     if row is None:
         return False
     done = row["settings"].get("baselines", {})
-    return all(steps.same_settings(done.get(g), options) for g, options in settings["baselines"].items())
+    return all(g in done and not option_differences(done[g], options) for g, options in settings["baselines"].items())
 
 
 def measure_baselines(opts: BenchOptions, seed: int, gallery, queries, commit: str, log=print) -> dict:
@@ -166,7 +166,7 @@ def measure_seed(opts: BenchOptions, seed: int, log=print) -> dict:
     settings = step_settings(opts, seed)
     path = Path(opts.out) / "steps" / f"seed-{seed}.json"
     row = _saved(path) if opts.reuse else None
-    if baselines_measured(row, settings) and steps.same_settings(row["settings"]["matvit"], settings["matvit"]):
+    if baselines_measured(row, settings) and not option_differences(row["settings"]["matvit"], settings["matvit"]):
         log(f"[seed {seed}] measured before: {path}")
         return row
     candidates = [(path, row)]
