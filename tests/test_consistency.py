@@ -198,6 +198,11 @@ def test_another_matvit_recipe_takes_the_baselines_measured_before(tmp_path, sma
     assert step["trained_on"]["baseline"] == first["runs"][0]["trained_on"]["baseline"]
     report = (tmp_path / "warm" / "consistency.md").read_text()
     assert f"Baselines measured before: seed 0 in `{step['baselines_from']}`" in report
+    # Their timings too come from that step, and the cost table says so beside each row.
+    assert second["cost"]["baseline"] == first["cost"]["baseline"]
+    timed_in = f"seed 0, {first['runs'][0]['commit'][:7]}"
+    assert second["cost_measured_in"]["baseline"] == {"S": timed_in}
+    assert f"| {timed_in} |" in report.split("## Cost")[1]
     assert (tmp_path / "other" / "seed-0" / "matvit" / "dense").is_dir()  # the MatViT trained with its warm-up
 
     # Baselines of other options are not taken: a step measured with 1 epoch does not serve 2.

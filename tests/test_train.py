@@ -275,8 +275,8 @@ def test_augment_keeps_shape_and_dtype():
 
 def test_augment_overrides_the_presets_recipe(tmp_path):
     cifar = TrainOptions("matvit-small-cifar", "digits", tmp_path)
-    assert cifar.recipe.augment == "crop-flip"
-    plain = TrainOptions("matvit-small-cifar", "digits", tmp_path, augment="none")
-    assert plain.recipe.augment == "none" and plain.recipe.epochs == cifar.recipe.epochs
+    assert cifar.recipe.augment == "none"
+    flipped = TrainOptions("matvit-small-cifar", "digits", tmp_path, augment="crop-flip")
+    assert flipped.recipe.augment == "crop-flip" and flipped.recipe.epochs == cifar.recipe.epochs
     with pytest.raises(UserError, match="unknown augmentation 'rotate'"):
         TrainOptions("matvit-small-cifar", "digits", tmp_path, augment="rotate")

@@ -223,6 +223,11 @@ def _mean_grid(grids: list[dict]) -> dict:
     return out
 
 
+def _measured_in(row: dict, commit: str) -> str:
+    """Which step timed an encoder: its seed and commit (timings from different steps ran at different times)."""
+    return f"seed {row['seed']}, {commit[:7]}"
+
+
 def combine(rows: list[dict]) -> dict:
     """The seeds' steps as one result: mean grids (with spreads), mean Mix'n'Match accuracy, the first measured
     costs, mean training seconds, every seed's row under `seeds`, and the targets on the means and per seed."""
@@ -240,6 +245,9 @@ def combine(rows: list[dict]) -> dict:
         "cost": {"matvit": first["cost"]["matvit"],
                  "baseline": {g: next(r["cost"]["baseline"][g] for r in rows if g in r["baselines"])
                               for g in baselines}},
+        "cost_measured_in": {"matvit": {g: _measured_in(first, first["commit"]) for g in first["cost"]["matvit"]},
+                             "baseline": {g: next(_measured_in(r, r.get("baseline_commit", r["commit"]))
+                                                  for r in rows if g in r["baselines"]) for g in baselines}},
         "train_seconds": {"matvit": float(np.mean([r["train_seconds"]["matvit"] for r in rows])),
                           "baseline": {g: float(np.mean([r["train_seconds"]["baseline"][g] for r in rows
                                                          if g in r["baselines"]])) for g in baselines}},
@@ -397,12 +405,14 @@ def markdown(r: dict) -> str:
                          + " | ".join(_verdict(t["met"]) for t in run["targets"]) + " |")
     below = mixnmatch_below({g: m["XL"][g]["knn1"] for g in names}, r["mixnmatch"])
     lines += ["", *misses_by_mix(below, names[0], names[-1])]
-    lines += ["", "## Cost", "", "| encoder | params | GFLOPs | ms (batch 1) | ms (batch 32) |",
-              "|---|---:|---:|---:|---:|"]
+    measured_in = r.get("cost_measured_in", {})
+    lines += ["", "## Cost", "", "Milliseconds compare only between rows timed in the same step (seed and commit).",
+              "", "| encoder | params | GFLOPs | ms (batch 1) | ms (batch 32) | timed in |",
+              "|---|---:|---:|---:|---:|---|"]
     for family, rows in r["cost"].items():
         for g, c in rows.items():
             lines.append(f"| {family} {g} | {c['params']:,} | {c['gflops']:.4f} | {c['latency_ms_b1']:.2f} | "
-                         f"{c['latency_ms_b32']:.2f} |")
+                         f"{c['latency_ms_b32']:.2f} | {measured_in.get(family, {}).get(g, '')} |")
     ts = r["train_seconds"]
     lines += ["", "Training wall time (mean per seed): MatViT (all granularities jointly) "
               f"{ts['matvit'] / 60:.1f} min; the baselines {sum(ts['baseline'].values()) / 60:.1f} min together "
