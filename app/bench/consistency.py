@@ -223,11 +223,6 @@ def _mean_grid(grids: list[dict]) -> dict:
     return out
 
 
-def _measured_in(row: dict, commit: str) -> str:
-    """Which step timed an encoder: its seed and commit (timings from different steps ran at different times)."""
-    return f"seed {row['seed']}, {commit[:7]}"
-
-
 def combine(rows: list[dict]) -> dict:
     """The seeds' steps as one result: mean grids (with spreads), mean Mix'n'Match accuracy, the first measured
     costs, mean training seconds, every seed's row under `seeds`, and the targets on the means and per seed."""
@@ -235,6 +230,7 @@ def combine(rows: list[dict]) -> dict:
     mixnmatch = [{**spec, "knn1": float(np.mean([r["mixnmatch"][k]["knn1"] for r in rows]))}
                  for k, spec in enumerate(first["mixnmatch"])]
     baselines = list(dict.fromkeys(g for r in rows for g in r["baselines"]))
+    timed_by = {g: next(r for r in rows if g in r["baselines"]) for g in baselines}  # the first step with g
     result = {
         "seeds": [r["seed"] for r in rows],
         "matvit": {"map10_definition": first["matvit"]["map10_definition"],
@@ -243,11 +239,12 @@ def combine(rows: list[dict]) -> dict:
                      "grid": _mean_grid([r["baseline"]["grid"] for r in rows])},
         "mixnmatch": mixnmatch,
         "cost": {"matvit": first["cost"]["matvit"],
-                 "baseline": {g: next(r["cost"]["baseline"][g] for r in rows if g in r["baselines"])
-                              for g in baselines}},
-        "cost_measured_in": {"matvit": {g: _measured_in(first, first["commit"]) for g in first["cost"]["matvit"]},
-                             "baseline": {g: next(_measured_in(r, r.get("baseline_commit", r["commit"]))
-                                                  for r in rows if g in r["baselines"]) for g in baselines}},
+                 "baseline": {g: r["cost"]["baseline"][g] for g, r in timed_by.items()}},
+        # which step timed each row: timings from different steps ran at different times
+        "cost_measured_in": {"matvit": {g: f"seed {first['seed']}, {first['commit'][:7]}"
+                                        for g in first["cost"]["matvit"]},
+                             "baseline": {g: f"seed {r['seed']}, {r.get('baseline_commit', r['commit'])[:7]}"
+                                          for g, r in timed_by.items()}},
         "train_seconds": {"matvit": float(np.mean([r["train_seconds"]["matvit"] for r in rows])),
                           "baseline": {g: float(np.mean([r["train_seconds"]["baseline"][g] for r in rows
                                                          if g in r["baselines"]])) for g in baselines}},
