@@ -265,6 +265,25 @@ def test_bench_writes_each_step_and_skips_what_it_is_told(tmp_path):
     assert "from scratch" not in (tmp_path / "out" / "induce.md").read_text()
 
 
+def test_the_full_recipe_row_counts_its_dense_warm_up(tmp_path, small_digits, monkeypatch):
+    from app.bench.induce import Bench, InduceBenchOptions
+    from matvit import config
+    from matvit.induce import train_matvit
+
+    warm = config.Preset(_config(), config.TrainRecipe(epochs=1, batch_size=32, augment="none", dense_epochs=1))
+    monkeypatch.setitem(config.PRESETS, PRESET, warm)
+    full = tmp_path / "full"
+    train_matvit(TrainOptions(PRESET, "digits", full), **QUIET)
+    opts = InduceBenchOptions(dataset="digits", preset=PRESET, out=tmp_path / "out", epochs=1, dense_epochs=1,
+                              importances=("weight",), scratch=False, cache=tmp_path / "runs", full_run=full,
+                              log=lambda s: None)
+    row = Bench(opts).full()
+    dense_seconds = json.loads((full / "dense/eval.json").read_text())["train_seconds"]
+    assert row["epochs"] == {"dense": 1, "joint": 1} and row["settings"]["dense_epochs"] == 1
+    assert row["seconds"]["dense"] == dense_seconds
+    assert sum(row["seconds"].values()) == pytest.approx(json.loads((full / "eval.json").read_text())["train_seconds"])
+
+
 def test_a_dense_warm_up_trains_orders_by_weight_then_starts_the_joint_training_there(tmp_path, small_digits, capsys):
     out = tmp_path / "warm"
     args = ["train", "--preset", PRESET, "--dataset", "digits", "--out", str(out), "--dense-epochs", "1",

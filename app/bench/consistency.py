@@ -21,7 +21,7 @@ import numpy as np
 
 from matvit import checkpoint, data, metrics, provenance
 from matvit import spec as specs
-from matvit.config import GRANULARITY_NAMES, get_preset
+from matvit.config import GRANULARITY_NAMES
 from matvit.induce import dense_options, train_matvit
 from matvit.train import TrainOptions, finished_run, option_differences
 from retrieval.budget import measure
@@ -269,9 +269,10 @@ def run(opts: BenchOptions, log=print) -> dict:
     (out / "steps").mkdir(parents=True, exist_ok=True)
     origin = provenance.record()  # the code that started the run, not whatever is checked out at its end
     rows = [measure_seed(opts, seed, log) for seed in opts.seeds]
-    result = {"dataset": opts.dataset, "preset": opts.preset,
-              "epochs": opts.epochs or get_preset(opts.preset).recipe.epochs, "mixnmatch_prob": opts.mixnmatch_prob,
-              **origin, **combine(rows)}
+    recipe = train_options(opts, opts.seeds[0], None).recipe  # the MatViT's, as it ran
+    result = {"dataset": opts.dataset, "preset": opts.preset, "epochs": recipe.epochs,
+              "dense_epochs": recipe.dense_epochs or 0, "augment": recipe.augment,
+              "mixnmatch_prob": opts.mixnmatch_prob, **origin, **combine(rows)}
     (out / "consistency.json").write_text(json.dumps(result, indent=2))
     (out / "consistency.md").write_text(markdown(result))
     consistency_grids_png(result, out / "grid.png")
@@ -367,7 +368,8 @@ def markdown(r: dict) -> str:
     seeds = ", ".join(str(s) for s in r["seeds"])
     taken = [run for run in runs if run["baselines_from"]]
     spread = " ± the standard deviation over seeds" if len(runs) > 1 else ""
-    lines = [f"# Cross-consistency: {r['dataset']}, {r['preset']}, {r['epochs']} epochs, seed(s) {seeds}", "",
+    warm_up = f"{r['dense_epochs']} dense + " if r.get("dense_epochs") else ""
+    lines = [f"# Cross-consistency: {r['dataset']}, {r['preset']}, {warm_up}{r['epochs']} epochs, seed(s) {seeds}", "",
              f"Command: `{r['command']}`  ", f"Commit: `{r['commit']}` (each seed's own: `seeds` in the JSON)  ",
              f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}", "",
              *trained_on_lines(runs),
@@ -377,8 +379,11 @@ def markdown(r: dict) -> str:
              f"1-NN accuracy (%), mean over the seeds{spread}. Rows: index (gallery) encoder; columns: query "
              "encoder. MatViT submodels, with the independently trained baseline of the same width in brackets on "
              "the diagonal. MatViT of seed s trains with seed s; its baselines S, M, L, XL with seeds 4s+1 to 4s+4."
+             + (f" The MatViT starts its {r['epochs']} joint epochs from a dense ViT of XL's width trained for "
+                f"{r['dense_epochs']} epochs; each baseline trains {r['epochs']} epochs." if warm_up else "")
              + (f" The MatViT trains with a random monotone Mix'n'Match spec in {r['mixnmatch_prob']:.0%} of the "
-                "steps." if r.get("mixnmatch_prob") else ""),
+                "steps." if r.get("mixnmatch_prob") else "")
+             + (f" Augmentation: {r['augment']}." if r.get("augment") else ""),
              "", "| index \\ query | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for i in names:
         cells = [_cell(m[i][q]) + (f" ({_cell(b[i][q])})" if i == q and i in b else "") for q in names]

@@ -173,13 +173,17 @@ class Bench:
             self.log(f"[full] no finished full-recipe training in {run}: not run")
             return None
 
+        dense_epochs = opts.recipe.dense_epochs or 0
+
         def make() -> dict:
             model, _ = checkpoint.load(run)
-            ev = json.loads((run / "eval.json").read_text())
+            ev = json.loads((run / "eval.json").read_text())  # its train_seconds count the dense warm-up too
+            dense = json.loads((run / "dense" / "eval.json").read_text())["train_seconds"] if dense_epochs else 0.0
             return {"method": "full", "run": str(run), "top1": ev["top1"], **self.grid(model),
-                    "epochs": {"dense": 0, "joint": opts.recipe.epochs},
-                    "seconds": {"dense": 0.0, "reorder": 0.0, "joint": ev["train_seconds"]}}
-        return self.step("full", {"epochs": opts.recipe.epochs, "seed": self.opts.seed}, make)
+                    "epochs": {"dense": dense_epochs, "joint": opts.recipe.epochs},
+                    "seconds": {"dense": dense, "reorder": 0.0, "joint": ev["train_seconds"] - dense}}
+        return self.step("full", {"epochs": opts.recipe.epochs, "dense_epochs": opts.recipe.dense_epochs,
+                                  "seed": self.opts.seed}, make)
 
     def run(self) -> dict:
         dense = self.dense()
@@ -217,8 +221,9 @@ def _reference_grids(ref: dict | None) -> dict | None:
     if ref is None:
         return None
     knn = lambda g: {i: {q: c["knn1"] for q, c in row.items()} for i, row in g["grid"].items()}  # noqa: E731
-    return {"epochs": ref["epochs"], "matvit": knn(ref["matvit"]), "baseline": knn(ref["baseline"]),
-            "train_seconds": ref["train_seconds"], "command": ref["command"], "commit": ref["commit"]}
+    return {"epochs": ref["epochs"], "dense_epochs": ref.get("dense_epochs", 0), "matvit": knn(ref["matvit"]),
+            "baseline": knn(ref["baseline"]), "train_seconds": ref["train_seconds"], "command": ref["command"],
+            "commit": ref["commit"]}
 
 
 def targets(grid: dict, reference: dict | None) -> list[dict]:
@@ -290,7 +295,8 @@ def markdown(r: dict) -> str:
                      + f" | {_pct(xl_s)} | {'' if worst is None else f'{100 * worst:+.2f}'} | {met} |")
     if ref is not None:
         m, b = ref["matvit"], ref["baseline"]
-        lines.append(f"| MatViT, full recipe, quoted from `{r['reference']}` (not re-run) | 0 + {ref['epochs']} | "
+        lines.append(f"| MatViT, full recipe, quoted from `{r['reference']}` (not re-run) | "
+                     f"{ref.get('dense_epochs', 0)} + {ref['epochs']} | "
                      f"{ref['train_seconds']['matvit']:.0f} | " + " | ".join(_pct(m[n][n]) for n in names)
                      + f" | {_pct(m['XL']['S'])} | | |")
         lines.append(f"| independent baselines, one per width, quoted from the same file | {ref['epochs']} each | "
