@@ -52,7 +52,7 @@ def test_matvit_shares_a_space_and_baselines_do_not(tmp_path, monkeypatch):
     assert (saved["epochs"], saved["dense_epochs"], saved["augment"]) == (6, 0, "none")  # the recipe as it ran
     assert "# Cross-consistency: digits, matvit-tiny-digits, 6 epochs" in (tmp_path / "consistency.md").read_text()
     warmed = consistency.markdown({**saved, "dense_epochs": 2})
-    assert "2 dense + 6 epochs, seed(s) 0" in warmed.splitlines()[0] and "trained for 2 epochs" in warmed
+    assert "2 dense + 6 joint epochs, seed(s) 0" in warmed.splitlines()[0] and "trained for 2 epochs" in warmed
     for name in ("consistency.md", "grid.png", "pareto.png", "steps/seed-0.json"):
         assert (tmp_path / name).stat().st_size > 0
     # Baselines trained in the step are recorded at the step's own commit, not reported as taken from elsewhere.

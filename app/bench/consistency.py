@@ -368,8 +368,9 @@ def markdown(r: dict) -> str:
     seeds = ", ".join(str(s) for s in r["seeds"])
     taken = [run for run in runs if run["baselines_from"]]
     spread = " ± the standard deviation over seeds" if len(runs) > 1 else ""
-    warm_up = f"{r['dense_epochs']} dense + " if r.get("dense_epochs") else ""
-    lines = [f"# Cross-consistency: {r['dataset']}, {r['preset']}, {warm_up}{r['epochs']} epochs, seed(s) {seeds}", "",
+    warm_up = bool(r.get("dense_epochs"))
+    epochs = f"{r['dense_epochs']} dense + {r['epochs']} joint epochs" if warm_up else f"{r['epochs']} epochs"
+    lines = [f"# Cross-consistency: {r['dataset']}, {r['preset']}, {epochs}, seed(s) {seeds}", "",
              f"Command: `{r['command']}`  ", f"Commit: `{r['commit']}` (each seed's own: `seeds` in the JSON)  ",
              f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}", "",
              *trained_on_lines(runs),
