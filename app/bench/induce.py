@@ -173,15 +173,14 @@ class Bench:
             self.log(f"[full] no finished full-recipe training in {run}: not run")
             return None
 
-        dense_epochs = opts.recipe.dense_epochs or 0
-
         def make() -> dict:
             model, _ = checkpoint.load(run)
             ev = json.loads((run / "eval.json").read_text())  # its train_seconds count the dense warm-up too
-            dense = json.loads((run / "dense" / "eval.json").read_text())["train_seconds"] if dense_epochs else 0.0
+            warm_up = ev.get("dense_warmup", {"epochs": 0, "train_seconds": 0.0})
             return {"method": "full", "run": str(run), "top1": ev["top1"], **self.grid(model),
-                    "epochs": {"dense": dense_epochs, "joint": opts.recipe.epochs},
-                    "seconds": {"dense": dense, "reorder": 0.0, "joint": ev["train_seconds"] - dense}}
+                    "epochs": {"dense": warm_up["epochs"], "joint": opts.recipe.epochs},
+                    "seconds": {"dense": warm_up["train_seconds"], "reorder": 0.0,
+                                "joint": ev["train_seconds"] - warm_up["train_seconds"]}}
         return self.step("full", {"epochs": opts.recipe.epochs, "dense_epochs": opts.recipe.dense_epochs,
                                   "seed": self.opts.seed}, make)
 
