@@ -161,6 +161,25 @@ def test_reuse_continues_after_a_finished_dense_warm_up(tmp_path, monkeypatch, s
     assert any(line.startswith("reusing the finished dense warm-up") for line in logged)
 
 
+def test_a_mixnmatch_run_starts_from_the_same_seeds_finished_dense_warm_up(tmp_path, monkeypatch, small_digits):
+    plain = TrainOptions(**{**BENCH, "epochs": 1}, dense_epochs=1, out=tmp_path / "seed-0" / "matvit")
+    train_cached(plain, log=lambda s: None)
+    mixed = TrainOptions(**{**BENCH, "epochs": 1}, dense_epochs=1, mixnmatch_prob=0.5,
+                         out=tmp_path / "seed-0" / "matvit-mixnmatch-0.5")
+    trained = []
+    original = Trainer.train_epoch
+    monkeypatch.setattr(Trainer, "train_epoch", lambda self: (trained.append(self.out.name), original(self))[1])
+    logged = []
+    train_cached(mixed, log=logged.append)
+    assert trained == ["matvit-mixnmatch-0.5"]  # its joint epoch only: the warm-up was copied, not trained again
+    assert logged[0] == f"copying the finished dense warm-up {plain.out / 'dense'} into {mixed.out / 'dense'}"
+    assert finished_run(mixed.out, mixed)
+    other_seed = TrainOptions(**{**BENCH, "epochs": 1, "seed": 1}, dense_epochs=1, mixnmatch_prob=0.5,
+                              out=tmp_path / "seed-0" / "matvit-seed-1")
+    train_cached(other_seed, log=logged.append)
+    assert trained[-2:] == ["dense", "matvit-seed-1"]  # a warm-up of other options is not taken
+
+
 def test_an_unset_option_matches_a_step_written_before_it_existed(tmp_path):
     opts = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path)
     given = {"matvit": options_json(train_options(opts, 0, None))}

@@ -13,6 +13,7 @@ baselines trained with the same options (`baselines_from`) instead of training t
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,14 +65,31 @@ def _resumable(run: Path, train_opts: TrainOptions) -> bool:
     return state is not None and not option_differences(state["options"], train_opts.to_dict())
 
 
+def share_warm_up(train_opts: TrainOptions, log=print) -> None:
+    """Copy into the run a finished dense warm-up of the same options from another run of the same seed (a MatViT
+    recipe that changes only the joint epochs, such as Mix'n'Match sampling, starts from the same dense ViT)."""
+    dense = dense_options(train_opts)
+    if finished_run(dense.out, dense):
+        return
+    for other in sorted(Path(train_opts.out).parent.glob("*/dense")):
+        if finished_run(other, dense):
+            log(f"copying the finished dense warm-up {other} into {dense.out}")
+            shutil.rmtree(dense.out, ignore_errors=True)
+            shutil.copytree(other, dense.out)
+            return
+
+
 def train_cached(train_opts: TrainOptions, log=print, reuse: bool = True) -> float:
     """Train into `train_opts.out` unless (with `reuse`) a finished run of the same options is there, continuing
-    (with `reuse`) an interrupted one of the same options, or its interrupted dense warm-up, from its last epoch;
-    returns the training's wall time in seconds."""
+    (with `reuse`) an interrupted one of the same options, or its interrupted dense warm-up, from its last epoch,
+    or (with `reuse`) from the same seed's finished warm-up of another run; returns the training's wall time in
+    seconds."""
     run = Path(train_opts.out)
     if reuse and finished_run(run, train_opts):
         log(f"reusing {run}")
     else:
+        if reuse and train_opts.recipe.dense_epochs:
+            share_warm_up(train_opts, log)
         warm_up = train_opts.recipe.dense_epochs and _resumable(run / "dense", dense_options(train_opts))
         resume = reuse and bool(_resumable(run, train_opts) or warm_up)
         log(f"{'continuing' if resume else 'training'} {run.name} ({train_opts.recipe.epochs} epochs) in {run}")
