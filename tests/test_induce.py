@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
+from app.bench.induce import find_reference
 from app.cli import main
 from matvit import checkpoint, sources
 from matvit import induce as ind
@@ -327,3 +328,23 @@ def test_a_presets_warm_up_gives_way_to_zero_to_a_baseline_and_to_starting_weigh
 def test_bad_dense_warm_ups_are_one_line_errors(tmp_path, kwargs, message):
     with pytest.raises(UserError, match=message):
         TrainOptions(PRESET, "digits", tmp_path, **kwargs)
+
+
+def test_the_reference_is_the_consistency_result_of_the_presets_own_recipe(tmp_path):
+    recipe = get_preset("matvit-small-fmnist").recipe
+    own = {"dataset": "fashion-mnist", "preset": "matvit-small-fmnist", "epochs": recipe.epochs,
+           "dense_epochs": recipe.dense_epochs, "augment": recipe.augment, "mixnmatch_prob": 0.0, "seeds": [0]}
+    results = {"a-plain": {**own, "dense_epochs": None, "epochs": 10, "seeds": [0, 1, 2]},  # first by name
+               "b-mixnmatch": {**own, "mixnmatch_prob": 0.5, "seeds": [0, 1, 2]},
+               "c-default": own, "d-default-seeds": {**own, "seeds": [0, 1, 2]},
+               "e-other-dataset": {**own, "dataset": "digits", "seeds": [0, 1, 2, 3]}}
+    for name, r in results.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "consistency.json").write_text(json.dumps(r))
+    assert find_reference("fashion-mnist", "matvit-small-fmnist", tmp_path) == tmp_path / "d-default-seeds" / \
+        "consistency.json"
+    (tmp_path / "c-default" / "consistency.json").unlink()
+    (tmp_path / "d-default-seeds" / "consistency.json").unlink()
+    assert find_reference("fashion-mnist", "matvit-small-fmnist", tmp_path) == tmp_path / "a-plain" / \
+        "consistency.json"  # no result of the own recipe: the most seeds
+    assert find_reference("cifar", "matvit-small-fmnist", tmp_path) is None
