@@ -72,7 +72,7 @@ def share_warm_up(train_opts: TrainOptions, log=print) -> None:
     if finished_run(dense.out, dense):
         return
     for other in sorted(Path(train_opts.out).parent.glob("*/dense")):
-        if finished_run(other, dense):
+        if other != dense.out and finished_run(other, dense):
             log(f"copying the finished dense warm-up {other} into {dense.out}")
             shutil.rmtree(dense.out, ignore_errors=True)
             shutil.copytree(other, dense.out)
@@ -80,10 +80,9 @@ def share_warm_up(train_opts: TrainOptions, log=print) -> None:
 
 
 def train_cached(train_opts: TrainOptions, log=print, reuse: bool = True) -> float:
-    """Train into `train_opts.out` unless (with `reuse`) a finished run of the same options is there, continuing
-    (with `reuse`) an interrupted one of the same options, or its interrupted dense warm-up, from its last epoch,
-    or (with `reuse`) from the same seed's finished warm-up of another run; returns the training's wall time in
-    seconds."""
+    """Train into `train_opts.out`; with `reuse`, take a finished run of the same options there, or continue an
+    interrupted one (or its interrupted dense warm-up) from its last epoch, or start from the same seed's finished
+    warm-up of another run. Returns the training's wall time in seconds."""
     run = Path(train_opts.out)
     if reuse and finished_run(run, train_opts):
         log(f"reusing {run}")
