@@ -72,7 +72,7 @@ def share_warm_up(train_opts: TrainOptions, log=print) -> None:
     if finished_run(dense.out, dense):
         return
     for other in sorted(Path(train_opts.out).parent.glob("*/dense")):
-        if other != dense.out and finished_run(other, dense):
+        if finished_run(other, dense):  # not the run's own: that one is unfinished
             log(f"copying the finished dense warm-up {other} into {dense.out}")
             shutil.rmtree(dense.out, ignore_errors=True)
             shutil.copytree(other, dense.out)
