@@ -101,11 +101,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         distill=args.distill, mixnmatch_prob=args.mixnmatch_prob, baseline=args.baseline, head=args.head,
         init=args.init and str(args.init), seed=args.seed,
     )
-    rt = runtime.start(args.device, args.precision, args.compile)
-    try:
+    with runtime.start(args.device, args.precision, args.compile) as rt:
         result = train_matvit(opts, rt, workers=args.workers, in_memory=args.in_memory, resume=args.resume)
-    finally:
-        rt.close()
     if result is None:  # not the main process of a torchrun group
         return
     print(f"{'granularity':<12}{'top-1':>8}{'1-NN':>8}")
@@ -122,11 +119,8 @@ def cmd_induce(args: argparse.Namespace) -> None:
                          data_dir=args.data_dir, importance=args.importance,
                          importance_batches=args.importance_batches, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    rt = runtime.start(args.device, args.precision, args.compile)
-    try:
+    with runtime.start(args.device, args.precision, args.compile) as rt:
         result = induce(opts, rt, workers=args.workers, in_memory=args.in_memory, resume=args.resume)
-    finally:
-        rt.close()
     if result is None:  # not the main process of a torchrun group
         return
     shares = result["induce"]["mean_after"]
@@ -197,11 +191,8 @@ def _embedding(args: argparse.Namespace):
     from matvit import runtime
     from retrieval.encoder import Encoder
 
-    rt = runtime.start(args.device, args.precision)
-    try:
+    with runtime.start(args.device, args.precision) as rt:
         yield Encoder.load(args.checkpoint, runtime=rt)
-    finally:
-        rt.close()
 
 
 def cmd_index_remove(args: argparse.Namespace) -> None:

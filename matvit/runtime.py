@@ -110,6 +110,12 @@ class Runtime:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def start(device: str = "auto", precision: str = "fp32", compile: bool = False) -> Runtime:
     """This process's runtime: alone, or one of torchrun's processes (WORLD_SIZE > 1), joined to the group."""

@@ -221,11 +221,12 @@ def test_another_matvit_recipe_takes_the_baselines_measured_before(tmp_path, sma
     assert step["trained_on"]["baseline"] == first["runs"][0]["trained_on"]["baseline"]
     report = (tmp_path / "warm" / "consistency.md").read_text()
     assert f"Baselines measured before: seed 0 in `{step['baselines_from']}`" in report
-    # Their timings too come from that step, and the cost table says so beside each row.
-    assert second["cost"]["baseline"] == first["cost"]["baseline"]
-    timed_in = f"seed 0, {first['runs'][0]['commit'][:7]}"
-    assert second["cost_measured_in"]["baseline"] == {"S": timed_in}
-    assert f"| {timed_in} |" in report.split("## Cost")[1]
+    # A baseline costs what MatViT's submodel of its width costs: only the MatViT's submodels are timed.
+    assert second["cost"]["baseline"] == first["cost"]["baseline"] == {"S": {k: second["cost"]["matvit"]["S"][k]
+                                                                         for k in ("params", "gflops")}}
+    cost = report.split("## Cost")[1]
+    assert f"timed in the step of seed 0, {second['runs'][0]['commit'][:7]}" in cost
+    assert "Each baseline has the shape" in cost and "| S |" in cost and "| baseline S |" not in cost
     assert (tmp_path / "other" / "seed-0" / "matvit" / "dense").is_dir()  # the MatViT trained with its warm-up
 
     # Baselines of other options are not taken: a step measured with 1 epoch does not serve 2.

@@ -158,7 +158,8 @@ def measure_baselines(opts: BenchOptions, seed: int, gallery, queries, commit: s
     return {"settings": {g: options_json(t) for g, t in runs.items()}, "baselines": list(opts.baselines),
             "baseline_seeds": {g: t.seed for g, t in runs.items()}, "commit": commit,
             "grid": grid_from_embeddings(bg, bq, gallery.labels, queries.labels, (largest, largest)),
-            "cost": {g: measure(enc, g, opts.latency_repeats) for g, enc in encoders.items()},
+            # a baseline has the shape of MatViT's submodel of its width: its cost is that submodel's, timed once
+            "cost": {g: {"params": enc.params(g), "gflops": enc.gflops(g)} for g, enc in encoders.items()},
             "trained_on": {g: trained_on(t.out) for g, t in runs.items()},
             "train_seconds": seconds, "measure_seconds": time.perf_counter() - start}
 
@@ -247,7 +248,7 @@ def combine(rows: list[dict]) -> dict:
     mixnmatch = [{**spec, "knn1": float(np.mean([r["mixnmatch"][k]["knn1"] for r in rows]))}
                  for k, spec in enumerate(first["mixnmatch"])]
     baselines = list(dict.fromkeys(g for r in rows for g in r["baselines"]))
-    timed_by = {g: next(r for r in rows if g in r["baselines"]) for g in baselines}  # the first step with g
+    first_with = {g: next(r for r in rows if g in r["baselines"]) for g in baselines}
     result = {
         "seeds": [r["seed"] for r in rows],
         "matvit": {"map10_definition": first["matvit"]["map10_definition"],
@@ -256,12 +257,9 @@ def combine(rows: list[dict]) -> dict:
                      "grid": _mean_grid([r["baseline"]["grid"] for r in rows])},
         "mixnmatch": mixnmatch,
         "cost": {"matvit": first["cost"]["matvit"],
-                 "baseline": {g: r["cost"]["baseline"][g] for g, r in timed_by.items()}},
-        # which step timed each row: timings from different steps ran at different times
-        "cost_measured_in": {"matvit": {g: f"seed {first['seed']}, {first['commit'][:7]}"
-                                        for g in first["cost"]["matvit"]},
-                             "baseline": {g: f"seed {r['seed']}, {r.get('baseline_commit', r['commit'])[:7]}"
-                                          for g, r in timed_by.items()}},
+                 "baseline": {g: {k: r["cost"]["baseline"][g][k] for k in ("params", "gflops")}
+                              for g, r in first_with.items()}},
+        "cost_timed_in": f"seed {first['seed']}, {first['commit'][:7]}",
         "train_seconds": {"matvit": float(np.mean([r["train_seconds"]["matvit"] for r in rows])),
                           "baseline": {g: float(np.mean([r["train_seconds"]["baseline"][g] for r in rows
                                                          if g in r["baselines"]])) for g in baselines}},
@@ -425,14 +423,16 @@ def markdown(r: dict) -> str:
                          + " | ".join(_verdict(t["met"]) for t in run["targets"]) + " |")
     below = mixnmatch_below({g: m["XL"][g]["knn1"] for g in names}, r["mixnmatch"])
     lines += ["", *misses_by_mix(below, names[0], names[-1])]
-    measured_in = r.get("cost_measured_in", {})
-    lines += ["", "## Cost", "", "Milliseconds compare only between rows timed in the same step (seed and commit).",
-              "", "| encoder | params | GFLOPs | ms (batch 1) | ms (batch 32) | timed in |",
-              "|---|---:|---:|---:|---:|---|"]
-    for family, rows in r["cost"].items():
-        for g, c in rows.items():
-            lines.append(f"| {family} {g} | {c['params']:,} | {c['gflops']:.4f} | {c['latency_ms_b1']:.2f} | "
-                         f"{c['latency_ms_b32']:.2f} | {measured_in.get(family, {}).get(g, '')} |")
+    cost, base = r["cost"]["matvit"], r["cost"]["baseline"]
+    same = all(base[g] == {k: cost[g][k] for k in base[g]} for g in base if g in cost)
+    lines += ["", "## Cost", "", f"MatViT's submodels, timed in the step of {r['cost_timed_in']}. "
+              + ("Each baseline has the shape (parameters and GFLOPs) of MatViT's submodel of its width, so it costs "
+                 "the same." if same else "Baselines: " + ", ".join(
+                     f"{g} {c['params']:,} params, {c['gflops']:.4f} GFLOPs" for g, c in base.items()) + "."),
+              "", "| submodel | params | GFLOPs | ms (batch 1) | ms (batch 32) |", "|---|---:|---:|---:|---:|"]
+    for g, c in cost.items():
+        lines.append(f"| {g} | {c['params']:,} | {c['gflops']:.4f} | {c['latency_ms_b1']:.2f} | "
+                     f"{c['latency_ms_b32']:.2f} |")
     ts = r["train_seconds"]
     lines += ["", "Training wall time (mean per seed): MatViT (all granularities jointly) "
               f"{ts['matvit'] / 60:.1f} min; the baselines {sum(ts['baseline'].values()) / 60:.1f} min together "
