@@ -82,6 +82,12 @@ def monotone(config: MatViTConfig) -> list[Submodel]:
     return [from_names([order[i] for i in c], config) for c in combos]
 
 
+def narrowing(config: MatViTConfig) -> list[Submodel]:
+    """The mirrors of `monotone`: width never increasing with depth (same parameters and GFLOPs as each mirror;
+    on CIFAR-10 they lie closer to the granularities' segments, README "CIFAR-10 with Mix'n'Match sampling")."""
+    return [from_names(list(reversed(s.names)), config) for s in monotone(config)]
+
+
 def every(config: MatViTConfig) -> list[Submodel]:
     """Every combination of granularities: G**depth specs."""
     order = list(config.granularities)

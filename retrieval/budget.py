@@ -63,12 +63,14 @@ class Budget:
 
 
 def candidates(encoder: Encoder, which: str) -> list[Submodel]:
-    """`uniform`, `monotone`, `all`, or a `;`-separated list of specs."""
+    """`uniform`, `monotone`, `narrowing`, `all`, or a `;`-separated list of specs."""
     cfg = encoder.config
     if which == "uniform":
         return specs.named(cfg)
     if which == "monotone":
         return specs.monotone(cfg)
+    if which == "narrowing":
+        return specs.narrowing(cfg)
     if which == "all":
         return specs.every(cfg)
     return [encoder.spec(t) for t in which.split(";")]

@@ -47,6 +47,9 @@ def test_monotone_enumeration_counts(fmnist):
     assert len(set(mono)) == 84
     assert all(list(s.widths) == sorted(s.widths) for s in mono)
     assert {s.text for s in specs.named(fmnist)} <= {s.text for s in mono}
+    narrow = specs.narrowing(fmnist)
+    assert len(set(narrow)) == 84 and all(list(s.widths) == sorted(s.widths, reverse=True) for s in narrow)
+    assert {s.text for s in narrow} & {s.text for s in mono} == {s.text for s in specs.named(fmnist)}
     tiny = get_preset("matvit-tiny-digits").model
     assert len(specs.every(tiny)) == 4 ** 4
 
