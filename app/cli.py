@@ -597,7 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="measure latency, size and (with --index) accuracy of submodels")
     _backend(p)
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--submodels", default="uniform", help="uniform, monotone (width widening with depth), narrowing (its mirrors), all, or specs separated by ';'")
+    p.add_argument("--submodels", default="uniform",
+                   help="uniform, monotone (width widening with depth), narrowing (its mirrors), all, or specs "
+                        "separated by ';'")
     p.add_argument("--index", "--store", dest="index", type=_index_spec,
                    help="measure 1-NN accuracy against this index (stored in its directory)")
     p.add_argument("--dataset", help="labelled queries for the accuracy, e.g. fashion-mnist")
