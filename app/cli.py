@@ -598,8 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     _backend(p)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--submodels", default="uniform",
-                   help="uniform, monotone (width widening with depth), narrowing (its mirrors), all, or specs "
-                        "separated by ';'")
+                   help="families and specs separated by ';': uniform, monotone (width widening with depth), "
+                        "narrowing (their mirrors), all, or a spec, e.g. 'uniform;narrowing'")
     p.add_argument("--index", "--store", dest="index", type=_index_spec,
                    help="measure 1-NN accuracy against this index (stored in its directory)")
     p.add_argument("--dataset", help="labelled queries for the accuracy, e.g. fashion-mnist")
@@ -614,8 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index-checkpoint", type=Path, required=True)
     p.add_argument("--dataset", required=True)
     p.add_argument("--data-dir", type=Path)
-    p.add_argument("--index-submodels", default="S;M;L;XL", help="specs separated by ';'")
-    p.add_argument("--query-submodels", default="S;M;L;XL", help="specs separated by ';', or uniform / monotone")
+    p.add_argument("--index-submodels", default="S;M;L;XL", help="as `profile --submodels`")
+    p.add_argument("--query-submodels", default="S;M;L;XL", help="as `profile --submodels`")
     p.add_argument("--out", type=Path, required=True, help="JSON file; the heatmap goes beside it as PNG")
     p.set_defaults(func=cmd_eval_grid)
 
@@ -713,12 +713,14 @@ def build_parser() -> argparse.ArgumentParser:
     from app.bench.align import add_parser as add_align_parser
     from app.bench.backends import add_parser as add_backends_parser
     from app.bench.cascade import add_parser as add_cascade_parser
+    from app.bench.mixnmatch_order import add_parser as add_mixnmatch_order_parser
     from app.bench.speed import add_parser as add_speed_parser
 
     add_speed_parser(bsub)
     add_backends_parser(bsub)
     add_cascade_parser(bsub)
     add_align_parser(bsub)
+    add_mixnmatch_order_parser(bsub)
     return parser
 
 

@@ -62,18 +62,15 @@ class Budget:
         return None
 
 
+FAMILIES = {"uniform": specs.named, "monotone": specs.monotone, "narrowing": specs.narrowing, "all": specs.every}
+
+
 def candidates(encoder: Encoder, which: str) -> list[Submodel]:
-    """`uniform`, `monotone`, `narrowing`, `all`, or a `;`-separated list of specs."""
-    cfg = encoder.config
-    if which == "uniform":
-        return specs.named(cfg)
-    if which == "monotone":
-        return specs.monotone(cfg)
-    if which == "narrowing":
-        return specs.narrowing(cfg)
-    if which == "all":
-        return specs.every(cfg)
-    return [encoder.spec(t) for t in which.split(";")]
+    """`;`-separated families (`uniform`, `monotone`, `narrowing`, `all`) and specs, each spec once, in order."""
+    out: list[Submodel] = []
+    for item in which.split(";"):
+        out += FAMILIES[item](encoder.config) if item in FAMILIES else [encoder.spec(item)]
+    return list(dict.fromkeys(out))
 
 
 def measure(encoder: Encoder, spec: Submodel | str, repeats: int = 15) -> dict:

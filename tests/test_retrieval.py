@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from matvit import checkpoint, data
+from matvit.errors import UserError
 from retrieval import build
-from retrieval.budget import Budget, BudgetError, choose
+from retrieval.budget import Budget, BudgetError, candidates, choose
 from retrieval.encoder import Encoder
 from retrieval.index import GalleryIndex, IndexStoreError
 from retrieval.retriever import Retriever
@@ -147,6 +148,14 @@ def test_budget_picks_the_largest_that_fits_or_the_most_accurate():
     measured = [dict(r, knn1=a) for r, a in zip(PROFILE, [0.80, 0.86, 0.85, 0.87], strict=True)]
     best, why = choose(measured, Budget(ms=3.5))
     assert best["spec"] == "M" and "most accurate measured 1-NN" in why
+
+
+def test_budget_candidates_join_families_and_specs_each_once(encoder):
+    both = candidates(encoder, "uniform;narrowing;S,S,M,XL;XL")
+    assert len(both) == len(set(both)) == 35 + 1  # narrowing holds the 4 uniform specs; the mixed spec widens
+    assert [s.text for s in both[:4]] == ["S", "M", "L", "XL"] and both[-1].text == "S,S,M,XL"
+    with pytest.raises(UserError, match="granularit"):
+        candidates(encoder, "uniform;widest")
 
 
 def test_budget_errors_name_the_cheapest_feasible():
