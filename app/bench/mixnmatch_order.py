@@ -123,8 +123,8 @@ def markdown(r: dict) -> str:
              f"`{r['result']}`; the narrowing ones are their mirrors (same parameters and GFLOPs), measured here on "
              "the same MatViT against the same XL index of the train split. Each mixed spec's 1-NN accuracy is "
              "compared with the segments joining S, M, L and XL (1-NN against GFLOPs) from the step's grid; "
-             f"measured again here, the trained granularities differ from it by at most {r['uniform_recheck_points']} "
-             "points.", "",
+             f"measured again here, the trained granularities differ from it by at most "
+             f"{r['uniform_recheck_points']:.2f} points.", "",
              f"| seed | {mean['pairs']['count']} widening specs: misses (worst, mean against the segments) | "
              "narrowing: misses (worst, mean) | pairs where narrowing is better | mean gain (points) |",
              "|---|---|---|---:|---:|"]
@@ -158,7 +158,8 @@ def order_png(r: dict, path: Path) -> None:
     ax.axvline(100 * MISS, color="tab:red", lw=0.8, ls="--")
     ax.set_xlabel("widening spec: 1-NN minus segments (points)")
     ax.set_ylabel("its narrowing mirror (points)")
-    ax.set_title(f"{r['dataset']}: mirrored Mix'n'Match specs, seeds {', '.join(map(str, r['seeds']))}")
+    ax.set_title(f"{r['dataset']}: mirrored Mix'n'Match specs\n(means of seeds {', '.join(map(str, r['seeds']))})",
+                 fontsize=10)
     ax.legend(loc="best", fontsize=8)
     fig.savefig(path, dpi=120)
 
