@@ -53,8 +53,9 @@ def measure_seed(step_path: Path, cache: Path, out: Path, log=print) -> dict | N
         return None
     encoder = Encoder.load(run)
     cfg, s = encoder.config, step["settings"]["matvit"]
-    gallery = data.load(s["dataset"], "train", cfg.img_size, cfg.in_chans, s["data_dir"] and Path(s["data_dir"]))
-    queries = data.load(s["dataset"], "test", cfg.img_size, cfg.in_chans, s["data_dir"] and Path(s["data_dir"]))
+    data_dir = s["data_dir"] and Path(s["data_dir"])
+    gallery, queries = (data.load(s["dataset"], split, cfg.img_size, cfg.in_chans, data_dir)
+                        for split in ("train", "test"))
     xl = encoder.encode(gallery.images, "XL", desc="gallery XL")
     narrowing = []
     for spec in specs.narrowing(cfg):
