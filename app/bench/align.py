@@ -25,7 +25,7 @@ from retrieval.encoder import Encoder
 from retrieval.grid import grid_from_embeddings
 
 from . import steps
-from .consistency import embed_named, misses_by_mix, mixnmatch_below, options_json, train_cached
+from .consistency import MIXNMATCH_MISS, embed_named, misses_by_mix, mixnmatch_below, options_json, train_cached
 
 # name: (what changes, `TrainOptions` fields; `epochs_scale` multiplies the study's epochs)
 OPTIONS: dict[str, tuple[str, dict]] = {
@@ -144,7 +144,7 @@ def markdown(r: dict) -> str:
         misses = ""
         if "mixnmatch" in row:
             below = mixnmatch_below(grid["XL"], row["mixnmatch"])
-            misses = f"{sum(v < -0.005 for v in below.values())} of {len(below)}"
+            misses = f"{sum(v < MIXNMATCH_MISS for v in below.values())} of {len(below)}"
         lines.append(f"| {name} | {row['what']} | {row['epochs']} | " + " | ".join(_pt(x) for x in diag)
                      + f" | {_pt(xl_s)} | {_pt(gap, True)} | {_pt(vs, True)} | {misses} | "
                        f"{row['train_seconds'] / 60:.1f} |")

@@ -23,9 +23,7 @@ from matvit.errors import UserError
 from retrieval.encoder import Encoder
 
 from . import steps
-from .consistency import misses_by_mix, mixnmatch_below
-
-MISS = -0.005  # more than 0.5 points under the segments: a miss, as target 5 counts
+from .consistency import MIXNMATCH_MISS, misses_by_mix, mixnmatch_below
 
 
 def mirror(text: str) -> str:
@@ -74,8 +72,10 @@ def compare(trained: dict[str, float], widening: list[dict], narrowing: list[dic
     below = {name: {k: 100 * v for k, v in mixnmatch_below(trained, rows).items() if "," in k}
              for name, rows in (("widening", widening), ("narrowing", narrowing))}
     gain = np.array([below["narrowing"][mirror(k)] - v for k, v in below["widening"].items()])
-    family = {name: {"misses": int(sum(v < 100 * MISS for v in b.values())), "worst_points": round(min(b.values()), 2),
-                     "mean_points": round(float(np.mean(list(b.values()))), 2)} for name, b in below.items()}
+    family = {name: {"misses": int(sum(v < 100 * MIXNMATCH_MISS for v in b.values())),
+                     "worst_points": round(min(b.values()), 2),
+                     "mean_points": round(float(np.mean(list(b.values()))), 2)}
+              for name, b in below.items()}
     return {**family, "pairs": {"count": len(gain), "narrowing_better": int((gain > 0).sum()),
                                 "mean_gain_points": round(float(gain.mean()), 2)},
             "below": below}
@@ -155,8 +155,8 @@ def order_png(r: dict, path: Path) -> None:
     ax.scatter(xs, ys, s=14, alpha=0.7)
     lo, hi = min(xs + ys) - 0.2, max(xs + ys) + 0.2
     ax.plot([lo, hi], [lo, hi], color="gray", lw=1, label="equal")
-    ax.axhline(100 * MISS, color="tab:red", lw=0.8, ls="--", label="miss (0.5 points under)")
-    ax.axvline(100 * MISS, color="tab:red", lw=0.8, ls="--")
+    ax.axhline(100 * MIXNMATCH_MISS, color="tab:red", lw=0.8, ls="--", label="miss (0.5 points under)")
+    ax.axvline(100 * MIXNMATCH_MISS, color="tab:red", lw=0.8, ls="--")
     ax.set_xlabel("widening spec: 1-NN minus segments (points)")
     ax.set_ylabel("its narrowing mirror (points)")
     ax.set_title(f"{r['dataset']}: mirrored Mix'n'Match specs\n(means of seeds {', '.join(map(str, r['seeds']))})",
