@@ -90,15 +90,20 @@ def run(result: Path, cache: Path, out: Path, log=print) -> dict:
 
 def markdown(r: dict) -> str:
     small, large, seeds = r["smallest"], r["largest"], ", ".join(map(str, r["seeds"]))
-    cell = lambda m, values: f"{m['mean']:+.2f} ± {m['sd']:.2f} ({', '.join(f'{v:+.2f}' for v in values)})"  # noqa: E731
+    several = len(r["seeds"]) > 1
+
+    def cell(m: dict, values: list[float]) -> str:
+        return f"{m['mean']:+.2f} ± {m['sd']:.2f} ({', '.join(f'{v:+.2f}' for v in values)})" if several \
+            else f"{m['mean']:+.2f}"
+
     lines = [f"# What one layer's width is worth: {r['dataset']}, seed(s) {seeds}", "",
              f"Command: `{r['command']}`  ", f"Commit: `{r['commit']}` (each seed's own: `runs` in the JSON)  ",
              f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}", "",
              f"The MatViTs of `{r['result']}`, each queried against its {large} index of the train split (test split, "
              f"1-NN) by the specs that change one layer only. Points: the spec's 1-NN minus {small}'s on the same "
-             f"index (layer widened to {large} alone) or minus {large}'s (layer narrowed to {small} alone); mean "
-             "± standard deviation over the seeds, each seed's in brackets. "
-             f"{large} lies {r['gap']['mean']:+.2f} ± {r['gap']['sd']:.2f} points from {small}.", "",
+             f"index (layer widened to {large} alone) or minus {large}'s (layer narrowed to {small} alone)"
+             + ("; mean ± standard deviation over the seeds, each seed's in brackets. " if several else ". ")
+             + f"{large} lies {cell(r['gap'], [s['gap'] for s in r['per_seed']])} points above {small}.", "",
              f"| layer | {large} at this layer, {small} elsewhere: points over {small} | "
              f"{small} at this layer, {large} elsewhere: points from {large} |", "|---:|---|---|"]
     for i, (w, n) in enumerate(zip(r["mean"]["widened"], r["mean"]["narrowed"], strict=True)):
@@ -120,10 +125,12 @@ def layers_png(r: dict, path: Path) -> None:
         for s in r["per_seed"]:
             ax.scatter(x + shift, s[key], s=8, color="black", zorder=3)
     ax.axhline(0, color="gray", lw=0.8)
+    ax.axhline(-r["gap"]["mean"], color="tab:red", lw=0.8, ls="--", label=f"{small} - {large}")
     ax.set_xticks(x)
     ax.set_xlabel("layer")
     ax.set_ylabel("1-NN points")
-    ax.set_title(f"{r['dataset']}: one layer's width (seeds {', '.join(map(str, r['seeds']))}; "
+    seeds = ", ".join(map(str, r["seeds"]))
+    ax.set_title(f"{r['dataset']}: one layer's width (seed{'s' if len(r['seeds']) > 1 else ''} {seeds}; "
                  f"{large} - {small} = {r['gap']['mean']:+.2f})", fontsize=10)
     ax.legend(loc="best", fontsize=8)
     fig.savefig(path, dpi=120)
