@@ -129,10 +129,12 @@ def query_xl_index(run: Path, step: dict, family) -> list[dict]:
     gallery, queries = (data.load(s["dataset"], split, cfg.img_size, cfg.in_chans, data_dir)
                         for split in ("train", "test"))
     xl = encoder.encode(gallery.images, "XL", desc="gallery XL")
-    return [{"spec": spec.text, "params": encoder.params(spec), "gflops": encoder.gflops(spec),
-             "knn1": metrics.knn1(xl, gallery.labels, encoder.encode(queries.images, spec, desc=f"queries {spec.text}"),
-                                  queries.labels)}
-            for spec in family(cfg)]
+    rows = []
+    for spec in family(cfg):
+        emb = encoder.encode(queries.images, spec, desc=f"queries {spec.text}")
+        rows.append({"spec": spec.text, "params": encoder.params(spec), "gflops": encoder.gflops(spec),
+                     "knn1": metrics.knn1(xl, gallery.labels, emb, queries.labels)})
+    return rows
 
 
 def embed_named(encoder: Encoder, dataset: str, data_dir: Path | None, label: str):
