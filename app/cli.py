@@ -599,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--submodels", default="uniform",
                    help="families and specs separated by ';': uniform, monotone (width widening with depth), "
-                        "narrowing (their mirrors), all, or a spec, e.g. 'uniform;narrowing'")
+                        "narrowing (their mirrors), one-layer (one layer at another width), all, or a spec, "
+                        "e.g. 'uniform;narrowing'")
     p.add_argument("--index", "--store", dest="index", type=_index_spec,
                    help="measure 1-NN accuracy against this index (stored in its directory)")
     p.add_argument("--dataset", help="labelled queries for the accuracy, e.g. fashion-mnist")
@@ -713,6 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     from app.bench.align import add_parser as add_align_parser
     from app.bench.backends import add_parser as add_backends_parser
     from app.bench.cascade import add_parser as add_cascade_parser
+    from app.bench.layer_width import add_parser as add_layer_width_parser
     from app.bench.mixnmatch_order import add_parser as add_mixnmatch_order_parser
     from app.bench.speed import add_parser as add_speed_parser
 
@@ -721,6 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cascade_parser(bsub)
     add_align_parser(bsub)
     add_mixnmatch_order_parser(bsub)
+    add_layer_width_parser(bsub)
     return parser
 
 

@@ -88,6 +88,15 @@ def narrowing(config: MatViTConfig) -> list[Submodel]:
     return [from_names(list(reversed(s.names)), config) for s in monotone(config)]
 
 
+def one_layer(config: MatViTConfig) -> list[Submodel]:
+    """Specs that change one layer only: the largest granularity at layer i and the smallest elsewhere, for each
+    i, then the smallest at layer i and the largest elsewhere (what one layer's width is worth)."""
+    order = list(config.granularities)
+    small, large = order[0], order[-1]
+    return [from_names([inner if j == i else outer for j in range(config.depth)], config)
+            for inner, outer in ((large, small), (small, large)) for i in range(config.depth)]
+
+
 def every(config: MatViTConfig) -> list[Submodel]:
     """Every combination of granularities: G**depth specs."""
     order = list(config.granularities)

@@ -62,11 +62,13 @@ class Budget:
         return None
 
 
-FAMILIES = {"uniform": specs.named, "monotone": specs.monotone, "narrowing": specs.narrowing, "all": specs.every}
+FAMILIES = {"uniform": specs.named, "monotone": specs.monotone, "narrowing": specs.narrowing,
+            "one-layer": specs.one_layer, "all": specs.every}
 
 
 def candidates(encoder: Encoder, which: str) -> list[Submodel]:
-    """`;`-separated families (`uniform`, `monotone`, `narrowing`, `all`) and specs, each spec once, in order."""
+    """`;`-separated families (`FAMILIES`: `uniform`, `monotone`, `narrowing`, `one-layer`, `all`) and specs,
+    each spec once, in order."""
     out: list[Submodel] = []
     for item in which.split(";"):
         out += FAMILIES[item](encoder.config) if item in FAMILIES else [encoder.spec(item)]

@@ -154,6 +154,7 @@ def test_budget_candidates_join_families_and_specs_each_once(encoder):
     both = candidates(encoder, "uniform;narrowing;S,S,M,XL;XL")
     assert len(both) == len(set(both)) == 35 + 1  # narrowing holds the 4 uniform specs; the mixed spec widens
     assert [s.text for s in both[:4]] == ["S", "M", "L", "XL"] and both[-1].text == "S,S,M,XL"
+    assert [s.text for s in candidates(encoder, "one-layer")][:2] == ["XL,S,S,S", "S,XL,S,S"]
     with pytest.raises(UserError, match="granularit"):
         candidates(encoder, "uniform;widest")
 

@@ -54,6 +54,14 @@ def test_monotone_enumeration_counts(fmnist):
     assert len(specs.every(tiny)) == 4 ** 4
 
 
+def test_one_layer_specs_change_one_layer_each_way(fmnist):
+    texts = [s.text for s in specs.one_layer(fmnist)]
+    assert texts[0] == "XL,S,S,S,S,S" and texts[5] == "S,S,S,S,S,XL"
+    assert texts[6] == "S,XL,XL,XL,XL,XL" and texts[11] == "XL,XL,XL,XL,XL,S"
+    assert len(set(texts)) == 12 and all(len(s.split(",")) == 6 for s in texts)
+    assert all(sorted(s.split(",")).count("XL") in (1, 5) for s in texts)
+
+
 @pytest.mark.parametrize("preset", ["matvit-tiny-digits", "matvit-small-fmnist", "matvit-small-cifar"])
 @pytest.mark.parametrize("text", ["S", "XL", "monotone-mix"])
 def test_params_and_flops_match_the_extracted_module(preset, text):

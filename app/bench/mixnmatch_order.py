@@ -17,30 +17,23 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from matvit import data, metrics, provenance
+from matvit import provenance
 from matvit import spec as specs
 from matvit.errors import UserError
-from retrieval.encoder import Encoder
 
 from . import steps
-from .consistency import MIXNMATCH_MISS, misses_by_mix, mixnmatch_below
+from .consistency import MIXNMATCH_MISS, misses_by_mix, mixnmatch_below, query_xl_index, step_matvit
 
 
 def mirror(text: str) -> str:
     return ",".join(reversed(text.split(",")))
 
 
-def checkpoint_of(step: dict, cache: Path) -> Path:
-    """The step's MatViT in the consistency benchmark's training cache (`app.bench.consistency.train_options`)."""
-    prob = step["settings"]["matvit"].get("mixnmatch_prob") or 0.0
-    return cache / f"seed-{step['seed']}" / ("matvit" + (f"-mixnmatch-{prob:g}" if prob else ""))
-
-
 def measure_seed(step_path: Path, cache: Path, out: Path, log=print) -> dict | None:
     """The narrowing specs of one consistency step's MatViT against its XL index (reused when measured before
     from the same step); None when the MatViT is not in the cache."""
     step = json.loads(step_path.read_text())
-    run = checkpoint_of(step, cache)
+    run = step_matvit(step, cache)
     path = out / "steps" / f"seed-{step['seed']}.json"
     settings = {"step": str(step_path), "step_commit": step["commit"], "checkpoint": str(run)}
     row = steps.saved(path, settings, log)
@@ -49,19 +42,10 @@ def measure_seed(step_path: Path, cache: Path, out: Path, log=print) -> dict | N
     if not (run / "eval.json").is_file():
         log(f"[seed {step['seed']}] no trained MatViT in {run}: skipped")
         return None
-    encoder = Encoder.load(run)
-    cfg, s = encoder.config, step["settings"]["matvit"]
-    data_dir = s["data_dir"] and Path(s["data_dir"])
-    gallery, queries = (data.load(s["dataset"], split, cfg.img_size, cfg.in_chans, data_dir)
-                        for split in ("train", "test"))
-    xl = encoder.encode(gallery.images, "XL", desc="gallery XL")
-    narrowing = []
-    for spec in specs.narrowing(cfg):
-        emb = encoder.encode(queries.images, spec, desc=f"queries {spec.text}")
-        narrowing.append({"spec": spec.text, "params": encoder.params(spec), "gflops": encoder.gflops(spec),
-                          "knn1": metrics.knn1(xl, gallery.labels, emb, queries.labels)})
-    row = {"settings": settings, "seed": step["seed"], "dataset": s["dataset"], **provenance.record(),
-           "trained": {g: step["matvit"]["grid"]["XL"][g]["knn1"] for g in cfg.granularities},
+    narrowing = query_xl_index(run, step, specs.narrowing)
+    row = {"settings": settings, "seed": step["seed"], "dataset": step["settings"]["matvit"]["dataset"],
+           **provenance.record(),
+           "trained": {g: cell["knn1"] for g, cell in step["matvit"]["grid"]["XL"].items()},
            "widening": step["mixnmatch"], "narrowing": narrowing}
     path.parent.mkdir(parents=True, exist_ok=True)
     return steps.write(path, row)
