@@ -28,6 +28,18 @@ def small_digits(monkeypatch):
     monkeypatch.setattr(data, "load", load)
 
 
+@pytest.fixture
+def digits_consistency(tmp_path, small_digits):
+    """A one-seed consistency result of digits (1 epoch, baseline S) and its training cache: `(result, cache)`,
+    for the benchmarks on a result's kept MatViTs."""
+    from app.bench.consistency import BenchOptions, run
+
+    result, cache = tmp_path / "consistency", tmp_path / "runs"
+    run(BenchOptions(dataset="digits", preset="matvit-tiny-digits", epochs=1, baselines=["S"], latency_repeats=1,
+                     out=result, cache=cache), log=lambda s: None)
+    return result, cache
+
+
 @pytest.fixture(scope="session")
 def trainer(tmp_path_factory) -> Trainer:
     """A finished run of `matvit-tiny-digits`, 8 epochs; its model is the one in memory at the end."""

@@ -6,8 +6,6 @@ import json
 import pytest
 
 from app.bench import layer_width
-from app.bench.consistency import BenchOptions
-from app.bench.consistency import run as consistency_run
 from app.cli import main
 
 
@@ -29,10 +27,8 @@ def test_each_layer_is_scored_against_the_granularity_it_departs_from():
     assert [s["widened"][0] for s in combined["per_seed"]] == pytest.approx([6.0, 4.0])
 
 
-def test_the_benchmark_measures_every_one_layer_spec_of_a_consistency_steps_matvit(tmp_path, small_digits, capsys):
-    cache, result = tmp_path / "runs", tmp_path / "consistency"
-    consistency_run(BenchOptions(dataset="digits", preset="matvit-tiny-digits", epochs=1, baselines=["S"],
-                                 latency_repeats=1, out=result, cache=cache), log=lambda s: None)
+def test_the_benchmark_measures_every_one_layer_spec_of_a_steps_matvit(tmp_path, digits_consistency, capsys):
+    result, cache = digits_consistency
     out = tmp_path / "layers"
     assert main(["bench", "layer-width", "--result", str(result), "--cache", str(cache), "--out", str(out)]) == 0
     report = json.loads((out / "layer-width.json").read_text())

@@ -6,8 +6,6 @@ import json
 import pytest
 
 from app.bench import mixnmatch_order
-from app.bench.consistency import BenchOptions
-from app.bench.consistency import run as consistency_run
 from app.cli import main
 
 
@@ -27,10 +25,8 @@ def test_each_family_is_counted_against_the_segments_and_each_pair_against_its_m
     assert mixnmatch_order.mirror("S,M,XL") == "XL,M,S"
 
 
-def test_the_benchmark_measures_the_mirrors_of_a_consistency_steps_specs(tmp_path, small_digits, capsys):
-    cache, result = tmp_path / "runs", tmp_path / "consistency"
-    consistency_run(BenchOptions(dataset="digits", preset="matvit-tiny-digits", epochs=1, baselines=["S"],
-                                 latency_repeats=1, out=result, cache=cache), log=lambda s: None)
+def test_the_benchmark_measures_the_mirrors_of_a_consistency_steps_specs(tmp_path, digits_consistency, capsys):
+    result, cache = digits_consistency
     out = tmp_path / "order"
     assert main(["bench", "mixnmatch-order", "--result", str(result), "--cache", str(cache), "--out", str(out)]) == 0
     report = json.loads((out / "mixnmatch-order.json").read_text())

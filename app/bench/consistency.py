@@ -114,29 +114,6 @@ def train_options(opts: BenchOptions, seed: int, baseline: str | None) -> TrainO
                         mixnmatch_prob=mixnmatch, seed=baseline_seed(seed, baseline) if baseline else seed)
 
 
-def step_matvit(step: dict, cache: Path) -> Path:
-    """Where a measured step's MatViT trained in the training cache `cache` (as `train_options` names it)."""
-    prob = step["settings"]["matvit"].get("mixnmatch_prob") or 0.0
-    return Path(cache) / f"seed-{step['seed']}" / ("matvit" + (f"-mixnmatch-{prob:g}" if prob else ""))
-
-
-def query_xl_index(run: Path, step: dict, family) -> list[dict]:
-    """Each spec of `family(config)` querying the XL index of the train split of the MatViT at `run`, as the step
-    measured its Mix'n'Match specs (test split, 1-NN, GFLOPs of the embedding path)."""
-    encoder = Encoder.load(run)
-    cfg, s = encoder.config, step["settings"]["matvit"]
-    data_dir = s["data_dir"] and Path(s["data_dir"])
-    gallery, queries = (data.load(s["dataset"], split, cfg.img_size, cfg.in_chans, data_dir)
-                        for split in ("train", "test"))
-    xl = encoder.encode(gallery.images, "XL", desc="gallery XL")
-    rows = []
-    for spec in family(cfg):
-        emb = encoder.encode(queries.images, spec, desc=f"queries {spec.text}")
-        rows.append({"spec": spec.text, "params": encoder.params(spec), "gflops": encoder.gflops(spec),
-                     "knn1": metrics.knn1(xl, gallery.labels, emb, queries.labels)})
-    return rows
-
-
 def embed_named(encoder: Encoder, dataset: str, data_dir: Path | None, label: str):
     """The dataset's train split (the gallery) and test split (the queries), and both embedded by every trained
     granularity: `(gallery, queries, {spec: gallery embeddings}, {spec: query embeddings})`."""

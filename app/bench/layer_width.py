@@ -19,31 +19,8 @@ from matplotlib.figure import Figure
 
 from matvit import provenance
 from matvit import spec as specs
-from matvit.errors import UserError
 
-from . import steps
-from .consistency import query_xl_index, step_matvit
-
-
-def measure_seed(step_path: Path, cache: Path, out: Path, log=print) -> dict | None:
-    """The one-layer specs of one consistency step's MatViT against its XL index (reused when measured before
-    from the same step); None when the MatViT is not in the cache."""
-    step = json.loads(step_path.read_text())
-    run = step_matvit(step, cache)
-    path = out / "steps" / f"seed-{step['seed']}.json"
-    settings = {"step": str(step_path), "step_commit": step["commit"], "checkpoint": str(run)}
-    row = steps.saved(path, settings, log)
-    if row is not None:
-        return row
-    if not (run / "eval.json").is_file():
-        log(f"[seed {step['seed']}] no trained MatViT in {run}: skipped")
-        return None
-    one_layer = query_xl_index(run, step, specs.one_layer)
-    row = {"settings": settings, "seed": step["seed"], "dataset": step["settings"]["matvit"]["dataset"],
-           **provenance.record(), "trained": {g: cell["knn1"] for g, cell in step["matvit"]["grid"]["XL"].items()},
-           "one_layer": one_layer}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return steps.write(path, row)
+from . import kept
 
 
 def per_layer(trained: dict[str, float], one_layer: list[dict]) -> dict:
@@ -74,12 +51,7 @@ def combine(seeds: list[dict]) -> dict:
 def run(result: Path, cache: Path, out: Path, log=print) -> dict:
     """Measure every seed of the consistency `result` whose MatViT is in `cache`, then write layer-width.json,
     .md and .png to `out`."""
-    paths = sorted((result / "steps").glob("seed-*.json"))
-    if not paths:
-        raise UserError(f"--result {result}: no consistency result there (no steps/seed-N.json)")
-    rows = [r for p in paths if (r := measure_seed(p, cache, out, log))]
-    if not rows:
-        raise UserError(f"--cache {cache}: none of the MatViTs of {result}'s steps is there")
+    rows = kept.measure_result(result, cache, out, specs.one_layer, "one_layer", log=log)
     report = {"result": str(result), "cache": str(cache), "dataset": rows[0]["dataset"], **provenance.record(),
               **combine(rows)}
     (out / "layer-width.json").write_text(json.dumps(report, indent=2))
@@ -140,9 +112,7 @@ def add_parser(bench_subparsers) -> None:
     """Register `matvit bench layer-width` under the `bench` subcommand's subparsers."""
     q = bench_subparsers.add_parser("layer-width", help="what one layer's width is worth, on a consistency "
                                                         "result's MatViTs")
-    q.add_argument("--result", type=Path, required=True, help="a consistency result directory (its steps/)")
-    q.add_argument("--cache", type=Path, required=True, help="its training cache (`bench consistency --cache`)")
-    q.add_argument("--out", type=Path, required=True, help="results directory")
+    kept.add_arguments(q)
     q.set_defaults(func=_main)
 
 

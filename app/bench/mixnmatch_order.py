@@ -19,36 +19,13 @@ from matplotlib.figure import Figure
 
 from matvit import provenance
 from matvit import spec as specs
-from matvit.errors import UserError
 
-from . import steps
-from .consistency import MIXNMATCH_MISS, misses_by_mix, mixnmatch_below, query_xl_index, step_matvit
+from . import kept
+from .consistency import MIXNMATCH_MISS, misses_by_mix, mixnmatch_below
 
 
 def mirror(text: str) -> str:
     return ",".join(reversed(text.split(",")))
-
-
-def measure_seed(step_path: Path, cache: Path, out: Path, log=print) -> dict | None:
-    """The narrowing specs of one consistency step's MatViT against its XL index (reused when measured before
-    from the same step); None when the MatViT is not in the cache."""
-    step = json.loads(step_path.read_text())
-    run = step_matvit(step, cache)
-    path = out / "steps" / f"seed-{step['seed']}.json"
-    settings = {"step": str(step_path), "step_commit": step["commit"], "checkpoint": str(run)}
-    row = steps.saved(path, settings, log)
-    if row is not None:
-        return row
-    if not (run / "eval.json").is_file():
-        log(f"[seed {step['seed']}] no trained MatViT in {run}: skipped")
-        return None
-    narrowing = query_xl_index(run, step, specs.narrowing)
-    row = {"settings": settings, "seed": step["seed"], "dataset": step["settings"]["matvit"]["dataset"],
-           **provenance.record(),
-           "trained": {g: cell["knn1"] for g, cell in step["matvit"]["grid"]["XL"].items()},
-           "widening": step["mixnmatch"], "narrowing": narrowing}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return steps.write(path, row)
 
 
 def compare(trained: dict[str, float], widening: list[dict], narrowing: list[dict]) -> dict:
@@ -84,12 +61,7 @@ def combine(seeds: list[dict]) -> dict:
 def run(result: Path, cache: Path, out: Path, log=print) -> dict:
     """Measure every seed of the consistency `result` whose MatViT is in `cache`, then write
     mixnmatch-order.json, .md and .png to `out`."""
-    paths = sorted((result / "steps").glob("seed-*.json"))
-    if not paths:
-        raise UserError(f"--result {result}: no consistency result there (no steps/seed-N.json)")
-    rows = [r for p in paths if (r := measure_seed(p, cache, out, log))]
-    if not rows:
-        raise UserError(f"--cache {cache}: none of the MatViTs of {result}'s steps is there")
+    rows = kept.measure_result(result, cache, out, specs.narrowing, "narrowing", {"widening": "mixnmatch"}, log=log)
     report = {"result": str(result), "cache": str(cache), "dataset": rows[0]["dataset"], **provenance.record(),
               **combine(rows)}
     (out / "mixnmatch-order.json").write_text(json.dumps(report, indent=2))
@@ -153,9 +125,7 @@ def add_parser(bench_subparsers) -> None:
     """Register `matvit bench mixnmatch-order` under the `bench` subcommand's subparsers."""
     q = bench_subparsers.add_parser("mixnmatch-order", help="Mix'n'Match specs narrowing with depth against their "
                                                             "widening mirrors, on a consistency result's MatViTs")
-    q.add_argument("--result", type=Path, required=True, help="a consistency result directory (its steps/)")
-    q.add_argument("--cache", type=Path, required=True, help="its training cache (`bench consistency --cache`)")
-    q.add_argument("--out", type=Path, required=True, help="results directory")
+    kept.add_arguments(q)
     q.set_defaults(func=_main)
 
 
