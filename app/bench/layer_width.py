@@ -26,7 +26,8 @@ from . import kept
 def per_layer(trained: dict[str, float], one_layer: list[dict]) -> dict:
     """Points per layer: `widened` (largest width at the layer only) over the smallest granularity, `narrowed`
     (smallest width at the layer only) against the largest, and the two granularities' gap."""
-    small, large = next(iter(trained)), list(trained)[-1]
+    names = list(trained)  # the granularities, smallest first
+    small, large = names[0], names[-1]
     knn1 = {r["spec"]: r["knn1"] for r in one_layer}
     depth = len(one_layer[0]["spec"].split(","))
     at = lambda inner, outer, i: ",".join(inner if j == i else outer for j in range(depth))  # noqa: E731
