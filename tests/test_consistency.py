@@ -19,6 +19,7 @@ from app.bench.consistency import (
     train_cached,
     train_options,
 )
+from app.bench.kept import step_matvit
 from app.bench.plots import pareto_front
 from app.cli import main
 from matvit.train import Trainer, TrainOptions, finished_run, option_differences
@@ -200,6 +201,8 @@ def test_a_matvit_recipe_trains_its_own_matvit_beside_the_same_baselines(tmp_pat
     matvit = train_options(other, 1, None)
     assert all(getattr(matvit, k) == v for k, v in recipe.items()) and matvit.out.name == name
     assert matvit.out.parent == train_options(plain, 1, None).out.parent
+    step = {"seed": 1, "settings": {"matvit": options_json(matvit)}}
+    assert step_matvit(step, matvit.out.parent.parent) == matvit.out  # where the benches on kept MatViTs look
     baseline = train_options(other, 1, "S")
     assert baseline == train_options(plain, 1, "S") and baseline.mixnmatch_prob == 0 and baseline.weights is None
     assert not steps.same_settings({"matvit": options_json(train_options(plain, 1, None))},

@@ -104,15 +104,20 @@ def trained_on(run: Path) -> dict:
     return {"commit": ev.get("commit"), "cpu": ev.get("machine", {}).get("cpu")}
 
 
+def matvit_run_name(mixnmatch_prob: float, weights: list[float] | None) -> str:
+    """The MatViT's folder in a seed's training cache: `matvit`, with the recipe options that set it apart."""
+    sampled = f"-mixnmatch-{mixnmatch_prob:g}" if mixnmatch_prob else ""
+    weighted = "-weights-" + "-".join(f"{w:g}" for w in weights) if weights else ""
+    return "matvit" + sampled + weighted
+
+
 def train_options(opts: BenchOptions, seed: int, baseline: str | None) -> TrainOptions:
     slug = opts.dataset.replace(":", "-").replace("/", "_").strip("_")
     default = f"{opts.preset}-{slug}" + (f"-augment-{opts.augment}" if opts.augment else "")
     cache = Path(opts.cache or Path("runs") / "consistency" / default) / f"seed-{seed}"
     # a baseline has no nested widths: one serves every MatViT recipe
     mixnmatch, weights = (0.0, None) if baseline else (opts.mixnmatch_prob, opts.weights)
-    sampled = f"-mixnmatch-{mixnmatch:g}" if mixnmatch else ""
-    weighted = "-weights-" + "-".join(f"{w:g}" for w in weights) if weights else ""
-    name = f"baseline-{baseline}" if baseline else "matvit" + sampled + weighted
+    name = f"baseline-{baseline}" if baseline else matvit_run_name(mixnmatch, weights)
     return TrainOptions(preset=opts.preset, dataset=opts.dataset, out=cache / name, data_dir=opts.data_dir,
                         epochs=opts.epochs, augment=opts.augment, dense_epochs=opts.dense_epochs, baseline=baseline,
                         mixnmatch_prob=mixnmatch, weights=weights,
