@@ -362,10 +362,12 @@ def cmd_bench_consistency(args: argparse.Namespace) -> None:
     if unknown or "S" not in args.baselines:
         raise UserError(f"--baselines takes granularities of {', '.join(GRANULARITY_NAMES)}, S among them "
                         f"(got {','.join(args.baselines)})")
+    if args.weights and len(args.weights) != len(GRANULARITY_NAMES):
+        raise UserError(f"--weights needs {len(GRANULARITY_NAMES)} values ({', '.join(GRANULARITY_NAMES)})")
     if args.baselines_from and not (args.baselines_from / "steps").is_dir():
         raise UserError(f"--baselines-from {args.baselines_from}: no consistency result there (no steps/ folder)")
     result = run(BenchOptions(dataset=args.dataset, preset=args.preset, out=args.out, epochs=args.epochs,
-                              augment=args.augment, mixnmatch_prob=args.mixnmatch_prob,
+                              augment=args.augment, mixnmatch_prob=args.mixnmatch_prob, weights=args.weights,
                               dense_epochs=args.dense_epochs, reuse=args.reuse, cache=args.cache, seeds=args.seeds,
                               baselines_from=args.baselines_from,
                               baselines=[g for g in GRANULARITY_NAMES if g in args.baselines], data_dir=args.data_dir))
@@ -658,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--mixnmatch-prob", type=float, default=0.0,
                    help="train the MatViT (not the baselines) with a random monotone Mix'n'Match spec in this share "
                         "of the steps, as `matvit train --mixnmatch-prob`")
+    q.add_argument("--weights", type=_floats,
+                   help="the MatViT's per-granularity loss weights, smallest first, as `matvit train --weights` "
+                        "(the baselines train one width)")
     q.add_argument("--dense-epochs", type=int,
                    help="the MatViT's dense warm-up, as `matvit train --dense-epochs` (0: none; default: the preset's)")
     q.add_argument("--out", type=Path, default=Path("runs/consistency"))

@@ -19,6 +19,7 @@ from app.bench.consistency import (
     train_cached,
     train_options,
 )
+from app.bench.kept import step_matvit
 from app.bench.plots import pareto_front
 from app.cli import main
 from matvit.train import Trainer, TrainOptions, finished_run, option_differences
@@ -192,14 +193,18 @@ def test_an_unset_option_matches_a_step_written_before_it_existed(tmp_path):
                                                      "baseline-S")
 
 
-def test_mixnmatch_sampling_trains_its_own_matvit_beside_the_same_baselines(tmp_path):
+@pytest.mark.parametrize("recipe, name", [({"mixnmatch_prob": 0.5}, "matvit-mixnmatch-0.5"),
+                                          ({"weights": [2.0, 1.5, 1.25, 1.0]}, "matvit-weights-2-1.5-1.25-1")])
+def test_a_matvit_recipe_trains_its_own_matvit_beside_the_same_baselines(tmp_path, recipe, name):
     plain = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path)
-    mixed = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, mixnmatch_prob=0.5)
-    matvit = train_options(mixed, 1, None)
-    assert matvit.mixnmatch_prob == 0.5 and matvit.out.name == "matvit-mixnmatch-0.5"
+    other = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, **recipe)
+    matvit = train_options(other, 1, None)
+    assert all(getattr(matvit, k) == v for k, v in recipe.items()) and matvit.out.name == name
     assert matvit.out.parent == train_options(plain, 1, None).out.parent
-    baseline = train_options(mixed, 1, "S")
-    assert baseline == train_options(plain, 1, "S") and baseline.mixnmatch_prob == 0
+    step = {"seed": 1, "settings": {"matvit": options_json(matvit)}}
+    assert step_matvit(step, matvit.out.parent.parent) == matvit.out  # where the benches on kept MatViTs look
+    baseline = train_options(other, 1, "S")
+    assert baseline == train_options(plain, 1, "S") and baseline.mixnmatch_prob == 0 and baseline.weights is None
     assert not steps.same_settings({"matvit": options_json(train_options(plain, 1, None))},
                                    {"matvit": options_json(matvit)})
 
@@ -255,12 +260,15 @@ def test_a_warm_up_is_the_matvits_alone(tmp_path):
     assert step_settings(off, 0) == step_settings(plain, 0)  # no warm-up, however it is asked for
 
 
-def test_baselines_from_a_folder_without_steps_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("bad, message", [(["--baselines-from", "nothing"], "no consistency result there"),
+                                          (["--weights", "2,1"], "--weights needs 4 values")])
+def test_a_bad_bench_option_is_one_line(tmp_path, capsys, bad, message):
     argv = ["bench", "consistency", "--dataset", "digits", "--preset", "matvit-tiny-digits", "--out",
-            str(tmp_path / "out"), "--baselines-from", str(tmp_path / "nothing")]
+            str(tmp_path / "out"), *bad]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert "no consistency result there" in err and len(err.splitlines()) == 1
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def _cells(diagonal: dict, off: dict) -> dict:

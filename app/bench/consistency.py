@@ -41,6 +41,7 @@ class BenchOptions:
     epochs: int | None = None
     augment: str | None = None  # default: the preset's recipe
     mixnmatch_prob: float = 0.0  # MatViT only: a random monotone Mix'n'Match spec in this share of the steps
+    weights: list[float] | None = None  # MatViT only: per-granularity loss weights, smallest first (None: all 1)
     dense_epochs: int | None = None  # MatViT only: a dense warm-up of this many epochs (0: none; None: the preset's)
     reuse: bool = False
     cache: Path | None = None  # trainings, under seed-N/; default runs/consistency/<preset>-<dataset>[-augment-<kind>]
@@ -103,15 +104,24 @@ def trained_on(run: Path) -> dict:
     return {"commit": ev.get("commit"), "cpu": ev.get("machine", {}).get("cpu")}
 
 
+def matvit_run_name(mixnmatch_prob: float, weights: list[float] | None) -> str:
+    """The MatViT's folder in a seed's training cache: `matvit`, with the recipe options that set it apart."""
+    sampled = f"-mixnmatch-{mixnmatch_prob:g}" if mixnmatch_prob else ""
+    weighted = "-weights-" + "-".join(f"{w:g}" for w in weights) if weights else ""
+    return "matvit" + sampled + weighted
+
+
 def train_options(opts: BenchOptions, seed: int, baseline: str | None) -> TrainOptions:
     slug = opts.dataset.replace(":", "-").replace("/", "_").strip("_")
     default = f"{opts.preset}-{slug}" + (f"-augment-{opts.augment}" if opts.augment else "")
     cache = Path(opts.cache or Path("runs") / "consistency" / default) / f"seed-{seed}"
-    mixnmatch = 0.0 if baseline else opts.mixnmatch_prob  # a baseline has no nested widths: one serves every MatViT
-    name = f"baseline-{baseline}" if baseline else "matvit" + (f"-mixnmatch-{mixnmatch:g}" if mixnmatch else "")
+    # a baseline has no nested widths: one serves every MatViT recipe
+    mixnmatch, weights = (0.0, None) if baseline else (opts.mixnmatch_prob, opts.weights)
+    name = f"baseline-{baseline}" if baseline else matvit_run_name(mixnmatch, weights)
     return TrainOptions(preset=opts.preset, dataset=opts.dataset, out=cache / name, data_dir=opts.data_dir,
                         epochs=opts.epochs, augment=opts.augment, dense_epochs=opts.dense_epochs, baseline=baseline,
-                        mixnmatch_prob=mixnmatch, seed=baseline_seed(seed, baseline) if baseline else seed)
+                        mixnmatch_prob=mixnmatch, weights=weights,
+                        seed=baseline_seed(seed, baseline) if baseline else seed)
 
 
 def embed_named(encoder: Encoder, dataset: str, data_dir: Path | None, label: str):
@@ -287,7 +297,7 @@ def run(opts: BenchOptions, log=print) -> dict:
     recipe = train_options(opts, opts.seeds[0], None).recipe  # the MatViT's, as it ran
     result = {"dataset": opts.dataset, "preset": opts.preset, "epochs": recipe.epochs,
               "dense_epochs": recipe.dense_epochs or 0, "augment": recipe.augment,
-              "mixnmatch_prob": opts.mixnmatch_prob, **origin, **combine(rows)}
+              "mixnmatch_prob": opts.mixnmatch_prob, "weights": opts.weights, **origin, **combine(rows)}
     (out / "consistency.json").write_text(json.dumps(result, indent=2))
     (out / "consistency.md").write_text(markdown(result))
     consistency_grids_png(result, out / "grid.png")
@@ -402,6 +412,8 @@ def markdown(r: dict) -> str:
                 f"{r['dense_epochs']} epochs; each baseline trains {r['epochs']} epochs." if warm_up else "")
              + (f" The MatViT trains with a random monotone Mix'n'Match spec in {r['mixnmatch_prob']:.0%} of the "
                 "steps." if r.get("mixnmatch_prob") else "")
+             + (" Its loss weights (S to XL): " + ", ".join(f"{w:g}" for w in r["weights"]) + "."
+                if r.get("weights") else "")
              + (f" Augmentation: {r['augment']}." if r.get("augment") else ""),
              "", "| index \\ query | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for i in names:

@@ -16,6 +16,7 @@ from matvit.spec import Submodel
 from retrieval.encoder import Encoder
 
 from . import steps
+from .consistency import matvit_run_name
 
 Family = Callable[[MatViTConfig], list[Submodel]]
 
@@ -23,8 +24,9 @@ Family = Callable[[MatViTConfig], list[Submodel]]
 def step_matvit(step: dict, cache: Path) -> Path:
     """Where a measured step's MatViT trained in the training cache `cache` (as `consistency.train_options`
     names it)."""
-    prob = step["settings"]["matvit"].get("mixnmatch_prob") or 0.0
-    return Path(cache) / f"seed-{step['seed']}" / ("matvit" + (f"-mixnmatch-{prob:g}" if prob else ""))
+    matvit = step["settings"]["matvit"]
+    return Path(cache) / f"seed-{step['seed']}" / matvit_run_name(matvit.get("mixnmatch_prob") or 0.0,
+                                                                   matvit.get("weights"))
 
 
 def query_xl_index(run: Path, step: dict, family: Family) -> list[dict]:
