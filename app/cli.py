@@ -362,8 +362,6 @@ def cmd_bench_consistency(args: argparse.Namespace) -> None:
     if unknown or "S" not in args.baselines:
         raise UserError(f"--baselines takes granularities of {', '.join(GRANULARITY_NAMES)}, S among them "
                         f"(got {','.join(args.baselines)})")
-    if args.weights and len(args.weights) != len(GRANULARITY_NAMES):
-        raise UserError(f"--weights needs {len(GRANULARITY_NAMES)} values ({', '.join(GRANULARITY_NAMES)})")
     if args.baselines_from and not (args.baselines_from / "steps").is_dir():
         raise UserError(f"--baselines-from {args.baselines_from}: no consistency result there (no steps/ folder)")
     result = run(BenchOptions(dataset=args.dataset, preset=args.preset, out=args.out, epochs=args.epochs,

@@ -84,6 +84,9 @@ class TrainOptions:
             raise UserError(f"unknown head {self.head!r}; use one of {', '.join(HEADS)}")
         if not 0.0 <= self.mixnmatch_prob <= 1.0:
             raise UserError("--mixnmatch-prob must be between 0 and 1")
+        names = list(preset.model.granularities)
+        if self.weights is not None and len(self.weights) != len(names):
+            raise UserError(f"--weights needs {len(names)} values ({', '.join(names)})")
 
     def model_config(self, num_classes: int) -> MatViTConfig:
         cfg = get_preset(self.preset).model
@@ -214,10 +217,7 @@ class Trainer:
         if init and self.runtime.main:  # DDP starts every process from the main process's weights
             self._load_init(init)
         self.granularities = list(self.model.config.granularities)
-        weights = opts.weights or [1.0] * len(self.granularities)
-        if len(weights) != len(self.granularities):
-            raise UserError(f"--weights needs {len(self.granularities)} values ({', '.join(self.granularities)})")
-        self.weights = dict(zip(self.granularities, weights, strict=True))
+        self.weights = dict(zip(self.granularities, opts.weights or [1.0] * len(self.granularities), strict=True))
         self.step_module = self.runtime.wrap(FeaturesAndLogits(self.model))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.recipe.lr,
                                            weight_decay=self.recipe.weight_decay)

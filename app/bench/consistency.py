@@ -290,11 +290,11 @@ def combine(rows: list[dict]) -> dict:
 def run(opts: BenchOptions, log=print) -> dict:
     """Measure every seed (reusing finished steps with --reuse), then write consistency.json, consistency.md and
     the plots from the steps of `opts.seeds`; returns the JSON dict."""
+    recipe = train_options(opts, opts.seeds[0], None).recipe  # the MatViT's; checks its options before any work
     out = Path(opts.out)
     (out / "steps").mkdir(parents=True, exist_ok=True)
     origin = provenance.record()  # the code that started the run, not whatever is checked out at its end
     rows = [measure_seed(opts, seed, log) for seed in opts.seeds]
-    recipe = train_options(opts, opts.seeds[0], None).recipe  # the MatViT's, as it ran
     result = {"dataset": opts.dataset, "preset": opts.preset, "epochs": recipe.epochs,
               "dense_epochs": recipe.dense_epochs or 0, "augment": recipe.augment,
               "mixnmatch_prob": opts.mixnmatch_prob, "weights": opts.weights, **origin, **combine(rows)}
