@@ -362,12 +362,14 @@ def cmd_bench_consistency(args: argparse.Namespace) -> None:
     if unknown or "S" not in args.baselines:
         raise UserError(f"--baselines takes granularities of {', '.join(GRANULARITY_NAMES)}, S among them "
                         f"(got {','.join(args.baselines)})")
-    if args.baselines_from and not (args.baselines_from / "steps").is_dir():
-        raise UserError(f"--baselines-from {args.baselines_from}: no consistency result there (no steps/ folder)")
+    for flag, result in (("--baselines-from", args.baselines_from), ("--matvit-from", args.matvit_from)):
+        if result and not (result / "steps").is_dir():
+            raise UserError(f"{flag} {result}: no consistency result there (no steps/ folder)")
     result = run(BenchOptions(dataset=args.dataset, preset=args.preset, out=args.out, epochs=args.epochs,
                               augment=args.augment, mixnmatch_prob=args.mixnmatch_prob, weights=args.weights,
-                              dense_epochs=args.dense_epochs, reuse=args.reuse, cache=args.cache, seeds=args.seeds,
-                              baselines_from=args.baselines_from,
+                              dense_epochs=args.dense_epochs, baseline_epochs=args.baseline_epochs,
+                              reuse=args.reuse, cache=args.cache, seeds=args.seeds, baselines_from=args.baselines_from,
+                              matvit_from=args.matvit_from,
                               baselines=[g for g in GRANULARITY_NAMES if g in args.baselines], data_dir=args.data_dir))
     for t in result["targets"]:
         print(f"{'n/a   ' if t['met'] is None else 'met   ' if t['met'] else 'MISSED'} {t['target']}")
@@ -663,6 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the baselines train one width)")
     q.add_argument("--dense-epochs", type=int,
                    help="the MatViT's dense warm-up, as `matvit train --dense-epochs` (0: none; default: the preset's)")
+    q.add_argument("--baseline-epochs", type=int,
+                   help="epochs of each baseline (default: as many passes over the data as the MatViT makes, its "
+                        "dense warm-up included; results before equal training used the MatViT's joint epochs)")
     q.add_argument("--out", type=Path, default=Path("runs/consistency"))
     q.add_argument("--reuse", action="store_true",
                    help="reuse finished trainings of the same setting in --cache and measured seeds in --out/steps")
@@ -674,6 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--baselines-from", type=Path, metavar="RESULT",
                    help="a consistency result directory: take each seed's baseline measurements from its steps when "
                         "they trained with the same options, instead of training the baselines again")
+    q.add_argument("--matvit-from", type=Path, metavar="RESULT",
+                   help="a consistency result directory: take each seed's MatViT measurements from its steps when it "
+                        "trained with the same options, instead of training the MatViT again")
     q.add_argument("--data-dir", type=Path)
     q.set_defaults(func=cmd_bench_consistency)
     q = bsub.add_parser("index", help="Flat, HNSW, IVF-PQ, IVF-SQ8 and auto over 100k and 1M real embeddings: recall, "

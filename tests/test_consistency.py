@@ -47,6 +47,9 @@ def test_matvit_shares_a_space_and_baselines_do_not(tmp_path, monkeypatch):
     assert len(saved["mixnmatch"]) == 35  # C(4+3, 3) monotone specs at depth 4
     assert {"spec", "params", "gflops", "knn1"} <= set(saved["mixnmatch"][0])
     assert set(saved["train_seconds"]["baseline"]) == {"S", "M", "L", "XL"}
+    assert saved["passes"] == {"matvit": 6, "baseline": {"S": 6, "M": 6, "L": 6, "XL": 6}}  # equal training
+    assert saved["runs"][0]["passes"] == saved["passes"]
+    assert "Every model makes the same 6 passes" in (tmp_path / "consistency.md").read_text()
     # Independent baselines: each its own seed, none the MatViT's.
     assert saved["runs"][0]["baseline_seeds"] == {"S": 1, "M": 2, "L": 3, "XL": 4}
     assert saved["targets"] == targets(saved)
@@ -213,7 +216,7 @@ def test_another_matvit_recipe_takes_the_baselines_measured_before(tmp_path, sma
     common = dict(dataset="digits", preset="matvit-tiny-digits", epochs=1, baselines=["S"], latency_repeats=1)
     first = run(BenchOptions(**common, out=tmp_path / "plain", cache=tmp_path / "runs"), log=lambda s: None)
     logged = []
-    warm = BenchOptions(**common, out=tmp_path / "warm", cache=tmp_path / "other", dense_epochs=1,
+    warm = BenchOptions(**common, out=tmp_path / "warm", cache=tmp_path / "other", dense_epochs=1, baseline_epochs=1,
                         baselines_from=tmp_path / "plain")
     second = run(warm, log=logged.append)
     assert not any("baseline-S" in line for line in logged)  # trained no baseline, its cache is empty
@@ -251,11 +254,23 @@ def test_trainings_are_listed_under_the_cpu_they_ran_on():
     assert consistency.trained_on_lines([{"seed": 0}]) == []
 
 
-def test_a_warm_up_is_the_matvits_alone(tmp_path):
-    plain = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path)
-    warm = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, dense_epochs=3)
+def test_baselines_make_as_many_passes_as_the_matvit_warm_up_included(tmp_path):
+    plain = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, epochs=6)
+    warm = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, epochs=6, dense_epochs=3)
     assert train_options(warm, 0, None).recipe.dense_epochs == 3
-    assert step_settings(warm, 0)["baselines"] == step_settings(plain, 0)["baselines"]
+    assert train_options(plain, 0, "S").recipe.epochs == 6
+    for g in ("S", "XL"):  # a baseline is a plain ViT: no warm-up of its own, 3 + 6 epochs
+        baseline = train_options(warm, 0, g)
+        assert (baseline.recipe.epochs, baseline.recipe.dense_epochs) == (9, None)
+    assert consistency.passes(options_json(train_options(warm, 0, None))) == 9
+    # The old count on request: the MatViT's joint epochs, as results before equal training were measured.
+    joint = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, epochs=6, dense_epochs=3,
+                         baseline_epochs=6)
+    assert step_settings(joint, 0)["baselines"] == step_settings(plain, 0)["baselines"]
+    report = consistency.passes_sentence({"passes": {"matvit": 9, "baseline": {"S": 6, "XL": 6}}})
+    assert "**Unequal training**: the MatViT makes 9 passes over the data, the baselines S 6, XL 6." in report
+    assert "same 9 passes" in consistency.passes_sentence({"passes": {"matvit": 9, "baseline": {"S": 9}}})
+    assert consistency.passes_sentence({}) == ""  # a result from before passes were recorded
     off = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, dense_epochs=0)
     assert step_settings(off, 0) == step_settings(plain, 0)  # no warm-up, however it is asked for
 
@@ -327,3 +342,25 @@ def test_targets_without_the_baselines_they_need_are_not_measured():
 
 def test_pareto_front():
     assert pareto_front([(1, 0.5), (2, 0.4), (3, 0.7), (2, 0.6)]) == [(1, 0.5), (2, 0.6), (3, 0.7)]
+
+
+def test_baselines_at_equal_passes_take_the_matvit_measured_before(tmp_path, small_digits):
+    common = dict(dataset="digits", preset="matvit-tiny-digits", epochs=1, dense_epochs=1, baselines=["S"],
+                  latency_repeats=1)
+    unequal = run(BenchOptions(**common, baseline_epochs=1, out=tmp_path / "unequal", cache=tmp_path / "runs"),
+                  log=lambda s: None)
+    assert unequal["passes"] == {"matvit": 2, "baseline": {"S": 1}}
+    logged = []
+    equal = run(BenchOptions(**common, out=tmp_path / "equal", cache=tmp_path / "other",
+                             matvit_from=tmp_path / "unequal"), log=logged.append)
+    assert not (tmp_path / "other" / "seed-0" / "matvit").exists()  # no MatViT trained again
+    assert any(line.startswith("[seed 0] MatViT measured before") for line in logged)
+    assert equal["passes"] == {"matvit": 2, "baseline": {"S": 2}}
+    assert equal["matvit"] == unequal["matvit"] and equal["mixnmatch"] == unequal["mixnmatch"]
+    step = json.loads((tmp_path / "equal" / "steps" / "seed-0.json").read_text())
+    assert step["matvit_from"] == str(tmp_path / "unequal" / "steps" / "seed-0.json")
+    assert step["matvit_commit"] == unequal["runs"][0]["commit"]
+    assert step["settings"]["baselines"]["S"]["recipe"]["epochs"] == 2
+    report = (tmp_path / "equal" / "consistency.md").read_text()
+    assert f"MatViT measured before: seed 0 in `{step['matvit_from']}`" in report
+    assert "Every model makes the same 2 passes" in report

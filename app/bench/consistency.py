@@ -2,12 +2,14 @@
 
 MatViT's submodels share XL's metric space, so an index built with XL serves queries from every
 submodel; baselines of different widths do not share a space (MatFormer Sec. 4.2.2). For each seed the
-benchmark trains (or reuses) the MatViT and the baselines with the same data, recipe and epochs, each baseline
-with a seed of its own (the paper's baselines are independent models), then measures the MatViT grid, the
+benchmark trains (or reuses) the MatViT and the baselines with the same data and recipe, each baseline with a seed
+of its own (the paper's baselines are independent models) and, by default, as many passes over the data as the MatViT
+(its dense warm-up included; `baseline_epochs` sets another count), then measures the MatViT grid, the
 baseline grid, Mix'n'Match query encoders against the XL index, and the costs. Each seed's measurements are one
 step file (`steps/seed-N.json`); the report gives every cell's mean and spread over the seeds. A MatViT recipe
 changes nothing in the baselines, so a run may take the baselines' measurements from another result's steps whose
-baselines trained with the same options (`baselines_from`) instead of training them again.
+baselines trained with the same options (`baselines_from`) instead of training them again; likewise a run that
+changes only the baselines may take the MatViT's measurements (`matvit_from`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 
 from matvit import checkpoint, data, metrics, provenance
 from matvit import spec as specs
-from matvit.config import GRANULARITY_NAMES
+from matvit.config import GRANULARITY_NAMES, get_preset
 from matvit.induce import dense_options, train_matvit
 from matvit.train import TrainOptions, finished_run, option_differences
 from retrieval.budget import measure
@@ -43,11 +45,13 @@ class BenchOptions:
     mixnmatch_prob: float = 0.0  # MatViT only: a random monotone Mix'n'Match spec in this share of the steps
     weights: list[float] | None = None  # MatViT only: per-granularity loss weights, smallest first (None: all 1)
     dense_epochs: int | None = None  # MatViT only: a dense warm-up of this many epochs (0: none; None: the preset's)
+    baseline_epochs: int | None = None  # None: the MatViT's passes over the data (warm-up + joint epochs)
     reuse: bool = False
     cache: Path | None = None  # trainings, under seed-N/; default runs/consistency/<preset>-<dataset>[-augment-<kind>]
     seeds: list[int] = field(default_factory=lambda: [0])
     baselines: list[str] = field(default_factory=lambda: list(GRANULARITY_NAMES))  # trained for every seed
     baselines_from: Path | None = None  # a consistency result whose steps' baselines (same options) are taken
+    matvit_from: Path | None = None  # a consistency result whose steps' MatViT measurements (same options) are taken
     data_dir: Path | None = None
     latency_repeats: int = 15
 
@@ -111,7 +115,20 @@ def matvit_run_name(mixnmatch_prob: float, weights: list[float] | None) -> str:
     return "matvit" + sampled + weighted
 
 
+def passes(options: dict) -> int:
+    """How many passes over the data a training of these options (`options_json`) made: its epochs, and its dense
+    warm-up's."""
+    recipe = options["recipe"]
+    return recipe["epochs"] + (recipe.get("dense_epochs") or 0)
+
+
 def train_options(opts: BenchOptions, seed: int, baseline: str | None) -> TrainOptions:
+    """The training options of the seed's MatViT (`baseline` None) or of one of its baselines, which trains
+    `opts.baseline_epochs` epochs, or by default as many as the MatViT's passes over the data."""
+    epochs = opts.epochs
+    if baseline:
+        matvit = options_json(train_options(opts, seed, None))
+        epochs = passes(matvit) if opts.baseline_epochs is None else opts.baseline_epochs
     slug = opts.dataset.replace(":", "-").replace("/", "_").strip("_")
     default = f"{opts.preset}-{slug}" + (f"-augment-{opts.augment}" if opts.augment else "")
     cache = Path(opts.cache or Path("runs") / "consistency" / default) / f"seed-{seed}"
@@ -119,7 +136,7 @@ def train_options(opts: BenchOptions, seed: int, baseline: str | None) -> TrainO
     mixnmatch, weights = (0.0, None) if baseline else (opts.mixnmatch_prob, opts.weights)
     name = f"baseline-{baseline}" if baseline else matvit_run_name(mixnmatch, weights)
     return TrainOptions(preset=opts.preset, dataset=opts.dataset, out=cache / name, data_dir=opts.data_dir,
-                        epochs=opts.epochs, augment=opts.augment, dense_epochs=opts.dense_epochs, baseline=baseline,
+                        epochs=epochs, augment=opts.augment, dense_epochs=opts.dense_epochs, baseline=baseline,
                         mixnmatch_prob=mixnmatch, weights=weights,
                         seed=baseline_seed(seed, baseline) if baseline else seed)
 
@@ -186,53 +203,87 @@ def _saved(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def measure_seed(opts: BenchOptions, seed: int, log=print) -> dict:
-    """One seed's step: train or reuse its MatViT and baselines, then measure both grids, the Mix'n'Match specs
-    against the XL index, and the costs. With --reuse, a saved step with these settings (and at least these
-    baselines) is reused whole; the baselines' measurements are taken from the saved step, or from the same
-    seed's step in `baselines_from`, when its baselines trained with these options."""
-    settings = step_settings(opts, seed)
-    path = Path(opts.out) / "steps" / f"seed-{seed}.json"
-    row = _saved(path) if opts.reuse else None
-    if baselines_measured(row, settings) and not option_differences(row["settings"]["matvit"], settings["matvit"]):
-        log(f"[seed {seed}] measured before: {path}")
-        return row
-    candidates = [(path, row)]
-    if opts.baselines_from:
-        other = Path(opts.baselines_from) / "steps" / path.name
-        candidates.append((other, _saved(other)))
-    source_path, source = next(((p, r) for p, r in candidates if baselines_measured(r, settings)), (None, None))
-    origin = provenance.record()
+def measure_matvit(opts: BenchOptions, seed: int, log=print) -> dict:
+    """Train or reuse the seed's MatViT and measure its grid, its Mix'n'Match specs against the XL index and its
+    costs: the MatViT's part of a step (with the gallery and queries, which the baselines' part needs)."""
     run = train_options(opts, seed, None)
     seconds = train_cached(run, log, opts.reuse)
     matvit = Encoder.load(run.out)
-    measure_start = time.perf_counter()
-    cfg = matvit.config
+    start = time.perf_counter()
     gallery, queries, mg, mq = embed_named(matvit, opts.dataset, opts.data_dir, "MatViT")
-    named = specs.named(cfg)
     mixnmatch = []
-    for spec in specs.monotone(cfg):
+    for spec in specs.monotone(matvit.config):
         emb = mq[spec.text] if spec.text in mq else matvit.encode(queries.images, spec)
         mixnmatch.append({"spec": spec.text, "params": matvit.params(spec), "gflops": matvit.gflops(spec),
                           "knn1": metrics.knn1(mg["XL"], gallery.labels, emb, queries.labels)})
-    grid = grid_from_embeddings(mg, mq, gallery.labels, queries.labels)
-    cost = {s.text: measure(matvit, s, opts.latency_repeats) for s in named}
-    measure_seconds = time.perf_counter() - measure_start
-    taken_from = None
+    return {"grid": grid_from_embeddings(mg, mq, gallery.labels, queries.labels), "mixnmatch": mixnmatch,
+            "cost": {s.text: measure(matvit, s, opts.latency_repeats) for s in specs.named(matvit.config)},
+            "train_seconds": seconds, "trained_on": trained_on(run.out), "commit": None,
+            "measure_seconds": time.perf_counter() - start, "classes": len(gallery.classes),
+            "data": (gallery, queries)}
+
+
+def matvit_of(row: dict) -> dict:
+    """A saved step's MatViT part, as `measure_matvit` gives it (without the data)."""
+    return {"grid": row["matvit"], "mixnmatch": row["mixnmatch"], "cost": row["cost"]["matvit"],
+            "train_seconds": row["train_seconds"]["matvit"], "trained_on": row.get("trained_on", {}).get("matvit"),
+            "commit": row.get("matvit_commit", row["commit"]), "measure_seconds": 0.0, "classes": row["classes"]}
+
+
+def _taken(candidates: list[tuple[Path, dict | None]], measured, what: str) -> tuple[str | None, dict | None]:
+    """The first saved step of `candidates` whose `what` part `measured` accepts: (where it was first measured, the
+    step), or (None, None)."""
+    for path, row in candidates:
+        if measured(row):
+            return row.get(f"{what}_from") or str(path), row
+    return None, None
+
+
+def measure_seed(opts: BenchOptions, seed: int, log=print) -> dict:
+    """One seed's step: train or reuse its MatViT and baselines, then measure both grids, the Mix'n'Match specs
+    against the XL index, and the costs. With --reuse, a saved step with these settings (and at least these
+    baselines) is reused whole; each part is taken from the saved step, or from the same seed's step in
+    `baselines_from` (the baselines) or `matvit_from` (the MatViT), when it trained with these options."""
+    settings = step_settings(opts, seed)
+    path = Path(opts.out) / "steps" / f"seed-{seed}.json"
+    row = _saved(path) if opts.reuse else None
+
+    def same_matvit(r: dict | None) -> bool:
+        return r is not None and not option_differences(r["settings"]["matvit"], settings["matvit"])
+
+    if baselines_measured(row, settings) and same_matvit(row):
+        log(f"[seed {seed}] measured before: {path}")
+        return row
+    mine = [(path, row)]
+    others = {what: [(Path(other) / "steps" / path.name, _saved(Path(other) / "steps" / path.name))]
+              for what, other in (("baselines", opts.baselines_from), ("matvit", opts.matvit_from)) if other}
+    origin = provenance.record()
+    matvit_from, source = _taken(mine + others.get("matvit", []), same_matvit, "matvit")
     if source is not None:
-        part, taken_from = baselines_of(source), source.get("baselines_from") or str(source_path)
+        mpart = matvit_of(source)
+        log(f"[seed {seed}] MatViT measured before (commit {mpart['commit'][:12]})")
+    else:
+        mpart = measure_matvit(opts, seed, log)
+    baselines_from, source = _taken(mine + others.get("baselines", []),
+                                    lambda r: baselines_measured(r, settings), "baselines")
+    if source is not None:
+        part = baselines_of(source)
         log(f"[seed {seed}] baselines {', '.join(part['baselines'])} measured before (commit {part['commit'][:12]})")
     else:
+        cfg = get_preset(opts.preset).model
+        gallery, queries = mpart.get("data") or (data.load(opts.dataset, split, cfg.img_size, cfg.in_chans,
+                                                           opts.data_dir) for split in ("train", "test"))
         part = measure_baselines(opts, seed, gallery, queries, origin["commit"], log)
     row = {"settings": {"matvit": settings["matvit"], "baselines": part["settings"]}, "seed": seed,
            "baselines": part["baselines"], "baseline_seeds": part["baseline_seeds"], **origin,
-           "baseline_commit": part["commit"], "baselines_from": taken_from,
-           "matvit": grid, "baseline": part["grid"], "mixnmatch": mixnmatch,
-           "cost": {"matvit": cost, "baseline": part["cost"]},
-           "train_seconds": {"matvit": seconds, "baseline": part["train_seconds"]},
-           "trained_on": {"matvit": trained_on(run.out), "baseline": part["trained_on"]},
-           "measure_seconds": round(measure_seconds + part.get("measure_seconds", 0.0), 1),
-           "classes": len(gallery.classes)}
+           "matvit_commit": mpart["commit"] or origin["commit"], "matvit_from": matvit_from,
+           "baseline_commit": part["commit"], "baselines_from": baselines_from,
+           "matvit": mpart["grid"], "baseline": part["grid"], "mixnmatch": mpart["mixnmatch"],
+           "cost": {"matvit": mpart["cost"], "baseline": part["cost"]},
+           "train_seconds": {"matvit": mpart["train_seconds"], "baseline": part["train_seconds"]},
+           "trained_on": {"matvit": mpart["trained_on"], "baseline": part["trained_on"]},
+           "measure_seconds": round(mpart["measure_seconds"] + part.get("measure_seconds", 0.0), 1),
+           "classes": mpart["classes"]}
     row["targets"] = targets(row)
     return steps.write(path, row)
 
@@ -249,6 +300,13 @@ def _mean_grid(grids: list[dict]) -> dict:
                                         "knn1_std": float(np.std(knn, ddof=1)) if len(knn) > 1 else 0.0,
                                         "n": len(knn)}
     return out
+
+
+def step_passes(row: dict) -> dict:
+    """Passes over the data of a step's MatViT and of each of its baselines."""
+    settings = row["settings"]
+    return {"matvit": passes(settings["matvit"]),
+            "baseline": {g: passes(settings["baselines"][g]) for g in row["baselines"]}}
 
 
 def combine(rows: list[dict]) -> dict:
@@ -273,12 +331,15 @@ def combine(rows: list[dict]) -> dict:
         "train_seconds": {"matvit": float(np.mean([r["train_seconds"]["matvit"] for r in rows])),
                           "baseline": {g: float(np.mean([r["train_seconds"]["baseline"][g] for r in rows
                                                          if g in r["baselines"]])) for g in baselines}},
+        "passes": {"matvit": step_passes(first)["matvit"],
+                   "baseline": {g: step_passes(r)["baseline"][g] for g, r in first_with.items()}},
         "measure_seconds": float(np.mean([r["measure_seconds"] for r in rows])),
         "classes": first["classes"],
         "runs": [{**{k: r[k] for k in ("seed", "baseline_seeds", "commit", "command", "matvit", "baseline",
                                        "train_seconds", "targets")},
                   "baseline_commit": r.get("baseline_commit", r["commit"]), "baselines_from": r.get("baselines_from"),
-                  "trained_on": r.get("trained_on")}
+                  "matvit_commit": r.get("matvit_commit", r["commit"]), "matvit_from": r.get("matvit_from"),
+                  "trained_on": r.get("trained_on"), "passes": step_passes(r)}
                  for r in rows],
     }
     result["baseline"]["grid"] = {g: result["baseline"]["grid"][g] for g in GRANULARITY_NAMES
@@ -390,11 +451,24 @@ def trained_on_lines(runs: list[dict]) -> list[str]:
             + " (a seed reproduces a training on the same kind of CPU only)", ""] if where else []
 
 
+def passes_sentence(r: dict) -> str:
+    """How many passes over the data the MatViT and its baselines made (results from before passes were recorded
+    say nothing)."""
+    if "passes" not in r:
+        return ""
+    mine, theirs = r["passes"]["matvit"], r["passes"]["baseline"]
+    if set(theirs.values()) == {mine}:
+        return f" Every model makes the same {mine} passes over the data (the MatViT's warm-up included)."
+    return (f" **Unequal training**: the MatViT makes {mine} passes over the data, the baselines "
+            + ", ".join(f"{g} {n}" for g, n in theirs.items()) + ".")
+
+
 def markdown(r: dict) -> str:
     m, b = r["matvit"]["grid"], r["baseline"]["grid"]
     names, runs = list(m), r["runs"]
     seeds = ", ".join(str(s) for s in r["seeds"])
     taken = [run for run in runs if run["baselines_from"]]
+    reused = [run for run in runs if run.get("matvit_from")]
     spread = " ± the standard deviation over seeds" if len(runs) > 1 else ""
     warm_up = bool(r.get("dense_epochs"))
     epochs = f"{r['dense_epochs']} dense + {r['epochs']} joint epochs" if warm_up else f"{r['epochs']} epochs"
@@ -405,11 +479,15 @@ def markdown(r: dict) -> str:
              *(["Baselines measured before: " + "; ".join(
                  f"seed {run['seed']} in `{run['baselines_from']}` at commit "
                  f"`{run['baseline_commit'][:12]}`" for run in taken), ""] if taken else []),
+             *(["MatViT measured before: " + "; ".join(
+                 f"seed {run['seed']} in `{run['matvit_from']}` at commit "
+                 f"`{run['matvit_commit'][:12]}`" for run in reused), ""] if reused else []),
              f"1-NN accuracy (%), mean over the seeds{spread}. Rows: index (gallery) encoder; columns: query "
              "encoder. MatViT submodels, with the independently trained baseline of the same width in brackets on "
              "the diagonal. MatViT of seed s trains with seed s; its baselines S, M, L, XL with seeds 4s+1 to 4s+4."
              + (f" The MatViT starts its {r['epochs']} joint epochs from a dense ViT of XL's width trained for "
-                f"{r['dense_epochs']} epochs; each baseline trains {r['epochs']} epochs." if warm_up else "")
+                f"{r['dense_epochs']} epochs." if warm_up else "")
+             + passes_sentence(r)
              + (f" The MatViT trains with a random monotone Mix'n'Match spec in {r['mixnmatch_prob']:.0%} of the "
                 "steps." if r.get("mixnmatch_prob") else "")
              + (" Its loss weights (S to XL): " + ", ".join(f"{w:g}" for w in r["weights"]) + "."
