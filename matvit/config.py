@@ -110,7 +110,7 @@ PRESETS: dict[str, Preset] = {
                      num_heads=4, mlp_hidden=512),
         # No augmentation: in 10 epochs random crops and flips cost more than they give (XL test top-1
         # 0.861 with crop-flip, 0.895 without). A 5-epoch dense warm-up, then 15 joint epochs, lifts the
-        # XL-index / S-query cell over baseline S trained as long (README, "A dense warm-up");
+        # XL-index / S-query cell over baseline S trained as long (docs/results/consistency-fmnist-warmup-15epochs);
         # `--dense-epochs 0 --epochs 10` is the earlier plain recipe.
         TrainRecipe(epochs=15, batch_size=128, lr=1e-3, warmup_epochs=1, augment="none", dense_epochs=5),
     ),
@@ -121,7 +121,7 @@ PRESETS: dict[str, Preset] = {
                      num_heads=4, mlp_hidden=512),
         # The Fashion-MNIST recipe: without crops and flips every 1-NN cell gains 3 to 6 points in 10
         # epochs, and the warm-up with 15 joint epochs is the first recipe whose XL-index / S-query cell
-        # passes baseline S trained as long (README, "CIFAR-10 with the warm-up and 15 joint epochs");
+        # passes baseline S trained as long (docs/results/consistency-cifar10-warmup-15epochs);
         # `--augment crop-flip --dense-epochs 0 --epochs 10` is the earlier recipe.
         TrainRecipe(epochs=15, batch_size=128, lr=1e-3, warmup_epochs=1, augment="none", dense_epochs=5),
     ),

@@ -1,7 +1,7 @@
 """Extraction: a submodel as a standalone, physically smaller plain timm ViT.
 
 The exported directory needs only timm and safetensors to load (see `load_standalone`, which is
-the loader the README shows): `VisionTransformer(**timm_kwargs)`, each block `i` given a timm
+the loader docs/exporting.md shows): `VisionTransformer(**timm_kwargs)`, each block `i` given a timm
 `Mlp(embed_dim, mlp_hidden_features[i])`, then the state dict loaded strictly.
 """
 

@@ -84,7 +84,7 @@ def monotone(config: MatViTConfig) -> list[Submodel]:
 
 def narrowing(config: MatViTConfig) -> list[Submodel]:
     """The mirrors of `monotone`: width never increasing with depth (same parameters and GFLOPs as each mirror;
-    on CIFAR-10 they lie closer to the granularities' segments, README "Where a Mix'n'Match spec narrows")."""
+    on CIFAR-10 they lie closer to the granularities' segments, docs/results/mixnmatch-order-cifar10)."""
     return [from_names(list(reversed(s.names)), config) for s in monotone(config)]
 
 

@@ -51,7 +51,7 @@ with torch.no_grad():
 
 
 def test_export_loads_with_timm_and_safetensors_only(trained, tmp_path):
-    """The README's loader, run in a fresh interpreter that never imports the project."""
+    """The loader docs/exporting.md shows, run in a fresh interpreter that never imports the project."""
     out = export(trained, "S,S,M,XL", tmp_path / "mix")
     x = torch.randn(3, 1, 8, 8)
     np.save(out / "x.npy", x.numpy())

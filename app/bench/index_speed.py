@@ -1,6 +1,6 @@
 """The index benchmark: build throughput and per-submodel query latency, written to <out>.{json,md}.
 
-    matvit bench index --checkpoint runs/fmnist --dataset fashion-mnist --out docs/results/index-fmnist
+    matvit bench index --speed --checkpoint runs/fmnist --dataset fashion-mnist --out docs/results/index-fmnist
 
 In one run it measures: building the index from the in-memory train split, building it from the
 test split saved as PNG files (decoded in DataLoader workers), the pure XL forward throughput on
