@@ -15,6 +15,8 @@ Adding and removing change the live collection in place: first the manifest rese
 `revision`, which readers see as a new version. A build or `index rebuild` fills a new collection,
 switches the alias to it (readers never see half of it) and drops the collections before the one it
 replaced. Reads use Strong consistency, so a search issued after a write has returned sees it.
+Milvus searches only loaded collections (Milvus Lite opens them released in each new process): `open`
+loads the live one, and a view whose collection was released meanwhile loads it again and retries once.
 
 One writer at a time holds `LOCK` in the local directory (`files`): beside a Milvus Lite file
 (`gallery.files/NAME/`), else under `$XDG_DATA_HOME/matvit/milvus/HOST-PORT[-DB]/NAME/`. That lock
@@ -66,6 +68,8 @@ IN_CHUNK = 1000  # ids per `id in [...]` filter
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")
 SERVER_SCHEMES = ("http", "https", "tcp")
 
+NOT_LOADED = 101  # Milvus's error code for a search or query of a collection that is not loaded
+
 _clients: dict[str, object] = {}
 _clients_lock = threading.Lock()
 
@@ -78,6 +82,7 @@ def _milvus_errors(what: str):
     try:
         yield
     except MilvusException as e:
+        log.debug("%s", what, exc_info=True)
         message = getattr(e, "message", None) or str(e)
         raise IndexStoreError(f"{what}: {message.strip().splitlines()[0] if message.strip() else type(e).__name__}") \
             from e
@@ -169,10 +174,10 @@ class MilvusGallery:
         ids = np.full((len(queries), k), -1, np.int64)
         if self.count == 0 or len(queries) == 0:
             return scores, ids
-        with _milvus_errors(f"cannot search {self.store.name}"):
-            hits = self.store.client().search(self.collection, data=queries.tolist(), limit=k,
-                                              search_params={"metric_type": "IP", "params": milvus_params},
-                                              consistency_level="Strong")
+        hits = self._read(f"cannot search {self.store.name}", lambda client: client.search(
+            self.collection, data=queries.tolist(), limit=k, search_params={"metric_type": "IP",
+                                                                            "params": milvus_params},
+            consistency_level="Strong"))
         for row, found in enumerate(hits):
             for col, hit in enumerate(list(found)[:k]):
                 ids[row, col], scores[row, col] = int(hit["id"]), float(hit["distance"])
@@ -200,9 +205,24 @@ class MilvusGallery:
             yield from self._query(f"id >= {start} and id < {start + PAGE}", fields, PAGE)
 
     def _query(self, expression: str, fields: list[str], limit: int) -> list[dict]:
-        with _milvus_errors(f"cannot read {self.store.name}"):
-            return list(self.store.client().query(self.collection, filter=expression, output_fields=fields,
-                                                  limit=limit, consistency_level="Strong"))
+        return list(self._read(f"cannot read {self.store.name}", lambda client: client.query(
+            self.collection, filter=expression, output_fields=fields, limit=limit, consistency_level="Strong")))
+
+    def _read(self, what: str, call):
+        """`call(client)`; when the collection was released since this view was opened (a Milvus restart, a
+        `release` by an operator), it is loaded again and the call tried once more."""
+        from pymilvus.exceptions import MilvusException
+
+        client = self.store.client()
+        with _milvus_errors(what):
+            try:
+                return call(client)
+            except MilvusException as e:
+                if e.code != NOT_LOADED:
+                    raise
+            log.warning("%s: collection %s was not loaded; loading it", self.store.name, self.collection)
+            self.store.load(self.collection)
+            return call(client)
 
     def root(self, item: dict) -> dict:
         return self.manifest["roots"][item["root"]]
@@ -264,6 +284,8 @@ class MilvusStore:
                 self._check_lite(Path(key), create)
             from pymilvus import MilvusClient
 
+            # pymilvus logs every failed call with a traceback; each one reaches the user as one line instead
+            logging.getLogger("pymilvus.decorators").setLevel(logging.CRITICAL)
             with _milvus_errors(f"cannot open {self.name}"):
                 client = MilvusClient(key if self.lite else self.uri, timeout=30)
             _clients[key] = client
@@ -323,7 +345,18 @@ class MilvusStore:
                    "revision"} - set(manifest)
         if missing:
             raise IndexStoreError(f"index {self.name} is corrupt: its manifest lacks {', '.join(sorted(missing))}")
+        self.load(collection)
         return MilvusGallery(self, collection, manifest)
+
+    def load(self, collection: str) -> None:
+        """Make `collection` searchable: Milvus serves only loaded collections, and a Milvus Lite file opened
+        in a new process (or a server after a restart) has them released. A loaded one is left as it is."""
+        from pymilvus.client.types import LoadState
+
+        client = self.client()
+        with _milvus_errors(f"cannot load {self.name}"):
+            if client.get_load_state(collection)["state"] != LoadState.Loaded:
+                client.load_collection(collection)
 
     def current_version(self) -> str | None:
         try:
