@@ -74,6 +74,11 @@ _clients: dict[str, object] = {}
 _clients_lock = threading.Lock()
 
 
+def _not_a_held_file(record: logging.LogRecord) -> bool:
+    """Drops Milvus Lite's traceback of a file another process holds (`IndexBusy` says it in one line)."""
+    return not (record.exc_info and type(record.exc_info[1]).__name__ == "DataDirLockedError")
+
+
 @contextmanager
 def _milvus_errors(what: str):
     """Milvus's exceptions as one-line `IndexStoreError`s."""
@@ -284,10 +289,16 @@ class MilvusStore:
                 self._check_lite(Path(key), create)
             from pymilvus import MilvusClient
 
-            # pymilvus logs every failed call with a traceback; each one reaches the user as one line instead
+            # pymilvus and Milvus Lite log failures with a traceback; each one reaches the user as one line instead
             logging.getLogger("pymilvus.decorators").setLevel(logging.CRITICAL)
-            with _milvus_errors(f"cannot open {self.name}"):
-                client = MilvusClient(key if self.lite else self.uri, timeout=30)
+            logging.getLogger("milvus_lite.server_manager").addFilter(_not_a_held_file)
+            try:
+                with _milvus_errors(f"cannot open {self.name}"):
+                    client = MilvusClient(key if self.lite else self.uri, timeout=30)
+            except IndexStoreError:
+                if self.lite:  # another process may have opened the file since the check
+                    self._check_lite(Path(key), create)
+                raise
             _clients[key] = client
             return client
 

@@ -242,7 +242,7 @@ time.sleep(60)
 """
 
 
-def test_a_lite_file_open_in_another_process_is_one_line_error(encoder, tmp_path):
+def test_a_lite_file_open_in_another_process_is_one_line_error(encoder, tmp_path, monkeypatch, capfd, caplog):
     path = tmp_path / "held.db"
     build.build(encoder, build.DatasetSource("digits", "test", 8, 1), f"milvus:{path}")
     child = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "other.db")], stdout=subprocess.PIPE,
@@ -251,6 +251,19 @@ def test_a_lite_file_open_in_another_process_is_one_line_error(encoder, tmp_path
         assert child.stdout.readline().strip() == "open"
         with pytest.raises(IndexBusy, match="open in another process"):
             open_store(f"milvus:{tmp_path / 'other.db'}").open()
+        check, calls = MilvusStore._check_lite, []  # the other process opens the file just after the check:
+
+        def late(self, *args):
+            calls.append(args)
+            return None if len(calls) == 1 else check(self, *args)
+
+        monkeypatch.setattr(MilvusStore, "_check_lite", late)
+        capfd.readouterr()
+        caplog.clear()
+        with pytest.raises(IndexBusy, match="open in another process"):
+            open_store(f"milvus:{tmp_path / 'other.db'}").open()
+        assert len(calls) == 2  # one line, no logged traceback:
+        assert "Traceback" not in capfd.readouterr().err and not [r for r in caplog.records if r.exc_info]
     finally:
         child.kill()
         child.wait()
