@@ -21,20 +21,18 @@ loads the live one, and a view whose collection was released meanwhile loads it 
 One writer at a time holds `LOCK` in the local directory (`files`): beside a Milvus Lite file
 (`gallery.files/NAME/`), else under `$XDG_DATA_HOME/matvit/milvus/HOST-PORT[-DB]/NAME/`. That lock
 spans the processes of one machine; writers of one collection on several machines are not
-serialised. Milvus Lite itself lets one process at a time open its file.
+serialised. Milvus Lite itself lets one process at a time open its file (`retrieval.milvus_client`).
 """
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import json
 import logging
 import math
 import os
 import re
-import threading
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -44,9 +42,10 @@ import numpy as np
 
 from . import tuning
 from .index import FLAT_MAX, auto_index_key, versions_of_packages
+from .milvus_client import NOT_LOADED, open_client
+from .milvus_client import milvus_errors as _milvus_errors
 from .store import (
     COLUMNS,
-    IndexBusy,
     IndexStoreError,
     check_model,
     label_name,
@@ -67,31 +66,6 @@ PAGE = 10_000  # ids per range query (under Milvus's 16,384 query window)
 IN_CHUNK = 1000  # ids per `id in [...]` filter
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")
 SERVER_SCHEMES = ("http", "https", "tcp")
-
-NOT_LOADED = 101  # Milvus's error code for a search or query of a collection that is not loaded
-
-_clients: dict[str, object] = {}
-_clients_lock = threading.Lock()
-
-
-def _not_a_held_file(record: logging.LogRecord) -> bool:
-    """Drops Milvus Lite's traceback of a file another process holds (`IndexBusy` says it in one line)."""
-    return not (record.exc_info and type(record.exc_info[1]).__name__ == "DataDirLockedError")
-
-
-@contextmanager
-def _milvus_errors(what: str):
-    """Milvus's exceptions as one-line `IndexStoreError`s."""
-    from pymilvus.exceptions import MilvusException
-
-    try:
-        yield
-    except MilvusException as e:
-        log.debug("%s", what, exc_info=True)
-        message = getattr(e, "message", None) or str(e)
-        raise IndexStoreError(f"{what}: {message.strip().splitlines()[0] if message.strip() else type(e).__name__}") \
-            from e
-
 
 def milvus_index(key: str, count: int) -> tuple[str, str, dict]:
     """(recorded key, Milvus index type, build parameters) of an `--index-key`: `auto` (a FAISS-like choice
@@ -281,46 +255,7 @@ class MilvusStore:
     # --- the client -------------------------------------------------------------------------
     def client(self, create: bool = False):
         """The process's client of this URI (for Milvus Lite: its server in this process, started once)."""
-        key = os.path.abspath(self.uri) if self.lite else self.uri
-        with _clients_lock:
-            if key in _clients:
-                return _clients[key]
-            if self.lite:
-                self._check_lite(Path(key), create)
-            from pymilvus import MilvusClient
-
-            # pymilvus and Milvus Lite log failures with a traceback; each one reaches the user as one line instead
-            logging.getLogger("pymilvus.decorators").setLevel(logging.CRITICAL)
-            logging.getLogger("milvus_lite.server_manager").addFilter(_not_a_held_file)
-            try:
-                with _milvus_errors(f"cannot open {self.name}"):
-                    client = MilvusClient(key if self.lite else self.uri, timeout=30)
-            except IndexStoreError:
-                if self.lite:  # another process may have opened the file since the check
-                    self._check_lite(Path(key), create)
-                raise
-            _clients[key] = client
-            return client
-
-    def _check_lite(self, path: Path, create: bool) -> None:
-        """A one-line error for a Milvus Lite file that is missing, or open in another process."""
-        if not path.exists():
-            if not create:
-                raise IndexStoreError(f"no index at {self.name}: build one with `matvit build-index`")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return
-        lock = path / "LOCK"
-        if not lock.exists():
-            return
-        fd = os.open(lock, os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        except BlockingIOError:
-            raise IndexBusy(f"{self.name} is open in another process (Milvus Lite serves one process at a time): "
-                            "stop that process, send the change through its API, or use a Milvus server") from None
-        finally:
-            os.close(fd)
+        return open_client(self.uri, self.lite, self.name, create)
 
     def _describe(self) -> tuple[str, dict] | None:
         """(live collection, manifest), or None when there is no index."""

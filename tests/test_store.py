@@ -16,7 +16,7 @@ from PIL import Image
 from app import cli
 from app.api import Settings, create_app
 from matvit import checkpoint, data
-from retrieval import build
+from retrieval import build, milvus_client
 from retrieval.budget import Budget, BudgetError
 from retrieval.encoder import Encoder
 from retrieval.milvus_store import MilvusStore
@@ -251,13 +251,13 @@ def test_a_lite_file_open_in_another_process_is_one_line_error(encoder, tmp_path
         assert child.stdout.readline().strip() == "open"
         with pytest.raises(IndexBusy, match="open in another process"):
             open_store(f"milvus:{tmp_path / 'other.db'}").open()
-        check, calls = MilvusStore._check_lite, []  # the other process opens the file just after the check:
+        check, calls = milvus_client.check_lite, []  # the other process opens the file just after the check:
 
-        def late(self, *args):
+        def late(*args):
             calls.append(args)
-            return None if len(calls) == 1 else check(self, *args)
+            return None if len(calls) == 1 else check(*args)
 
-        monkeypatch.setattr(MilvusStore, "_check_lite", late)
+        monkeypatch.setattr(milvus_client, "check_lite", late)
         capfd.readouterr()
         caplog.clear()
         with pytest.raises(IndexBusy, match="open in another process"):
