@@ -15,24 +15,24 @@ Adding and removing change the live collection in place: first the manifest rese
 `revision`, which readers see as a new version. A build or `index rebuild` fills a new collection,
 switches the alias to it (readers never see half of it) and drops the collections before the one it
 replaced. Reads use Strong consistency, so a search issued after a write has returned sees it.
+Milvus searches only loaded collections (Milvus Lite opens them released in each new process): `open`
+loads the live one, and a view whose collection was released meanwhile loads it again and retries once.
 
 One writer at a time holds `LOCK` in the local directory (`files`): beside a Milvus Lite file
 (`gallery.files/NAME/`), else under `$XDG_DATA_HOME/matvit/milvus/HOST-PORT[-DB]/NAME/`. That lock
 spans the processes of one machine; writers of one collection on several machines are not
-serialised. Milvus Lite itself lets one process at a time open its file.
+serialised. Milvus Lite itself lets one process at a time open its file (`retrieval.milvus_client`).
 """
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import json
 import logging
 import math
 import os
 import re
-import threading
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -42,9 +42,10 @@ import numpy as np
 
 from . import tuning
 from .index import FLAT_MAX, auto_index_key, versions_of_packages
+from .milvus_client import NOT_LOADED, open_client
+from .milvus_client import milvus_errors as _milvus_errors
 from .store import (
     COLUMNS,
-    IndexBusy,
     IndexStoreError,
     check_model,
     label_name,
@@ -65,23 +66,6 @@ PAGE = 10_000  # ids per range query (under Milvus's 16,384 query window)
 IN_CHUNK = 1000  # ids per `id in [...]` filter
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")
 SERVER_SCHEMES = ("http", "https", "tcp")
-
-_clients: dict[str, object] = {}
-_clients_lock = threading.Lock()
-
-
-@contextmanager
-def _milvus_errors(what: str):
-    """Milvus's exceptions as one-line `IndexStoreError`s."""
-    from pymilvus.exceptions import MilvusException
-
-    try:
-        yield
-    except MilvusException as e:
-        message = getattr(e, "message", None) or str(e)
-        raise IndexStoreError(f"{what}: {message.strip().splitlines()[0] if message.strip() else type(e).__name__}") \
-            from e
-
 
 def milvus_index(key: str, count: int) -> tuple[str, str, dict]:
     """(recorded key, Milvus index type, build parameters) of an `--index-key`: `auto` (a FAISS-like choice
@@ -169,10 +153,10 @@ class MilvusGallery:
         ids = np.full((len(queries), k), -1, np.int64)
         if self.count == 0 or len(queries) == 0:
             return scores, ids
-        with _milvus_errors(f"cannot search {self.store.name}"):
-            hits = self.store.client().search(self.collection, data=queries.tolist(), limit=k,
-                                              search_params={"metric_type": "IP", "params": milvus_params},
-                                              consistency_level="Strong")
+        hits = self._read(f"cannot search {self.store.name}", lambda client: client.search(
+            self.collection, data=queries.tolist(), limit=k, search_params={"metric_type": "IP",
+                                                                            "params": milvus_params},
+            consistency_level="Strong"))
         for row, found in enumerate(hits):
             for col, hit in enumerate(list(found)[:k]):
                 ids[row, col], scores[row, col] = int(hit["id"]), float(hit["distance"])
@@ -200,9 +184,24 @@ class MilvusGallery:
             yield from self._query(f"id >= {start} and id < {start + PAGE}", fields, PAGE)
 
     def _query(self, expression: str, fields: list[str], limit: int) -> list[dict]:
-        with _milvus_errors(f"cannot read {self.store.name}"):
-            return list(self.store.client().query(self.collection, filter=expression, output_fields=fields,
-                                                  limit=limit, consistency_level="Strong"))
+        return list(self._read(f"cannot read {self.store.name}", lambda client: client.query(
+            self.collection, filter=expression, output_fields=fields, limit=limit, consistency_level="Strong")))
+
+    def _read(self, what: str, call):
+        """`call(client)`; when the collection was released since this view was opened (a Milvus restart, a
+        `release` by an operator), it is loaded again and the call tried once more."""
+        from pymilvus.exceptions import MilvusException
+
+        client = self.store.client()
+        with _milvus_errors(what):
+            try:
+                return call(client)
+            except MilvusException as e:
+                if e.code != NOT_LOADED:
+                    raise
+            log.warning("%s: collection %s was not loaded; loading it", self.store.name, self.collection)
+            self.store.load(self.collection)
+            return call(client)
 
     def root(self, item: dict) -> dict:
         return self.manifest["roots"][item["root"]]
@@ -256,38 +255,7 @@ class MilvusStore:
     # --- the client -------------------------------------------------------------------------
     def client(self, create: bool = False):
         """The process's client of this URI (for Milvus Lite: its server in this process, started once)."""
-        key = os.path.abspath(self.uri) if self.lite else self.uri
-        with _clients_lock:
-            if key in _clients:
-                return _clients[key]
-            if self.lite:
-                self._check_lite(Path(key), create)
-            from pymilvus import MilvusClient
-
-            with _milvus_errors(f"cannot open {self.name}"):
-                client = MilvusClient(key if self.lite else self.uri, timeout=30)
-            _clients[key] = client
-            return client
-
-    def _check_lite(self, path: Path, create: bool) -> None:
-        """A one-line error for a Milvus Lite file that is missing, or open in another process."""
-        if not path.exists():
-            if not create:
-                raise IndexStoreError(f"no index at {self.name}: build one with `matvit build-index`")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return
-        lock = path / "LOCK"
-        if not lock.exists():
-            return
-        fd = os.open(lock, os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        except BlockingIOError:
-            raise IndexBusy(f"{self.name} is open in another process (Milvus Lite serves one process at a time): "
-                            "stop that process, send the change through its API, or use a Milvus server") from None
-        finally:
-            os.close(fd)
+        return open_client(self.uri, self.lite, self.name, create)
 
     def _describe(self) -> tuple[str, dict] | None:
         """(live collection, manifest), or None when there is no index."""
@@ -323,7 +291,18 @@ class MilvusStore:
                    "revision"} - set(manifest)
         if missing:
             raise IndexStoreError(f"index {self.name} is corrupt: its manifest lacks {', '.join(sorted(missing))}")
+        self.load(collection)
         return MilvusGallery(self, collection, manifest)
+
+    def load(self, collection: str) -> None:
+        """Make `collection` searchable: Milvus serves only loaded collections, and a Milvus Lite file opened
+        in a new process (or a server after a restart) has them released. A loaded one is left as it is."""
+        from pymilvus.client.types import LoadState
+
+        client = self.client()
+        with _milvus_errors(f"cannot load {self.name}"):
+            if client.get_load_state(collection)["state"] != LoadState.Loaded:
+                client.load_collection(collection)
 
     def current_version(self) -> str | None:
         try:

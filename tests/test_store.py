@@ -16,7 +16,7 @@ from PIL import Image
 from app import cli
 from app.api import Settings, create_app
 from matvit import checkpoint, data
-from retrieval import build
+from retrieval import build, milvus_client
 from retrieval.budget import Budget, BudgetError
 from retrieval.encoder import Encoder
 from retrieval.milvus_store import MilvusStore
@@ -123,6 +123,26 @@ def test_add_remove_and_ids_are_never_reused(encoder, digits, spec):
     assert not list((open_store(spec).files / "uploads").glob(f"{added[0]['id']}.*"))
 
 
+def test_a_released_collection_is_loaded_by_open_and_by_a_view_in_use(encoder, digits, spec):
+    """As Milvus Lite opened in a new process, or a Milvus server after a restart, has its collections."""
+    _, test = digits
+    build.build(encoder, build.DatasetSource("digits", "test", 8, 1), spec)
+    store = open_store(spec)
+    view = store.open()
+    store.client().release_collection(view.collection)
+    retriever = Retriever(spec, encoder=encoder, refresh_seconds=0)
+    assert retriever.search(test.images[:3], k=1)[0].neighbours[0]["id"] == 0
+    rebuild(spec, "HNSW16")  # a new version in a new collection, released here as a writer elsewhere may leave it
+    store.client().release_collection(store.open().collection)
+    assert retriever.search(test.images[:3], k=1)[0].neighbours[0]["id"] == 0
+    assert retriever.index.collection != view.collection and retriever.index.manifest["index_key"] == "HNSW16"
+    store.client().release_collection(view.collection)
+    scores, ids = view.search(np.full((2, 32), 0.1, np.float32), 3)
+    assert ids.shape == (2, 3) and (ids >= 0).all() and np.isfinite(scores).all()
+    store.client().release_collection(view.collection)
+    assert view.item(4)["id"] == 4
+
+
 def test_wrong_model_is_refused(encoder, trained, spec, tmp_path):
     build.build(encoder, build.DatasetSource("digits", "test", 8, 1), spec)
     other = type(trained)(trained.config)
@@ -222,7 +242,7 @@ time.sleep(60)
 """
 
 
-def test_a_lite_file_open_in_another_process_is_one_line_error(encoder, tmp_path):
+def test_a_lite_file_open_in_another_process_is_one_line_error(encoder, tmp_path, monkeypatch, capfd, caplog):
     path = tmp_path / "held.db"
     build.build(encoder, build.DatasetSource("digits", "test", 8, 1), f"milvus:{path}")
     child = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "other.db")], stdout=subprocess.PIPE,
@@ -231,6 +251,19 @@ def test_a_lite_file_open_in_another_process_is_one_line_error(encoder, tmp_path
         assert child.stdout.readline().strip() == "open"
         with pytest.raises(IndexBusy, match="open in another process"):
             open_store(f"milvus:{tmp_path / 'other.db'}").open()
+        check, calls = milvus_client.check_lite, []  # the other process opens the file just after the check:
+
+        def late(*args):
+            calls.append(args)
+            return None if len(calls) == 1 else check(*args)
+
+        monkeypatch.setattr(milvus_client, "check_lite", late)
+        capfd.readouterr()
+        caplog.clear()
+        with pytest.raises(IndexBusy, match="open in another process"):
+            open_store(f"milvus:{tmp_path / 'other.db'}").open()
+        assert len(calls) == 2  # one line, no logged traceback:
+        assert "Traceback" not in capfd.readouterr().err and not [r for r in caplog.records if r.exc_info]
     finally:
         child.kill()
         child.wait()
