@@ -190,7 +190,8 @@ class Retriever:
         """(scores, ids) of the k nearest gallery vectors of each embedding (L2-normalised here, in float64 so
         that large finite values do not overflow); `EmbeddingError` for one that is not finite as float32 or
         has zero norm (it has no direction to search in)."""
-        embeddings = np.asarray(embeddings, dtype=np.float32)
+        with np.errstate(over="ignore"):  # a value past float32's range becomes inf, refused below
+            embeddings = np.asarray(embeddings, dtype=np.float32)
         if not np.isfinite(embeddings).all():
             raise EmbeddingError("the embedding has values that are not finite as float32 (over 3.4e38 in "
                                  "magnitude, inf or nan)")
