@@ -45,14 +45,15 @@ from pydantic import (
 )
 from starlette.datastructures import FormData, Headers, MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from matvit.errors import UserError
+from matvit.errors import UserError, redact
 from matvit.images import ImageError, ImageTooLarge
 from retrieval.budget import Budget
 from retrieval.encoder import Encoder
-from retrieval.retriever import Retriever
-from retrieval.store import IndexBusy, ItemImageRefused, ItemNotFound
+from retrieval.retriever import EmbeddingError, Retriever
+from retrieval.store import IndexBusy, IndexCorrupt, IndexMissing, ItemImageRefused, ItemNotFound, open_store
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Settings:
     backend: str = "eager"  # the query encoder's backend: eager, compile, onnx, onnx-int8, or auto (the fastest
     # that matches eager, per submodel, measured with the profile at start)
     write_wait: float = 30.0  # seconds an add or delete waits for another writer of the index before 409
+    index_poll_seconds: float = 1.0  # while not ready: how often the server looks for a new index version
 
     def images_per_request(self, path: str) -> int:
         """How many image files a request to `path` may carry."""
@@ -102,9 +104,11 @@ class ApiError(HTTPException):
 
 USER_ERRORS: list[tuple[type[UserError], int, str]] = [  # first match wins: subclasses before their bases
     (IndexBusy, 409, "index_busy"), (ItemNotFound, 404, "not_found"), (ItemImageRefused, 403, "image_refused"),
+    (IndexCorrupt, 503, "index_corrupt"), (IndexMissing, 503, "no_index"), (EmbeddingError, 422, "bad_embedding"),
     (ImageTooLarge, 413, "too_many_pixels"), (ImageError, 415, "not_an_image"), (UserError, 400, "bad_request")]
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+CLIENT_GONE = 499  # counted in /metrics for a request whose client disconnected before its body was read (nginx's)
 REQUEST_ID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no spaces
 
 
@@ -395,6 +399,8 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.retriever: Retriever | None = None
+        self.encoder: Encoder | None = None
+        self.tried: str | None = None  # the index version the last load tried
         self.load_error: str | None = None
         self.registry = CollectorRegistry()
         self.requests = Counter("matvit_requests_total", "HTTP requests", ["endpoint", "method", "status"],
@@ -408,26 +414,58 @@ class Service:
         self.encode_batch = Histogram("matvit_encode_batch_images", "images in the batch a query was encoded in",
                                       ["submodel"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
 
-    def load(self) -> None:
+    def load(self) -> bool:
         """Open the checkpoint and index, then measure the submodels' cost here unless a profile exists
-        (so no request ever profiles); ready only when both are done."""
+        (so no request ever profiles); ready only when all are done. False, with the reason logged once and
+        kept for /readyz, when the checkpoint or the index cannot be used (yet)."""
         try:
-            encoder = Encoder.load(self.settings.checkpoint, cache_size=self.settings.encoder_cache,
-                                   backend=self.settings.backend)
-            retriever = Retriever(self.settings.index, encoder=encoder, max_pixels=self.settings.max_pixels,
+            if self.encoder is None:
+                self.encoder = Encoder.load(self.settings.checkpoint, cache_size=self.settings.encoder_cache,
+                                            backend=self.settings.backend)
+            store = open_store(self.settings.index)
+            self.tried = store.current_version()
+            retriever = Retriever(store, encoder=self.encoder, max_pixels=self.settings.max_pixels,
                                   encode_slots=self.settings.inference_slots,
                                   batch_wait_ms=self.settings.batch_wait_ms, max_batch=self.settings.max_batch)
             retriever.ensure_profile()
+        except IndexMissing:
+            self._not_ready("no index yet: waiting for one to be built (`matvit build-index`)")
+            return False
         except (UserError, OSError) as e:
-            self.load_error = str(e)
-            log.error("cannot serve: %s", e)
-            return
-        self.retriever = retriever
+            self._not_ready(str(e))
+            return False
+        self.retriever, self.load_error = retriever, None
+        log.info("ready: serving index version %s (%d items)", retriever.index.version, retriever.index.count)
+        return True
+
+    def _not_ready(self, reason: str) -> None:
+        if reason != self.load_error:
+            log.error("not ready: %s", reason)
+        self.load_error = reason
+
+    def keep_loading(self, stop: threading.Event) -> None:
+        """Until ready (or `stop`): load again whenever the index's version changes. A server started before
+        its index exists becomes ready once it is built; one whose index is corrupt, or was built with another
+        checkpoint, once a new version is written. A checkpoint it cannot read keeps it unready."""
+        while self.retriever is None and self.encoder is not None and not stop.wait(self.settings.index_poll_seconds):
+            try:
+                version = open_store(self.settings.index).current_version()
+            except UserError:
+                continue
+            if version != self.tried:
+                self.load()
 
     def ready(self) -> Retriever:
         if self.retriever is None:
-            raise ApiError(503, "not_ready", self.load_error or "the model and index are still loading")
+            raise ApiError(503, "not_ready", self.public(self.load_error or "the model and index are still loading"))
         return self.retriever
+
+    def public(self, message: str) -> str:
+        """`message` without the server's own paths (see `matvit.errors.redact`)."""
+        places = {self.settings.index: "<index>", self.settings.checkpoint: "<checkpoint>"}
+        if self.retriever is not None:
+            places[self.retriever.store.files] = "<index>"
+        return redact(message, places)
 
     def observe(self, scope: Scope, status: int, seconds: float) -> None:
         """Count a finished request (labels from a bounded set: route templates, known methods)."""
@@ -474,7 +512,8 @@ class Service:
 # --- ASGI layers ---------------------------------------------------------------------------------
 class RequestContext:
     """The outermost layer: gives each request an id (the client's `X-Request-ID` when sane), sent back on
-    every response; turns an unexpected exception into a JSON 500 and logs its traceback once; counts requests."""
+    every response; turns an unexpected exception into a JSON 500 and logs its traceback once; counts requests
+    (one whose client disconnected mid-body as 499, without a traceback)."""
 
     def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app, self.service = app, service
@@ -498,6 +537,9 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:  # the client left before sending its whole body: nobody to answer
+            log.info("request %s (%s %s): the client disconnected", request_id, scope.get("method"), scope.get("path"))
+            status = status or CLIENT_GONE
         except Exception:
             log.exception("request %s (%s %s) failed", request_id, scope.get("method"), scope.get("path"))
             if status is None:
@@ -563,11 +605,13 @@ def create_app(settings: Settings, load_in_background: bool = True) -> FastAPI:
         threads = max(1, (os.cpu_count() or 1) // settings.inference_slots)
         torch.set_num_threads(threads)  # one share of the cores per encode slot, and as many for a
         faiss.omp_set_num_threads(threads)  # search, so concurrent queries never oversubscribe the cores
+        stop = threading.Event()
         if load_in_background:
-            threading.Thread(target=service.load, daemon=True).start()
-        else:
-            service.load()
+            threading.Thread(target=lambda: service.load() or service.keep_loading(stop), daemon=True).start()
+        elif not service.load():
+            threading.Thread(target=service.keep_loading, args=(stop,), daemon=True).start()
         yield
+        stop.set()
 
     app = FastAPI(
         title="matvit", version="0.1.0", lifespan=lifespan,
@@ -593,7 +637,7 @@ def create_app(settings: Settings, load_in_background: bool = True) -> FastAPI:
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError):
         status, code = next((s, c) for kind, s, c in USER_ERRORS if isinstance(exc, kind))
-        return error_response(request.scope, status, code, str(exc))
+        return error_response(request.scope, status, code, service.public(str(exc)))
 
     async def open_form(request: Request) -> FormData:
         """The multipart form, refused past the route's file count before the extra files are read."""
@@ -604,6 +648,9 @@ def create_app(settings: Settings, load_in_background: bool = True) -> FastAPI:
         except ApiError:
             raise  # the body limit
         except HTTPException as e:  # Starlette's answer to a malformed form or one with too many parts
+            if str(e.detail).startswith("Part exceeded maximum size"):
+                raise ApiError(413, "too_large", f"a form field over the limit of {settings.max_field_bytes:,} "
+                                                 "bytes") from e
             if not str(e.detail).startswith("Too many files"):
                 raise ApiError(400, "bad_form", str(e.detail)) from e
             if request.url.path == "/v1/search":

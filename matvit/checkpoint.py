@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import MatViTConfig
@@ -49,9 +50,14 @@ def read_config(directory: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {directory}: {path} is missing (train one with `matvit train`)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+        config = json.loads(path.read_bytes())
+    except ValueError as e:  # not JSON, or not text
+        raise CheckpointError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); restore the checkpoint or "
+                              "train it again") from e
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{path} is not a matvit checkpoint config (no model settings); restore the "
+                              "checkpoint or train it again")
+    return config
 
 
 def load(directory: Path) -> tuple[MatViT, dict]:
@@ -60,9 +66,18 @@ def load(directory: Path) -> tuple[MatViT, dict]:
     weights = Path(directory) / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"no weights in {directory}: {weights} is missing")
-    model = MatViT(MatViTConfig.from_dict(meta["model"]))
     try:
-        model.load_state_dict(load_file(weights), strict=True)
+        model = MatViT(MatViTConfig.from_dict(meta["model"]))
+    except (TypeError, ValueError, KeyError, AssertionError) as e:
+        raise CheckpointError(f"{Path(directory) / 'config.json'} does not describe a model ({e}); restore the "
+                              "checkpoint or train it again") from e
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights} is damaged: not a readable safetensors file ({str(e).splitlines()[0]}); "
+                              "restore it or train the checkpoint again") from e
+    try:
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{weights} does not match its config.json: {str(e).splitlines()[0]}") from e
     return model.eval(), meta

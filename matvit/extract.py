@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import Mlp
 from timm.models.vision_transformer import VisionTransformer
 
+from .errors import make_dir
 from .model import MatViT
 from .spec import Submodel
 
@@ -64,8 +65,7 @@ def export(model: MatViT, spec: str | Submodel, out: Path, onnx: bool = False, *
     """Write `model.safetensors` + `config.json` (and `model.onnx`, embeddings out) to `out`."""
     spec = model.spec(spec)
     vit = extract(model, spec)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(out)
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, out / "model.safetensors")
     config = {
         "timm_kwargs": model.config.timm_kwargs(),

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from . import checkpoint, provenance, sources
 from .config import MatViTConfig, get_preset
-from .errors import UserError
+from .errors import UserError, make_dir
 from .images import to_input
 from .model import MatViT
 from .runtime import Runtime
@@ -375,7 +375,7 @@ def prepare(opts: InduceOptions, device: torch.device | str = "cpu", workers: in
     granularities = config.granularities
     blocks = [{"before": prefix_shares(s, granularities), "after": prefix_shares(s[o], granularities)}
               for s, o in zip(scores, orders, strict=True)]
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     tmp = out / f"{INDUCED_FILE}.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, out / INDUCED_FILE)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import checkpoint, metrics, provenance, sources
 from . import spec as specs
 from .config import AUGMENTATIONS, DISTILLATIONS, HEADS, MatViTConfig, TrainRecipe, get_preset
-from .errors import UserError
+from .errors import UserError, make_dir
 from .images import to_input
 from .model import MatViT
 from .runtime import Runtime
@@ -363,7 +363,7 @@ class Trainer:
         rt = self.runtime
         log = log if rt.main else (lambda s: None)
         if rt.main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            make_dir(self.out)
         rt.barrier()
         if resume and self.restore():
             log(f"resuming {self.out} after epoch {self.epoch}/{self.recipe.epochs}")

@@ -42,6 +42,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -59,10 +60,14 @@ import numpy as np
 from . import gpu, ondisk, tuning
 from .store import (  # noqa: F401  (the errors and the lock are imported from here too)
     COLUMNS,
+    REBUILD,
     IndexBusy,
+    IndexCorrupt,
+    IndexMissing,
     IndexStoreError,
     ItemImageRefused,
     ItemNotFound,
+    check_manifest,
     check_model,
     label_name,
     now,
@@ -134,6 +139,28 @@ def _sqlite_uri(path: Path, read_only: bool) -> str:
     return Path(path).resolve().as_uri() + ("?mode=ro&immutable=1" if read_only else "")
 
 
+VERSION_NAME = re.compile(r"v[0-9]+")
+
+
+def read_current(directory: Path) -> str:
+    """The version CURRENT names (`IndexMissing` when there is no CURRENT, `IndexCorrupt` when it names none)."""
+    try:
+        raw = (Path(directory) / "CURRENT").read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        raise IndexMissing(f"no index at {directory}: build one with `matvit build-index`") from None
+    except OSError as e:
+        raise IndexCorrupt(f"index {directory} is corrupt: cannot read its CURRENT file ({e.strerror}); "
+                           f"{REBUILD}") from e
+    name = raw.decode("ascii", errors="replace").strip()
+    if not VERSION_NAME.fullmatch(name):
+        complete = [v for v in _versions(Path(directory)) if (Path(directory) / v / "manifest.json").is_file()]
+        fix = REBUILD if not complete else (f"write the newest complete version's name into it (`echo {complete[-1]} "
+                                            f"> {Path(directory) / 'CURRENT'}`) or {REBUILD}")
+        raise IndexCorrupt(f"index {directory} is corrupt: its CURRENT file holds no version name ({len(raw)} bytes "
+                           f"that are not `v` and digits); {fix}")
+    return name
+
+
 def _lease(version_dir: Path) -> int | None:
     """A shared lock on the version's manifest: the mark of a reader using it (None when the version is gone)."""
     try:
@@ -165,11 +192,8 @@ class GalleryIndex:
     def open(cls, directory: Path) -> GalleryIndex:
         """The live version (retrying when a writer replaces it while it is being opened)."""
         directory = Path(directory)
-        current = directory / "CURRENT"
         for _ in range(10):
-            if not current.is_file():
-                raise IndexStoreError(f"no index at {directory}: build one with `matvit build-index`")
-            version_dir = directory / current.read_text().strip()
+            version_dir = directory / read_current(directory)
             lease = _lease(version_dir)
             if lease is not None:
                 try:
@@ -177,38 +201,44 @@ class GalleryIndex:
                 except BaseException:
                     os.close(lease)
                     raise
-            if (directory / current.read_text().strip()) == version_dir:
+            if (directory / read_current(directory)) == version_dir:
                 break  # CURRENT names a version that is not there: not a race
             time.sleep(0.01)
-        raise IndexStoreError(f"index {directory} is corrupt: CURRENT names {version_dir.name}, which is missing "
-                              "its manifest.json; rebuild it")
+        raise IndexCorrupt(f"index {directory} is corrupt: CURRENT names {version_dir.name}, which is missing "
+                           f"its manifest.json; {REBUILD}")
 
     @classmethod
     def _load(cls, directory: Path, version_dir: Path, lease: int) -> GalleryIndex:
+        """Open a version, checking every file against its manifest (cheaply: shapes and counts, not contents),
+        so that an index that opens can be searched, read and written."""
+        corrupt = f"index {directory} is corrupt"
         try:
-            manifest = json.loads((version_dir / "manifest.json").read_text())
-        except json.JSONDecodeError as e:
-            raise IndexStoreError(f"index {directory} is corrupt: manifest.json is not valid JSON ({e})") from e
+            manifest = json.loads((version_dir / "manifest.json").read_bytes())
+        except ValueError as e:  # not JSON, or not text
+            raise IndexCorrupt(f"{corrupt}: {version_dir.name}/manifest.json is not valid JSON; {REBUILD}") from e
+        if not isinstance(manifest, dict):
+            check_manifest(manifest, str(directory))  # says what it is instead
         if not isinstance(manifest.get("format"), int):
-            raise IndexStoreError(f"index {directory} is corrupt: manifest.json lacks format")
+            raise IndexCorrupt(f"{corrupt}: {version_dir.name}/manifest.json lacks format; {REBUILD}")
         if manifest["format"] != FORMAT:
             newer = manifest["format"] > FORMAT
             raise IndexStoreError(
                 f"index {directory} has format {manifest['format']}; this matvit reads format {FORMAT}: "
                 + ("upgrade matvit" if newer else "rebuild it with `matvit build-index`"))
-        missing = {"fingerprint", "submodel", "dim", "metric", "count", "index_key", "next_id", "roots"} - set(manifest)
-        if missing:
-            raise IndexStoreError(f"index {directory} is corrupt: manifest.json lacks {', '.join(sorted(missing))}")
+        check_manifest(manifest, str(directory))
+        count, dim = manifest["count"], manifest["dim"]
         try:
             index = (ondisk.open_merged(version_dir / "index.faiss") if manifest.get("on_disk")
                      else faiss.read_index(str(version_dir / "index.faiss")))
-            deleted = np.load(version_dir / "deleted.npy")
         except (RuntimeError, OSError, ValueError) as e:
-            raise IndexStoreError(f"index {directory} is corrupt: cannot read index.faiss or deleted.npy") from e
-        if index.ntotal - len(deleted) != manifest["count"] or index.d != manifest["dim"]:
-            raise IndexStoreError(f"index {directory} is corrupt: index.faiss holds {index.ntotal} vectors "
-                                  f"of dim {index.d} ({len(deleted)} deleted), the manifest says "
-                                  f"{manifest['count']} of dim {manifest['dim']}")
+            raise IndexCorrupt(f"{corrupt}: cannot read {version_dir.name}/index.faiss; {REBUILD}") from e
+        deleted = _array(version_dir / "deleted.npy", corrupt, None, (None,), np.int64)
+        _array(version_dir / "ids.npy", corrupt, "r", (count,), np.int64)
+        _array(version_dir / "vectors.npy", corrupt, "r", (count, dim), np.float32)
+        if index.ntotal - len(deleted) != count or index.d != dim:
+            raise IndexCorrupt(f"{corrupt}: index.faiss holds {index.ntotal} vectors of dim {index.d} "
+                               f"({len(deleted)} deleted), the manifest says {count} of dim {dim}; {REBUILD}")
+        _check_metadata(version_dir / "metadata.sqlite", count, corrupt)
         return cls(directory, version_dir, index, manifest, deleted, lease,
                    None if manifest.get("on_disk") else gpu.search_copy(index))
 
@@ -252,7 +282,11 @@ class GalleryIndex:
             db = self._local.db = sqlite3.connect(_sqlite_uri(self.version_dir / "metadata.sqlite", read_only=True),
                                                   uri=True)
             db.row_factory = sqlite3.Row
-        return db.execute(sql, args).fetchall()
+        try:
+            return db.execute(sql, args).fetchall()
+        except sqlite3.DatabaseError as e:
+            raise IndexCorrupt(f"index {self.directory} is corrupt: cannot read {self.version}/metadata.sqlite "
+                               f"({_first_line(e)}); {REBUILD}") from e
 
     def items(self, ids) -> dict[int, dict]:
         """Metadata of the given ids that the index holds."""
@@ -296,6 +330,43 @@ class GalleryIndex:
             return (f"{len(self.deleted):,} deleted vectors are still filtered at search; "
                     f"`matvit index rebuild --index {self.directory}` drops them")
         return None
+
+
+def _array(path: Path, corrupt: str, mmap_mode: str | None, shape: tuple, dtype) -> np.ndarray:
+    """A saved array, `IndexCorrupt` unless it has `shape` (None: any length) and `dtype`."""
+    try:
+        array = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # missing, truncated, or not an .npy file
+        raise IndexCorrupt(f"{corrupt}: cannot read {path.parent.name}/{path.name} ({_first_line(e)}); "
+                           f"{REBUILD}") from e
+    if array.dtype != dtype or len(array.shape) != len(shape) or any(
+            want is not None and got != want for got, want in zip(array.shape, shape, strict=True)):
+        raise IndexCorrupt(f"{corrupt}: {path.parent.name}/{path.name} holds {array.dtype} {array.shape}, the "
+                           f"manifest says {np.dtype(dtype)} {tuple('n' if n is None else n for n in shape)}; "
+                           f"{REBUILD}")
+    return array
+
+
+def _check_metadata(path: Path, count: int, corrupt: str) -> None:
+    """`IndexCorrupt` unless the metadata database opens and holds `count` items."""
+    where = f"{path.parent.name}/{path.name}"
+    if not path.is_file():
+        raise IndexCorrupt(f"{corrupt}: {where} is missing; {REBUILD}")
+    try:
+        db = sqlite3.connect(_sqlite_uri(path, read_only=True), uri=True)
+        try:
+            rows = db.execute("SELECT count(*) FROM items").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        raise IndexCorrupt(f"{corrupt}: cannot read {where} ({_first_line(e)}); {REBUILD}") from e
+    if rows != count:
+        raise IndexCorrupt(f"{corrupt}: {where} holds {rows} items, the manifest says {count}; {REBUILD}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -467,15 +538,15 @@ class DirectoryStore:
 
     def check_present(self) -> None:
         if not (self.directory / "CURRENT").is_file():
-            raise IndexStoreError(f"no index at {self.directory}: build one with `matvit build-index`")
+            raise IndexMissing(f"no index at {self.directory}: build one with `matvit build-index`")
 
     def open(self) -> GalleryIndex:
         return GalleryIndex.open(self.directory)
 
     def current_version(self) -> str | None:
         try:
-            return (self.directory / "CURRENT").read_text().strip()
-        except OSError:
+            return read_current(self.directory)
+        except IndexStoreError:
             return None
 
     def writing(self, wait: float = 0.0) -> AbstractContextManager[None]:

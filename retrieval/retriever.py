@@ -22,6 +22,7 @@ from PIL import Image
 
 from matvit import data
 from matvit import images as imageio
+from matvit.errors import UserError
 
 from . import budget as budgets
 from . import build
@@ -31,6 +32,10 @@ from .encoder import Encoder
 from .store import Gallery, IndexStoreError, ItemNotFound, Store, open_store, remove
 
 log = logging.getLogger(__name__)
+
+
+class EmbeddingError(UserError):
+    """A query embedding that has no direction: not finite as float32, or all zeros."""
 
 
 @dataclass
@@ -149,8 +154,8 @@ class Retriever:
             row, reason = budgets.choose(rows, budget)
             spec = self.encoder.spec(row["spec"])
         else:
-            spec = self.encoder.spec(submodel or "XL")
-            reason = "requested" if submodel else "default (XL)"
+            spec = self.encoder.spec("XL" if submodel is None else submodel)  # "" is a bad spec, not XL
+            reason = "default (XL)" if submodel is None else "requested"
         return Choice(spec.id, spec.text, self.encoder.gflops(spec), self.encoder.params(spec), reason,
                       self.encoder.serving(spec))
 
@@ -182,10 +187,18 @@ class Retriever:
 
     @staticmethod
     def nearest(embeddings: np.ndarray, k: int, search_params: dict | None, index: Gallery) -> tuple:
-        """(scores, ids) of the k nearest gallery vectors of each embedding (L2-normalised here)."""
-        embeddings = np.asarray(embeddings, dtype=np.float32)
-        embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
-        return index.search(embeddings, k, search_params)
+        """(scores, ids) of the k nearest gallery vectors of each embedding (L2-normalised here, in float64 so
+        that large finite values do not overflow); `EmbeddingError` for one that is not finite as float32 or
+        has zero norm (it has no direction to search in)."""
+        with np.errstate(over="ignore"):  # a value past float32's range becomes inf, refused below
+            embeddings = np.asarray(embeddings, dtype=np.float32)
+        if not np.isfinite(embeddings).all():
+            raise EmbeddingError("the embedding has values that are not finite as float32 (over 3.4e38 in "
+                                 "magnitude, inf or nan)")
+        norms = np.linalg.norm(embeddings.astype(np.float64), axis=1, keepdims=True)
+        if not (norms > 0).all():
+            raise EmbeddingError("the embedding is all zeros: it has no direction to search in")
+        return index.search((embeddings / norms).astype(np.float32), k, search_params)
 
     @staticmethod
     def hits(index: Gallery, scores: np.ndarray, ids: np.ndarray) -> list[list[dict]]:

@@ -40,6 +40,14 @@ class IndexStoreError(UserError):
     """A missing, corrupt or mismatched index, or a bad index operation."""
 
 
+class IndexMissing(IndexStoreError):
+    """No index has been built at the place given (yet)."""
+
+
+class IndexCorrupt(IndexStoreError):
+    """An index whose files cannot be read as its manifest describes them."""
+
+
 class IndexBusy(IndexStoreError):
     """Another writer holds the index's lock."""
 
@@ -142,6 +150,45 @@ COLUMNS = ("id", "source", "path", "root", "label", "width", "height", "added_at
 
 def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+REBUILD = "build the index again with `matvit build-index`"
+MANIFEST_FIELDS = {"fingerprint": str, "submodel": str, "dim": int, "metric": str, "count": int, "index_key": str,
+                   "next_id": int, "roots": list}  # what every manifest holds, and its type
+MANIFEST_OPTIONAL = {"classes": list, "on_disk": bool, "search_params": dict, "recall": dict}
+_JSON_TYPES = {str: "a string", int: "an integer", bool: "a boolean", list: "a list", dict: "an object"}
+
+
+def check_manifest(manifest, name: str) -> dict:
+    """`manifest` when it has every field with its type (`IndexCorrupt` naming the first that is wrong)."""
+    where = f"index {name} is corrupt: its manifest"
+    if not isinstance(manifest, dict):
+        raise IndexCorrupt(f"{where} is {_json_type(manifest)}, not an object; {REBUILD}")
+    missing = sorted(set(MANIFEST_FIELDS) - set(manifest))
+    if missing:
+        raise IndexCorrupt(f"{where} lacks {', '.join(missing)}; {REBUILD}")
+    for key, kind in {**MANIFEST_FIELDS, **MANIFEST_OPTIONAL}.items():
+        value = manifest.get(key)
+        if key in manifest and _json_type(value) != _JSON_TYPES[kind] and not (value is None and
+                                                                              key in MANIFEST_OPTIONAL):
+            raise IndexCorrupt(f"{where}'s {key} is {_json_type(value)}, not {_JSON_TYPES[kind]}; {REBUILD}")
+    if manifest["dim"] < 1 or manifest["count"] < 0 or manifest["next_id"] < 0:
+        raise IndexCorrupt(f"{where} says dim {manifest['dim']}, count {manifest['count']}, next_id "
+                           f"{manifest['next_id']}; {REBUILD}")
+    if not all(isinstance(root, dict) and isinstance(root.get("kind"), str) for root in manifest["roots"]):
+        raise IndexCorrupt(f"{where}'s roots are not objects with a kind; {REBUILD}")
+    if not all(isinstance(c, str) for c in manifest.get("classes") or []):
+        raise IndexCorrupt(f"{where}'s classes are not all strings; {REBUILD}")
+    return manifest
+
+
+def _json_type(value) -> str:
+    """What a JSON value is, in words (`an integer`, `a list`, `null`, ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return "a fractional number"
+    return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
 def check_model(manifest: dict, fingerprint: str, name: str) -> None:

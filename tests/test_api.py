@@ -23,7 +23,7 @@ from app.api import Settings, create_app
 from matvit import data
 from retrieval import build
 from retrieval.encoder import Encoder
-from retrieval.index import GalleryIndex, writer
+from retrieval.index import DirectoryStore, GalleryIndex, writer
 from retrieval.retriever import Retriever
 
 KEY = "s3cret-ключ"
@@ -85,7 +85,7 @@ def test_not_ready_is_503_with_json_error(tmp_path, trained_dir):
     with make_client(tmp_path / "missing", trained_dir) as c:
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
-        assert "no index at" in r.json()["error"]["message"]
+        assert "no index yet" in r.json()["error"]["message"] and str(tmp_path) not in r.text
         assert c.post("/v1/search", json={"embedding": [0.0] * 32}).status_code == 503
         assert c.post("/v1/items", json={"images_b64": ["aGk="]}).status_code == 503
         assert c.delete("/v1/items/0").status_code == 503
@@ -229,7 +229,9 @@ def test_folder_item_images_are_only_served_from_the_indexed_folder(folder_index
     ({"data": {"k": ["1", "2"]}}, 422, "validation_error"),
     ({"data": {"submodel": "S", "budget_ms": "3"}}, 422, "validation_error"),
     ({"data": {"budget_gflops": "0.0000001"}}, 400, "bad_request"),
-    ({"data": {"submodel": "S" * 5000}}, 400, "bad_form"),
+    ({"data": {"submodel": "S" * 5000}}, 413, "too_large"),  # a form field over max_field_bytes
+    ({"data": {"submodel": ""}}, 400, "bad_request"),  # not XL
+    ({"data": {"submodel": " "}}, 400, "bad_request"),
 ])
 def test_bad_parameters(client, queries, kwargs, status, code):
     r = client.post("/v1/search", files={"file": ("q.png", queries[0][0], "image/png")}, **kwargs)
@@ -499,6 +501,7 @@ def test_writes_while_another_writer_holds_the_index_are_409(own_index, trained_
         with writer(own_index):
             r = c.post("/v1/items", files={"files": ("a.png", queries[0][0], "image/png")})
             assert r.status_code == 409 and r.json()["error"]["code"] == "index_busy"
+            assert str(own_index) not in r.text and "<index>" in r.text  # what is wrong, not where
             assert c.delete("/v1/items/0").status_code == 409
             assert search_file(c, queries[0][0]).status_code == 200  # readers are never blocked
         assert c.delete("/v1/items/0").status_code == 200
@@ -580,3 +583,94 @@ def test_search_parameters_override_the_tuned_ones(trained_dir, tmp_path, querie
     assert one_list.status_code == 200 and 1 <= len(one_list.json()["results"]) <= 10
     assert refused.status_code == 400 and "ef_search" in refused.json()["error"]["message"]
     assert invalid.status_code == 422
+
+
+# --- readiness, errors that name no server path, odd inputs --------------------------------------
+def wait_until_ready(c: TestClient, seconds: float = 120) -> httpx.Response:
+    deadline = time.monotonic() + seconds
+    while (r := c.get("/readyz")).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return r
+
+
+def test_a_server_started_before_its_index_is_built_becomes_ready_when_it_is(trained_dir, tmp_path):
+    later = tmp_path / "later"
+    with make_client(later, trained_dir, index_poll_seconds=0.05) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        assert "no index yet" in r.text and str(tmp_path) not in r.text
+        build.build(Encoder.load(trained_dir), build.DatasetSource("digits", "train", 8, 1), later)
+        assert wait_until_ready(c).status_code == 200
+        r = c.post("/v1/search", json={"embedding": [1.0] * 32, "k": 3})
+        assert r.status_code == 200 and len(r.json()["results"]) == 3
+
+
+def test_an_index_of_another_checkpoint_is_a_lasting_503_until_a_version_of_this_one(own_index, trained_dir,
+                                                                                    caplog):
+    store = DirectoryStore(own_index)
+    fingerprint = store.open().manifest["fingerprint"]
+
+    def write_fingerprint(value: str) -> None:
+        with store.writing():
+            base = store.open()
+            store.commit(base, np.zeros(0, np.int64), np.zeros((0, 32), np.float32), [],
+                         {**base.manifest, "fingerprint": value})
+
+    write_fingerprint("0" * 16)
+    with caplog.at_level(logging.ERROR, logger="app.api"), make_client(own_index, trained_dir,
+                                                                       index_poll_seconds=0.02) as c:
+        for _ in range(5):
+            r = c.get("/readyz")
+            assert r.status_code == 503 and "another checkpoint" in r.json()["error"]["message"]
+            assert str(own_index) not in r.text
+            time.sleep(0.05)
+        not_ready = [rec for rec in caplog.records if "not ready" in rec.getMessage()]
+        assert len(not_ready) == 1 and "fingerprint" in not_ready[0].getMessage()  # logged once, as one line
+        write_fingerprint(fingerprint)  # a new version, built with this checkpoint
+        assert wait_until_ready(c).status_code == 200
+
+
+def test_errors_name_what_is_wrong_not_where_the_server_keeps_it(client, index_dir, trained_dir, queries):
+    r = search_file(client, queries[0][0], mode="cascade")  # no calibrated cascade beside the index
+    assert r.status_code == 400 and "matvit cascade" in r.text and str(index_dir) not in r.text
+    r = client.post("/v1/search", files={"file": ("q.png", b"\x89PNG not really", "image/png")})
+    assert r.status_code == 415 and "BytesIO" not in r.text and " at 0x" not in r.text
+    with make_client(index_dir, tmp := trained_dir.parent / "no-such-checkpoint") as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "<checkpoint>" in r.text and str(tmp) not in r.text
+
+
+def test_embeddings_without_a_direction_are_refused(client):
+    for bad in ([0.0] * 32, [1e300] * 32, [3.5e38] + [0.0] * 31, [-1e39] * 32):
+        r = client.post("/v1/search", json={"embedding": bad})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "bad_embedding", (bad[:2], r.text)
+    x = np.random.default_rng(0).standard_normal(32)
+    plain = client.post("/v1/search", json={"embedding": x.tolist(), "k": 5}).json()["results"]
+    huge = client.post("/v1/search", json={"embedding": (x * 1e37).tolist(), "k": 5}).json()["results"]
+    tiny = client.post("/v1/search", json={"embedding": (x * 1e-40).tolist(), "k": 5}).json()["results"]
+    assert len(plain) == 5
+    assert_same_hits(huge, plain)  # the direction is what counts, however large the finite values
+    assert_same_hits(tiny, plain)
+
+
+def test_a_client_that_disconnects_mid_body_is_counted_499_without_a_traceback(client, caplog):
+    pieces = [{"type": "http.request", "body": b'{"embedding": [1.0, ', "more_body": True}]
+
+    async def receive() -> dict:
+        return pieces.pop(0) if pieces else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        pass
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/search", "raw_path": b"/v1/search", "query_string": b"",
+             "root_path": "", "headers": [(b"host", b"api"), (b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 5000), "server": ("api", 80)}
+    served = 'matvit_requests_total{endpoint="/v1/search",method="POST",status="%s"}'
+    before = client.get("/metrics").text
+    with caplog.at_level(logging.INFO, logger="app.api"):
+        asyncio.run(client.app(scope, receive, send))
+    after = client.get("/metrics").text
+    assert not [rec for rec in caplog.records if rec.exc_info]
+    assert metric(after, served % "499") == metric(before, served % "499") + 1
+    assert metric(after, served % "500") == metric(before, served % "500")

@@ -76,6 +76,15 @@ def test_search_json_and_table(cli_index, trained_dir, query_png, capsys):
     assert "submodel XL" in text and "timings (ms)" in text and "; prepare " in text
 
 
+@pytest.mark.parametrize("spec", ["", " ", ","])
+def test_an_empty_submodel_is_refused_not_taken_for_xl(cli_index, trained_dir, query_png, spec, capsys):
+    capsys.readouterr()
+    assert main(["search", "--index", str(cli_index), "--checkpoint", str(trained_dir), "--image", str(query_png),
+                 "--submodel", spec]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "empty token in submodel spec" in err[0]
+
+
 def test_index_info_and_profile(cli_index, trained_dir, capsys, tmp_path):
     assert main(["index", "info", "--index", str(cli_index)]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -159,6 +159,9 @@ def test_with_gpus_ivf_training_and_search_use_them_and_filtered_search_stays_on
     assert filtered.gpu_index.searches == before
 
 
-def test_without_gpus_nothing_moves(tmp_path):
+def test_without_gpus_nothing_moves(tmp_path, monkeypatch):
+    """The CPU path, whatever this machine has: FAISS reporting no GPU moves nothing there."""
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda *a, **k: pytest.fail("moved to a GPU"), raising=False)
     write(tmp_path, np.arange(500), clustered(500), index_key="IVF8,Flat")
     assert gpu.count() == 0 and GalleryIndex.open(tmp_path).gpu_index is None
