@@ -52,7 +52,7 @@ from matvit.images import ImageError, ImageTooLarge
 from retrieval.budget import Budget
 from retrieval.encoder import Encoder
 from retrieval.retriever import Retriever
-from retrieval.store import IndexBusy, ItemImageRefused, ItemNotFound
+from retrieval.store import DiskFull, IndexBusy, ItemImageRefused, ItemNotFound
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ class ApiError(HTTPException):
 
 
 USER_ERRORS: list[tuple[type[UserError], int, str]] = [  # first match wins: subclasses before their bases
+    (DiskFull, 507, "disk_full"),
     (IndexBusy, 409, "index_busy"), (ItemNotFound, 404, "not_found"), (ItemImageRefused, 403, "image_refused"),
     (ImageTooLarge, 413, "too_many_pixels"), (ImageError, 415, "not_an_image"), (UserError, 400, "bad_request")]
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
