@@ -537,7 +537,7 @@ def add_images(encoder: Encoder, index: str | Path | Store, images: torch.Tensor
         index_of = dict(zip([label for label in labels if label is not None], class_index, strict=True))
         uploads = store.files / "uploads"
         settle_uploads(store, base)
-        sources = []
+        sources, fresh = [], not uploads.exists()
         try:  # files first, then the version that names them; a failure undoes both
             with disk_space():
                 uploads.mkdir(exist_ok=True)
@@ -551,5 +551,7 @@ def add_images(encoder: Encoder, index: str | Path | Store, images: torch.Tensor
         except BaseException:
             for _, path in sources:
                 (uploads / path).unlink(missing_ok=True)
+            if fresh and uploads.is_dir() and not any(uploads.iterdir()):
+                uploads.rmdir()
             raise
     return ids.tolist()

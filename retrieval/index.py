@@ -341,6 +341,13 @@ def _write_json(path: Path, value) -> None:
     os.replace(f.name, path)
 
 
+def _live_name(directory: Path) -> str | None:
+    try:
+        return (directory / "CURRENT").read_text().strip()
+    except OSError:
+        return None
+
+
 def _count_of(version_dir: Path) -> int | None:
     try:
         return int(json.loads((version_dir / "manifest.json").read_text())["count"])
@@ -362,7 +369,7 @@ def write_version(directory: Path, faiss_index: faiss.Index, ids: np.ndarray, ve
     existing = _versions(directory)
     name = f"v{int(existing[-1][1:]) + 1:06d}" if existing else "v000001"
     tmp, final = directory / f"{name}.tmp", directory / name
-    replaced = (directory / "CURRENT").read_text().strip() if (directory / "CURRENT").is_file() else None
+    replaced = _live_name(directory)
     try:
         with disk_space():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -382,7 +389,7 @@ def write_version(directory: Path, faiss_index: faiss.Index, ids: np.ndarray, ve
         shutil.rmtree(tmp, ignore_errors=True)
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
-        if (directory / "CURRENT").is_file() and (directory / "CURRENT").read_text().strip() != name:
+        if _live_name(directory) != name:
             shutil.rmtree(final, ignore_errors=True)
         raise
     crash_point("version.switched")
