@@ -234,6 +234,22 @@ def test_a_commit_refuses_chunks_that_miss_images(world, run, encoder, files, tm
     assert snapshot(idx)["version"] == before["version"]
 
 
+def test_a_build_with_fewer_items_keeps_the_version_it_replaced(world, run, tmp_path):
+    idx = shutil.copytree(world["starts"]["add"], tmp_path / "index")  # 23 items
+    before = snapshot(idx)
+    done = run(world["writes"]["build"](idx, "g2"))  # 12
+    assert done["status"] == 0 and "kept the replaced version" in done["output"], done["output"]
+    assert snapshot(idx)["count"] == 12
+    assert_same(_open_version(idx, before["version"]), before)
+
+
+def _open_version(idx: Path, version: str) -> dict:
+    """A version that is no longer live, opened as if it were."""
+    view = shutil.copytree(idx, idx.parent / f"view-{version}", ignore=shutil.ignore_patterns("CURRENT"))
+    (view / "CURRENT").write_text(version)
+    return snapshot(view)
+
+
 def test_version_names_keep_their_order_past_v999999(world, run, tmp_path):
     idx = shutil.copytree(world["starts"]["add"], tmp_path / "index")
     live = (idx / "CURRENT").read_text().strip()
