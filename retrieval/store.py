@@ -299,7 +299,7 @@ def disk_space(then: str = "free some space and run it again") -> Iterator[None]
         if not is_disk_full(e):
             raise
         quota = isinstance(e, OSError) and e.errno == errno.EDQUOT
-        raise DiskFull(f"{'disk quota exceeded' if quota else 'no space left on the disk'} of the index: nothing "
+        raise DiskFull(f"{'the disk quota is used up' if quota else 'no space left'} on the index's disk: nothing "
                        f"was written and the live version is unchanged; {then}") from e
 
 

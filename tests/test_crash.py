@@ -386,7 +386,7 @@ def test_a_full_disk_in_build_and_add_undoes_the_write_and_says_so(step, world, 
                   lambda: build.build(encoder, source, idx, index_key="Flat", batch_size=2)):
         with monkeypatch.context() as m:
             _patch_write(m, step)
-            with pytest.raises(DiskFull, match="^no space left on the disk of the index: nothing was written") as e:
+            with pytest.raises(DiskFull, match="^no space left on the index's disk: nothing was written") as e:
                 write()
         assert "\n" not in str(e.value) and ("--resume" in str(e.value)) == (step == "chunk")
         assert snapshot(idx)["version"] == before["version"] and _listing(idx) == listing
@@ -423,5 +423,5 @@ def test_a_full_disk_is_one_line_and_exit_2_on_the_command_line(world, trained_d
     code = main(["index", "add", "--index", str(idx), "--checkpoint", str(trained_dir), "--images",
                  str(files["g2"]), "--workers", "0"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("matvit: error: no space left on the disk of the index")
+    assert code == 2 and err[-1].startswith("matvit: error: no space left on the index's disk")
     assert snapshot(idx)["version"] == before["version"] and not list(idx.glob("v*.tmp"))
