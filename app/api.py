@@ -53,7 +53,7 @@ from matvit.images import ImageError, ImageTooLarge
 from retrieval.budget import Budget
 from retrieval.encoder import Encoder
 from retrieval.retriever import EmbeddingError, Retriever
-from retrieval.store import IndexBusy, IndexCorrupt, IndexMissing, ItemImageRefused, ItemNotFound, open_store
+from retrieval.store import DiskFull, IndexBusy, IndexCorrupt, IndexMissing, ItemImageRefused, ItemNotFound, open_store
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class ApiError(HTTPException):
 
 
 USER_ERRORS: list[tuple[type[UserError], int, str]] = [  # first match wins: subclasses before their bases
+    (DiskFull, 507, "disk_full"),
     (IndexBusy, 409, "index_busy"), (ItemNotFound, 404, "not_found"), (ItemImageRefused, 403, "image_refused"),
     (IndexCorrupt, 503, "index_corrupt"), (IndexMissing, 503, "no_index"), (EmbeddingError, 422, "bad_embedding"),
     (ImageTooLarge, 413, "too_many_pixels"), (ImageError, 415, "not_an_image"), (UserError, 400, "bad_request")]

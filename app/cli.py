@@ -208,12 +208,13 @@ def cmd_index_rebuild(args: argparse.Namespace) -> None:
 
 
 def cmd_index_info(args: argparse.Namespace) -> None:
+    from retrieval.jobs import unfinished
     from retrieval.store import open_store
 
     store = open_store(args.index)
     index = store.open()
     info = {**index.manifest, "version": index.version, "deleted_pending_rebuild": index.pending_deletions,
-            "unfinished_build": (store.files / "building").is_dir(), "advice": index.advice()}
+            "unfinished_build": unfinished(store.files, index.manifest), "advice": index.advice()}
     print(json.dumps(info, indent=2))
 
 

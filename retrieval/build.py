@@ -1,10 +1,10 @@
 """Building and growing an index: decode in workers, embed in batches, save chunks, then commit.
 
 The index is any `retrieval.store.Store` (an index directory, or Milvus). Embeddings go to
-`building/chunk-*.npz` in the store's local directory as they are made (each written aside, then
-renamed), so an interrupted run loses at most one chunk, leaves the live index untouched, and
-`resume=True` embeds only what no chunk holds yet. Every write holds the index's writer lock for its
-whole run.
+`building/chunk-*.npz` in the store's local directory as they are made (see `jobs`), so a run killed at any
+moment loses at most one chunk, leaves the live index untouched until its new version is whole, and
+`resume=True` embeds only what no chunk holds yet, or does nothing when the job had committed. A commit
+takes every image of the source (or refuses). Every write holds the index's writer lock for its whole run.
 
 A gallery (`Source`) is every image file under a folder (`FolderSource`, `--images`), or a split of any
 dataset training reads (`open_gallery`): `digits` and `fashion-mnist` in memory, `folder:PATH` and
@@ -18,11 +18,9 @@ the store's local directory on a filesystem they share; only the main process op
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import shutil
 import tarfile
 import time
 from collections.abc import Iterator
@@ -41,10 +39,20 @@ from matvit.data import DatasetError
 from matvit.images import IMAGE_SUFFIXES
 from matvit.runtime import Runtime
 
-from . import backends, tuning
+from . import backends, jobs, tuning
 from .encoder import Encoder
 from .index import auto_index_key
-from .store import Gallery, IndexBusy, IndexStoreError, Store, now, open_store
+from .store import (
+    Gallery,
+    IndexBusy,
+    IndexStoreError,
+    Store,
+    crash_point,
+    disk_space,
+    now,
+    open_store,
+    settle_uploads,
+)
 
 log = logging.getLogger(__name__)
 CHUNK = 4096
@@ -312,51 +320,24 @@ def open_gallery(dataset: str, split: str, img_size: int, in_chans: int, data_di
     raise DatasetError(f"unknown dataset {dataset!r}; choose one of: {', '.join(sources.DATASETS)}")
 
 
-def _save_chunk(building: Path, name: str, positions: list[int], embeddings: list[np.ndarray],
-                sizes: list[tuple[int, int]], errors: list[tuple[int, str]]) -> None:
-    tmp = building / f"chunk-{name}.tmp.npz"
-    np.savez(tmp, positions=np.asarray(positions, dtype=np.int64),
-             embeddings=np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32),
-             sizes=np.asarray(sizes, dtype=np.int64).reshape(-1, 2),
-             bad=np.asarray([p for p, _ in errors], dtype=np.int64))
-    os.replace(tmp, building / f"chunk-{name}.npz")
-
-
-def _load_chunks(building: Path) -> list[dict]:
-    return [dict(np.load(p)) for p in sorted(building.glob("chunk-*[0-9].npz"))]
-
-
-def _prepare_building(directory: Path, job: dict, resume: bool) -> tuple[Path, list[dict]]:
-    """The building directory with the chunks of this same job when resuming, else empty."""
-    building = directory / "building"
-    job_file = building / "job.json"
-    if resume and job_file.is_file() and json.loads(job_file.read_text()) == job:
-        chunks = _load_chunks(building)
-        log.warning("resuming: %d image(s) already embedded", sum(len(c["positions"]) for c in chunks))
-        return building, chunks
-    if resume:
-        log.warning("nothing to resume in %s for this job; starting afresh", directory)
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir(parents=True)
-    job_file.write_text(json.dumps(job, indent=2))
-    return building, []
-
-
-def embed_source(encoder: Encoder, source: Source, directory: Path, job: dict, spec, batch_size: int,
-                 resume: bool) -> tuple[list[dict], float]:
-    """Embed every position no earlier chunk holds (this process: every world-th batch of them); returns all
-    chunks of all processes and the seconds spent."""
+def embed_source(encoder: Encoder, source: Source, store: Store, job: dict, live: dict | None, spec,
+                 batch_size: int, resume: bool) -> tuple[dict, list[dict], float] | None:
+    """Embed every position no earlier chunk of this job holds (this process: every world-th batch of them), given
+    the live version's manifest; returns the job's record, all chunks of all processes and the seconds spent, or
+    None when resuming a job that has finished already (see `jobs.prepare`)."""
     rt = encoder.runtime
-    if rt.main:
-        building, chunks = _prepare_building(directory, job, resume)
+    prepared = jobs.prepare(store.files, job, resume, live) if rt.main else None
+    record = rt.broadcast(None if prepared is None else prepared[0])
+    if record is None:
+        return None
+    building, chunks = (prepared[1], prepared[2]) if rt.main else (store.files / jobs.BUILDING, [])
     rt.barrier()
     if not rt.main:
-        building = directory / "building"
-        chunks = _load_chunks(building)
+        chunks = jobs.load_chunks(building)
     done = {int(p) for c in chunks for key in ("positions", "bad") for p in c[key]}
     todo = [p for p in range(len(source)) if p not in done]
     mine = [p for i in range(rt.rank * batch_size, len(todo), rt.world * batch_size) for p in todo[i:i + batch_size]]
-    n_chunk = len(list(building.glob(f"chunk-r{rt.rank:03d}-*[0-9].npz")))
+    number = jobs.next_chunk(building, rt.rank)
     pending: dict = {"positions": [], "embeddings": [], "sizes": [], "errors": []}
     start = time.perf_counter()
     bar = tqdm(total=len(mine), desc=f"embedding with {spec.text}", unit="img", disable=not rt.main or None)
@@ -370,14 +351,14 @@ def embed_source(encoder: Encoder, source: Source, directory: Path, job: dict, s
         pending["errors"] += batch.errors
         bar.update(len(batch.positions) + len(batch.errors))
         if len(pending["positions"]) + len(pending["errors"]) >= CHUNK:
-            _save_chunk(building, f"r{rt.rank:03d}-{n_chunk:06d}", **pending)
-            n_chunk += 1
+            jobs.save_chunk(building, rt.rank, number, **pending)
+            number += 1
             pending = {k: [] for k in pending}
     bar.close()
     if pending["positions"] or pending["errors"]:
-        _save_chunk(building, f"r{rt.rank:03d}-{n_chunk:06d}", **pending)
+        jobs.save_chunk(building, rt.rank, number, **pending)
     rt.barrier()
-    return _load_chunks(building), time.perf_counter() - start
+    return record, jobs.load_chunks(building), time.perf_counter() - start
 
 
 @contextmanager
@@ -425,10 +406,16 @@ def item_rows(ids, sources: list[tuple[str, str | None]], root: int, labels: lis
             for i, (name, path), label, (w, h) in zip(ids, sources, labels, sizes, strict=True)]
 
 
-def _finish(store: Store, source: Source, chunks: list[dict], seconds: float, manifest: dict,
+def _finish(store: Store, source: Source, embedded: tuple[dict, list[dict], float], manifest: dict,
             base: Gallery | None, index_key: str | None, recall_target: float, on_disk: bool = False,
             smallest: tuple[str, float] | None = None) -> dict:
+    record, chunks, seconds = embedded
     positions, embeddings, sizes, skipped = _gather(chunks, manifest["dim"])
+    covered = np.union1d(positions, np.concatenate([c["bad"] for c in chunks]) if chunks else [])
+    if len(np.unique(positions)) != len(positions) or not np.array_equal(covered, np.arange(len(source))):
+        raise IndexStoreError(f"the embedded chunks in {store.files / jobs.BUILDING} hold {len(covered)} of the "
+                              f"{len(source)} images of {source.description}, or some twice; nothing was committed: "
+                              "run it again without --resume")
     if len(positions) == 0:
         raise IndexStoreError(f"no readable images in {source.description}; nothing to index")
     why = None
@@ -441,15 +428,23 @@ def _finish(store: Store, source: Source, chunks: list[dict], seconds: float, ma
     manifest, root, class_index = grow_manifest(manifest, source.root_entry, source.classes, first_id + len(source))
     labels = [class_index[source.labels[p]] if source.labels[p] >= 0 else None for p in positions]
     rows = item_rows(ids, [source.source(int(p)) for p in positions], root, labels, sizes)
-    report = store.commit(base, ids, embeddings, rows, manifest, index_key, recall_target,
+    report = store.commit(base, ids, embeddings, rows, {**manifest, "job": record}, index_key, recall_target,
                           **({"on_disk": True} if on_disk else {}))
+    crash_point("job.committed")
     if why is not None:
         report["auto"] = why
-    shutil.rmtree(store.files / "building", ignore_errors=True)
+    jobs.clean(store.files)
     if skipped:
         log.warning("skipped %d unreadable image(s)", skipped)
+    crash_point("job.done")
     return {"added": len(ids), "skipped": skipped, **report, "embed_seconds": round(seconds, 2),
             "images_per_s": round(len(ids) / seconds, 1) if seconds else None}
+
+
+def _finished(store: Store, live: dict) -> dict:
+    """The report of a resumed job that had finished already."""
+    return {"added": 0, "skipped": 0, "already_finished": True, "version": store.current_version(),
+            "count": live["count"]}
 
 
 def build(encoder: Encoder, source: Source, index: str | Path | Store, submodel: str = "XL",
@@ -461,14 +456,17 @@ def build(encoder: Encoder, source: Source, index: str | Path | Store, submodel:
     store, spec = open_store(index), encoder.spec(submodel)
     job = {"kind": "build", "fingerprint": encoder.fingerprint, "submodel": spec.text, "source": source.description}
     with _writing(store, wait, encoder.runtime):
-        chunks, seconds = embed_source(encoder, source, store.files, job, spec, batch_size, resume)
+        live = store.live_manifest() if encoder.runtime.main else None
+        embedded = embed_source(encoder, source, store, job, live, spec, batch_size, resume)
         if not encoder.runtime.main:
             return {}
+        if embedded is None:
+            return _finished(store, live)
         manifest = {"fingerprint": encoder.fingerprint, "submodel": spec.text, "dim": encoder.config.embed_dim,
                     "metric": "inner_product", "source": source.description, "roots": [], "classes": [],
                     "next_id": 0, "created_at": now()}
         smallest = smallest_encode_ms(encoder) if index_key == "auto" else None
-        return _finish(store, source, chunks, seconds, manifest, None, index_key, recall_target, on_disk, smallest)
+        return _finish(store, source, embedded, manifest, None, index_key, recall_target, on_disk, smallest)
 
 
 def smallest_encode_ms(encoder: Encoder) -> tuple[str, float]:
@@ -512,11 +510,14 @@ def add(encoder: Encoder, source: Source, index: str | Path | Store, batch_size:
             raise IndexStoreError(checked)
         submodel, version = checked
         job = {"kind": "add", "fingerprint": encoder.fingerprint, "base": version, "source": source.description}
-        chunks, seconds = embed_source(encoder, source, store.files, job, encoder.spec(submodel), batch_size, resume)
+        embedded = embed_source(encoder, source, store, job, base.manifest if rt.main else None,
+                                encoder.spec(submodel), batch_size, resume)
         if not rt.main:
             return {}
+        if embedded is None:
+            return _finished(store, base.manifest)
         manifest = {**base.manifest, "source": f"{base.manifest.get('source', '')}; {source.description}"}
-        return _finish(store, source, chunks, seconds, manifest, base, None, recall_target)
+        return _finish(store, source, embedded, manifest, base, None, recall_target)
 
 
 def add_images(encoder: Encoder, index: str | Path | Store, images: torch.Tensor, files: list[tuple[bytes, str]],
@@ -535,12 +536,22 @@ def add_images(encoder: Encoder, index: str | Path | Store, images: torch.Tensor
                                                     first_id + len(images))
         index_of = dict(zip([label for label in labels if label is not None], class_index, strict=True))
         uploads = store.files / "uploads"
-        uploads.mkdir(exist_ok=True)
-        sources = []
-        for item_id, (content, suffix), name in zip(ids, files, names, strict=True):
-            path = f"{item_id}{suffix}"
-            (uploads / path).write_bytes(content)
-            sources.append((name or path, path))
-        rows = item_rows(ids, sources, root, [index_of.get(label) for label in labels], sizes)
-        store.commit(base, ids, embeddings, rows, manifest)
+        settle_uploads(store, base)
+        sources, fresh = [], not uploads.exists()
+        try:  # files first, then the version that names them; a failure undoes both
+            with disk_space():
+                uploads.mkdir(exist_ok=True)
+                for item_id, (content, suffix), name in zip(ids, files, names, strict=True):
+                    path = f"{item_id}{suffix}"
+                    sources.append((name or path, path))
+                    (uploads / path).write_bytes(content)
+                crash_point("uploads.written")
+                rows = item_rows(ids, sources, root, [index_of.get(label) for label in labels], sizes)
+                store.commit(base, ids, embeddings, rows, manifest)
+        except BaseException:
+            for _, path in sources:
+                (uploads / path).unlink(missing_ok=True)
+            if fresh and uploads.is_dir() and not any(uploads.iterdir()):
+                uploads.rmdir()
+            raise
     return ids.tolist()

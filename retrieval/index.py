@@ -2,14 +2,17 @@
 
     IDX/
       CURRENT             name of the live version; replaced atomically, so readers never see half a save
-      LOCK                held (flock) by the one writer at a time; holds its pid
+      LOCK                held (`store.writer`) by the one writer at a time; holds its pid
       v000002/            index.faiss, vectors.npy, ids.npy, deleted.npy, metadata.sqlite, manifest.json
                           (+ index.ivfdata, trained.index when on disk)
       uploads/            images added through the API (an indexed root)
-      building/           embedded chunks of an unfinished build or add (what --resume continues)
+      building/           embedded chunks of an unfinished build or add (what --resume continues; see `jobs`)
       profile.json        measured cost of submodels on this machine (see `budget`)
 
-A version is never changed after it is written. Readers hold a shared `flock` on the version's
+Versions are numbered v000001, v000002, ... and ordered by number (v1000000 follows v999999). A version is
+written aside (`vN.tmp`), renamed, and only then named in CURRENT, so a write killed at any step leaves the
+previous version live and whole; what it left aside is removed by the next write. A version is never
+changed after it is written. Readers hold a shared `flock` on the version's
 manifest while they use it; a writer removes an old version only when it can take that lock
 exclusively, and always keeps the version it replaced (a reader may have just read CURRENT).
 
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import math
 import os
 import re
@@ -69,12 +73,15 @@ from .store import (  # noqa: F401  (the errors and the lock are imported from h
     ItemNotFound,
     check_manifest,
     check_model,
+    crash_point,
+    disk_space,
     label_name,
     now,
     read_item_file,
     writer,
 )
 
+log = logging.getLogger(__name__)
 FORMAT = 2
 FLAT_MAX, HNSW_MAX = 100_000, 10_000_000
 TRAIN_SAMPLE = 100_000  # vectors an IVF quantizer is trained on (at least)
@@ -371,11 +378,13 @@ def _first_line(e: BaseException) -> str:
 
 # --- writing -----------------------------------------------------------------------------------
 def _versions(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.glob("v[0-9]*") if p.is_dir() and p.name[1:].isdigit())
+    """Version names in the order they were written (by number: v999999 before v1000000)."""
+    names = [p.name for p in directory.glob("v[0-9]*") if p.is_dir() and p.name[1:].isdigit()]
+    return sorted(names, key=lambda name: int(name[1:]))
 
 
 def _prune(directory: Path, keep: set[str]) -> None:
-    """Remove versions outside `keep` that no reader holds."""
+    """Remove versions outside `keep` that no reader holds, and what killed writes left aside."""
     for name in _versions(directory):
         if name in keep:
             continue
@@ -393,6 +402,8 @@ def _prune(directory: Path, keep: set[str]) -> None:
             os.close(fd)
     for tmp in directory.glob("v[0-9]*.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in directory.glob("CURRENT.*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def _write_json(path: Path, value) -> None:
@@ -401,19 +412,72 @@ def _write_json(path: Path, value) -> None:
     os.replace(f.name, path)
 
 
+def _live_name(directory: Path) -> str | None:
+    try:
+        return (directory / "CURRENT").read_text().strip()
+    except OSError:
+        return None
+
+
+def _count_of(version_dir: Path) -> int | None:
+    try:
+        return int(json.loads((version_dir / "manifest.json").read_text())["count"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def write_version(directory: Path, faiss_index: faiss.Index, ids: np.ndarray, vectors: np.ndarray, manifest: dict,
                   base: GalleryIndex | None = None, rows: list[tuple] = (), removed: list[int] = (),
                   deleted: np.ndarray | None = None, staged: Path | None = None) -> Path:
     """Save a new version (base's metadata plus `rows`, less `removed`) and switch CURRENT to it atomically.
 
     The caller holds `writer(directory)`. `ids`/`vectors` are every live item's, in id order. With `staged` (an
-    on-disk index's directory), its files become the version's index instead of `faiss_index` written whole."""
+    on-disk index's directory), its files become the version's index instead of `faiss_index` written whole.
+    Killed at any step, the live version stays the previous one until CURRENT names the new one, whole; failed
+    (a full disk), it leaves nothing behind. The version replaced is kept while a reader may hold it, and when
+    a build replaces it with fewer items."""
     directory = Path(directory)
     existing = _versions(directory)
     name = f"v{int(existing[-1][1:]) + 1:06d}" if existing else "v000001"
-    tmp = directory / f"{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp, final = directory / f"{name}.tmp", directory / name
+    replaced = _live_name(directory)
+    try:
+        with disk_space():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            _fill_version(tmp, faiss_index, ids, vectors, manifest, base, rows, removed, deleted, staged)
+            crash_point("version.staged")
+            os.replace(tmp, final)
+            crash_point("version.renamed")
+            tmp_current = directory / f"CURRENT.{os.getpid()}.tmp"
+            try:
+                tmp_current.write_text(name)
+                os.replace(tmp_current, directory / "CURRENT")
+            except BaseException:
+                tmp_current.unlink(missing_ok=True)
+                raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+        if _live_name(directory) != name:
+            shutil.rmtree(final, ignore_errors=True)
+        raise
+    crash_point("version.switched")
+    keep = {name} | ({base.version_dir.name} if base is not None else set())
+    if base is None and replaced and (_count_of(directory / replaced) or 0) > len(ids):
+        log.warning("kept the replaced version %s of %s: it holds %d items, the new %s %d", replaced, directory,
+                    _count_of(directory / replaced), name, len(ids))
+        keep.add(replaced)
+    _prune(directory, keep)
+    crash_point("version.pruned")
+    return final
+
+
+def _fill_version(tmp: Path, faiss_index: faiss.Index, ids: np.ndarray, vectors: np.ndarray, manifest: dict,
+                  base: GalleryIndex | None, rows: list[tuple], removed: list[int], deleted: np.ndarray | None,
+                  staged: Path | None) -> None:
+    """A version's files, in `tmp`."""
     if staged is None:
         faiss.write_index(faiss_index, str(tmp / "index.faiss"))
     else:
@@ -437,12 +501,6 @@ def write_version(directory: Path, faiss_index: faiss.Index, ids: np.ndarray, ve
     manifest = {**manifest, "format": FORMAT, "count": len(ids), "updated_at": now(),
                 "versions": versions_of_packages()}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, directory / name)
-    tmp_current = directory / f"CURRENT.{os.getpid()}.tmp"
-    tmp_current.write_text(name)
-    os.replace(tmp_current, directory / "CURRENT")
-    _prune(directory, {name, base.version_dir.name} if base is not None else {name})
-    return directory / name
 
 
 def commit(directory: Path, base: GalleryIndex | None, new_ids: np.ndarray, new_vectors: np.ndarray,
@@ -549,11 +607,22 @@ class DirectoryStore:
         except IndexStoreError:
             return None
 
+    def live_manifest(self) -> dict | None:
+        try:
+            return json.loads((self.directory / self.current_version() / "manifest.json").read_text())
+        except (OSError, TypeError, ValueError):
+            return None
+
     def writing(self, wait: float = 0.0) -> AbstractContextManager[None]:
         return writer(self.directory, wait)
 
     def commit(self, base: GalleryIndex | None, new_ids: np.ndarray, new_vectors: np.ndarray, rows: list[tuple],
                manifest: dict, index_key: str | None = None, recall_target: float = tuning.RECALL_TARGET,
                removed: list[int] = (), on_disk: bool = False) -> dict:
-        return commit(self.directory, base, new_ids, new_vectors, rows, manifest, index_key, recall_target, removed,
-                      on_disk)
+        try:
+            with disk_space():
+                return commit(self.directory, base, new_ids, new_vectors, rows, manifest, index_key, recall_target,
+                              removed, on_disk)
+        except BaseException:
+            shutil.rmtree(self.directory / "ondisk.tmp", ignore_errors=True)
+            raise

@@ -12,9 +12,11 @@ the collection's property `matvit.manifest`, as JSON.
 
 Adding and removing change the live collection in place: first the manifest reserves the new ids
 (`next_id`), then the rows are inserted or deleted, then the manifest records the count and a new
-`revision`, which readers see as a new version. A build or `index rebuild` fills a new collection,
-switches the alias to it (readers never see half of it) and drops the collections before the one it
-replaced. Reads use Strong consistency, so a search issued after a write has returned sees it.
+`revision`, which readers see as a new version; a write killed in between leaves its reservation
+(`unfinished_from`) in the manifest, and the next write deletes the rows it had inserted (never committed,
+their ids never reused) first. A build or `index rebuild` fills a new collection, switches the alias to it
+(readers never see half of it) and drops the collections before the one it replaced. Reads use Strong
+consistency, so a search issued after a write has returned sees it.
 Milvus searches only loaded collections (Milvus Lite opens them released in each new process): `open`
 loads the live one, and a view whose collection was released meanwhile loads it again and retries once.
 
@@ -48,6 +50,7 @@ from .store import (
     COLUMNS,
     IndexStoreError,
     check_model,
+    crash_point,
     label_name,
     now,
     read_item_file,
@@ -58,6 +61,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 MANIFEST_KEY = "matvit.manifest"
+UNFINISHED = "unfinished_from"  # in a manifest: an in-place write reserved ids from here and has not ended
 DEFAULT_NAME = "matvit"
 FIELDS = list(COLUMNS)  # the metadata fields, as in the directory store
 TEXT_MAX = 65_535  # Milvus's longest VARCHAR
@@ -311,6 +315,13 @@ class MilvusStore:
             return None
         return None if described is None else f"{described[0]}@{described[1].get('revision')}"
 
+    def live_manifest(self) -> dict | None:
+        try:
+            described = self._describe()
+        except IndexStoreError:
+            return None
+        return None if described is None else described[1]
+
     def writing(self, wait: float = 0.0) -> AbstractContextManager[None]:
         self.client(create=True)  # Milvus Lite: refused at once when another process has the file
         return writer(self.files, wait, self.name)
@@ -325,15 +336,20 @@ class MilvusStore:
         if index_key is not None or base is None:
             return self._fill_new(base, rows, new_vectors, manifest, index_key or "auto", recall_target, removed)
         client = self.client()
-        revision = base.manifest["revision"]
+        revision, manifest = base.manifest["revision"], {k: v for k, v in manifest.items() if k != UNFINISHED}
         with _milvus_errors(f"cannot write {self.name}"):
-            # reserve the ids (and new classes and roots) before any row uses them
-            self._set_manifest(base.collection, {**manifest, "count": base.count, "revision": revision})
+            if UNFINISHED in base.manifest:  # the rows of an add killed before its end: never committed
+                client.delete(base.collection, filter=f"id >= {int(base.manifest[UNFINISHED])}")
+            # reserve the ids (and new classes and roots) before any row uses them; the job stays the base's
+            self._set_manifest(base.collection, {**manifest, "job": base.manifest.get("job"), "count": base.count,
+                                                 "revision": revision, UNFINISHED: base.manifest["next_id"]})
+            crash_point("milvus.reserved")
             if len(removed):
                 client.delete(base.collection, ids=[int(i) for i in removed])
             for batch in _batches(rows, new_vectors):
                 client.insert(base.collection, batch)
             count = self._count(base.collection)
+        crash_point("milvus.written")
         final = self._final(manifest, count, revision + 1)
         if base.manifest["index_key"] == "Flat":
             final.update(search_params={}, recall={"exact": True})
@@ -372,8 +388,10 @@ class MilvusStore:
         return live
 
     def _collections(self) -> list[str]:
-        pattern = re.compile(re.escape(self.alias) + r"_v(\d{6})")
-        return sorted(c for c in self.client().list_collections() if pattern.fullmatch(c))
+        """This index's collections in the order they were made (by number: _v999999 before _v1000000)."""
+        pattern = re.compile(re.escape(self.alias) + r"_v(\d{6,})")
+        found = [c for c in self.client().list_collections() if pattern.fullmatch(c)]
+        return sorted(found, key=lambda c: int(c.rsplit("_v", 1)[1]))
 
     def _fill_new(self, base: MilvusGallery | None, rows: list[tuple], new_vectors: np.ndarray, manifest: dict,
                   index_key: str, recall_target: float, removed) -> dict:
@@ -407,12 +425,14 @@ class MilvusStore:
                 ids, vectors = self._fill(collection, base, rows, new_vectors, removed)
                 client.flush(collection)  # seal the inserted segments, so that Milvus indexes them
                 count = self._count(collection)
+            manifest = {k: v for k, v in manifest.items() if k != UNFINISHED}
             final = self._final({**manifest, "index_key": key, "milvus_index": {"type": index_type,
                                                                                  "params": build_params}},
                                 count, 1 if base is None else base.manifest["revision"] + 1)
             params, recall = self._tune(MilvusGallery(self, collection, final), ids, vectors, recall_target)
             final.update(search_params=params, recall=recall)
             self._set_manifest(collection, final)
+            crash_point("milvus.filled")
         except BaseException:
             with _milvus_errors(f"cannot clean up {self.name}"):
                 client.drop_collection(collection)
@@ -422,6 +442,7 @@ class MilvusStore:
                 client.create_alias(collection, self.alias)
             else:
                 client.alter_alias(collection, self.alias)
+            crash_point("milvus.switched")
             for old in existing:  # keep the collection just replaced: a reader may still use it
                 if old != live:
                     client.drop_collection(old)
@@ -434,7 +455,8 @@ class MilvusStore:
         ids, vectors = [], []
         dropped = {int(i) for i in removed}
         old = base.rows(["id", "vector", *COLUMNS[1:]]) if base is not None else iter(())
-        for batch in itertools.chain(_kept(old, dropped), _batches(rows, new_vectors)):
+        end = base.manifest.get(UNFINISHED) if base is not None else None  # rows past it were never committed
+        for batch in itertools.chain(_kept(old, dropped, end), _batches(rows, new_vectors)):
             client.insert(collection, batch)
             ids.append(np.asarray([e["id"] for e in batch], np.int64))
             vectors.append(np.asarray([e["vector"] for e in batch], np.float32).reshape(-1, dim))
@@ -471,11 +493,11 @@ def _batches(rows: list[tuple], vectors: np.ndarray):
         yield [_row(*r, v) for r, v in zip(rows[start:start + INSERT_BATCH], part, strict=True)]
 
 
-def _kept(entities, dropped: set[int]):
-    """Stored entities less the `dropped` ids, `INSERT_BATCH` at a time."""
+def _kept(entities, dropped: set[int], end: int | None = None):
+    """Stored entities less the `dropped` ids (and those from `end` on), `INSERT_BATCH` at a time."""
     batch = []
     for entity in entities:
-        if int(entity["id"]) not in dropped:
+        if int(entity["id"]) not in dropped and (end is None or int(entity["id"]) < end):
             batch.append({c: entity[c] for c in ("id", "vector", *COLUMNS[1:])})
         if len(batch) == INSERT_BATCH:
             yield batch

@@ -18,9 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
+import json
+import logging
 import os
+import signal
+import sqlite3
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -33,6 +39,7 @@ from matvit.errors import UserError
 
 from . import tuning
 
+log = logging.getLogger(__name__)
 MILVUS_PREFIX = "milvus:"
 
 
@@ -58,6 +65,10 @@ class ItemNotFound(IndexStoreError):
 
 class ItemImageRefused(IndexStoreError):
     """An item image that may not be served (outside the indexed roots, not a regular file, too large)."""
+
+
+class DiskFull(IndexStoreError):
+    """No space left where a write goes (ENOSPC, EDQUOT); the write left nothing behind."""
 
 
 @runtime_checkable
@@ -117,6 +128,9 @@ class Store(Protocol):
 
     def current_version(self) -> str | None:
         """The live view's version, cheaply (None when it cannot be told)."""
+
+    def live_manifest(self) -> dict | None:
+        """The live view's manifest, cheaply (None when there is no index or it cannot be read)."""
 
     def writing(self, wait: float = 0.0) -> AbstractContextManager[None]:
         """Hold the one writer's lock; `IndexBusy` when another writer keeps it longer than `wait` seconds."""
@@ -228,38 +242,141 @@ def read_item_file(item: dict, root: dict, files: Path, max_bytes: int) -> bytes
     return content
 
 
+# --- one writer, crash points, a full disk ------------------------------------------------------
+_thread_locks: dict[str, threading.Lock] = {}
+_thread_locks_guard = threading.Lock()
+
+
+def _lock_of_threads(path: Path) -> threading.Lock:
+    with _thread_locks_guard:
+        return _thread_locks.setdefault(os.path.realpath(path), threading.Lock())
+
+
+def _holder(fd: int) -> str:
+    return os.pread(fd, 64, 0).decode(errors="replace").strip()
+
+
 @contextlib.contextmanager
 def writer(directory: Path, wait: float = 0.0, name: str | None = None) -> Iterator[None]:
-    """Hold the `flock` on `directory/LOCK` (one writer at a time, across processes and threads);
-    `IndexBusy` when another writer keeps it longer than `wait` seconds."""
+    """Hold the index's writer lock (one writer at a time, across processes and threads); `IndexBusy` when
+    another writer keeps it longer than `wait` seconds.
+
+    The lock is a POSIX record lock (`lockf`) on `directory/LOCK`, which holds the writer's pid, plus a lock
+    among this process's threads (record locks do not tell threads apart). A record lock belongs to the one
+    process that took it: the processes it forks (DataLoader workers) never hold it, and it ends when that
+    process does, however it ends. So a writer killed mid-way leaves its pid in LOCK and nothing held: the next
+    writer reports that stale lock and takes it over at once."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "LOCK", "a+") as f:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    f.seek(0)
-                    holder = f.read().strip() or "unknown"
-                    raise IndexBusy(f"index {name or directory} is being written by another process (pid {holder}); "
-                                    "try again when it has finished") from None
-                time.sleep(0.05)
+    path = directory / "LOCK"
+    busy = f"index {name or directory} is being written by another process (pid {{}}); try again when it has finished"
+    deadline = time.monotonic() + wait
+    threads = _lock_of_threads(path)
+    if not (threads.acquire(timeout=wait) if wait > 0 else threads.acquire(blocking=False)):
+        raise IndexBusy(busy.format(os.getpid()))
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            f.seek(0)
-            f.truncate()
-            f.write(str(os.getpid()))
-            f.flush()
-            yield
+            while True:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EACCES, errno.EAGAIN):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise IndexBusy(busy.format(_holder(fd) or "unknown")) from None
+                    time.sleep(0.05)
+            stale = _holder(fd)
+            if stale:
+                log.warning("index %s: took over the writer lock of pid %s, which ended without releasing it "
+                            "(its write was interrupted; `--resume` continues a build or add)", name or directory,
+                            stale)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)
         finally:
-            f.seek(0)
-            f.truncate()
-            fcntl.flock(f, fcntl.LOCK_UN)
+            os.close(fd)  # releases the record lock
+    finally:
+        threads.release()
+
+
+CRASH_AT = "MATVIT_CRASH_AT"
+_reached: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """A step boundary of a write, named so that crash tests can stop there: with `MATVIT_CRASH_AT=NAME` (or
+    `NAME:N`, its N-th time) this process kills itself with SIGKILL here, as `kill -9` would (no clean-up runs)."""
+    target = os.environ.get(CRASH_AT)
+    if not target:
+        return
+    point, _, nth = target.partition(":")
+    if point == name:
+        _reached[name] = _reached.get(name, 0) + 1
+        if _reached[name] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` says the disk (or the quota) is full: an OSError, SQLite's or FAISS's write error."""
+    if isinstance(error, OSError):
+        return error.errno in DISK_FULL
+    if isinstance(error, sqlite3.OperationalError):
+        return "disk is full" in str(error)
+    if isinstance(error, RuntimeError):  # FAISS's writers: "... write error in FILE: n != m (No space left ...)"
+        return any(os.strerror(code) in str(error) for code in DISK_FULL)
+    return False
+
+
+@contextlib.contextmanager
+def disk_space(then: str = "free some space and run it again") -> Iterator[None]:
+    """A full disk met inside as one-line `DiskFull` (the writer has undone what it wrote); `then` says what to do."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except (OSError, sqlite3.OperationalError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        quota = isinstance(e, OSError) and e.errno == errno.EDQUOT
+        raise DiskFull(f"{'the disk quota is used up' if quota else 'no space left'} on the index's disk: nothing "
+                       f"was written and the live version is unchanged; {then}") from e
 
 
 # --- operations on any store ------------------------------------------------------------------
+REMOVING = ".removing.json"  # in uploads/: the files of a removal, deleted once its version is live
+
+
+def settle_uploads(store: Store, live: Gallery) -> None:
+    """Delete the upload files a killed write left behind: those of an add that never committed (ids the index
+    has not given out yet) and those of a committed removal. The caller holds `writing()`."""
+    uploads = store.files / "uploads"
+    if not uploads.is_dir():
+        return
+    for path in uploads.iterdir():
+        stem = path.name.partition(".")[0]
+        if stem.isdigit() and int(stem) >= live.manifest["next_id"]:
+            path.unlink(missing_ok=True)
+    pending = uploads / REMOVING
+    if pending.is_file():
+        try:
+            names = {int(k): v for k, v in json.loads(pending.read_text()).items()}
+        except (ValueError, AttributeError):
+            names = {}
+        held = live.items(names)
+        for item_id, name in names.items():
+            if item_id not in held:
+                (uploads / Path(name).name).unlink(missing_ok=True)
+        pending.unlink()
+
+
 def remove(store: str | Path | Store, ids: list[int], wait: float = 0.0) -> list[int]:
     """Delete items by id; `ItemNotFound` (nothing removed) for an id the index lacks. Ids are never reused."""
     store = open_store(store)
@@ -268,15 +385,27 @@ def remove(store: str | Path | Store, ids: list[int], wait: float = 0.0) -> list
         raise IndexStoreError("no ids to remove")
     with store.writing(wait):
         base = store.open()
+        settle_uploads(store, base)
         held = base.items(ids)
         missing = [i for i in ids if i not in held]
         if missing:
             raise ItemNotFound(f"no item with id {missing[0]} in the index")
-        store.commit(base, np.zeros(0, np.int64), np.zeros((0, base.manifest["dim"]), np.float32), [],
-                     base.manifest, removed=ids)
-        for item in held.values():  # uploaded files belong to the index; folder files are the user's
-            if base.root(item)["kind"] == "uploads":
-                (store.files / "uploads" / item["path"]).unlink(missing_ok=True)
+        # uploaded files belong to the index (folder files are the user's): listed first, deleted once committed
+        files = {i: item["path"] for i, item in held.items() if base.root(item)["kind"] == "uploads"}
+        pending = store.files / "uploads" / REMOVING
+        with disk_space():
+            if files:
+                pending.write_text(json.dumps(files))
+            try:
+                store.commit(base, np.zeros(0, np.int64), np.zeros((0, base.manifest["dim"]), np.float32), [],
+                             base.manifest, removed=ids)
+            except BaseException:
+                pending.unlink(missing_ok=True)
+                raise
+        crash_point("remove.committed")
+        for name in files.values():
+            (store.files / "uploads" / name).unlink(missing_ok=True)
+        pending.unlink(missing_ok=True)
     return ids
 
 
@@ -287,5 +416,6 @@ def rebuild(store: str | Path | Store, index_key: str = "auto", recall_target: f
     with store.writing(wait):
         base = store.open()
         empty = np.zeros((0, base.manifest["dim"]), np.float32)
-        return store.commit(base, np.zeros(0, np.int64), empty, [], base.manifest, index_key, recall_target,
-                            on_disk=on_disk)
+        with disk_space():
+            return store.commit(base, np.zeros(0, np.int64), empty, [], base.manifest, index_key, recall_target,
+                                on_disk=on_disk)

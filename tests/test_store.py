@@ -16,7 +16,7 @@ from PIL import Image
 from app import cli
 from app.api import Settings, create_app
 from matvit import checkpoint, data
-from retrieval import build, milvus_client
+from retrieval import build, milvus_client, milvus_store
 from retrieval.budget import Budget, BudgetError
 from retrieval.encoder import Encoder
 from retrieval.milvus_store import MilvusStore
@@ -141,6 +141,31 @@ def test_a_released_collection_is_loaded_by_open_and_by_a_view_in_use(encoder, d
     assert ids.shape == (2, 3) and (ids >= 0).all() and np.isfinite(scores).all()
     store.client().release_collection(view.collection)
     assert view.item(4)["id"] == 4
+
+
+def test_rows_of_an_add_killed_before_its_end_are_dropped_and_their_ids_never_reused(encoder, digits, spec,
+                                                                                      monkeypatch):
+    _, test = digits
+    build.build(encoder, build.DatasetSource("digits", "test", 8, 1), spec)
+
+    class Killed(BaseException):
+        """Stands for a kill: nothing after the crash point runs (the store cleans nothing up)."""
+
+    def crash(name):
+        if name == "milvus.written":  # rows inserted, the manifest not yet final
+            raise Killed
+
+    retriever = Retriever(spec, encoder=encoder, refresh_seconds=0)
+    monkeypatch.setattr(milvus_store, "crash_point", crash)
+    with pytest.raises(Killed):
+        retriever.add([png(test.images[0, 0].numpy())])
+    monkeypatch.undo()
+    assert open_store(spec).open().manifest["unfinished_from"] == 360
+    added = retriever.add([png(test.images[1, 0].numpy())])
+    index = open_store(spec).open()
+    ids = sorted(int(row["id"]) for row in index.rows(["id"]))
+    assert added[0]["id"] == 361 and ids == [*range(360), 361] and index.count == 361
+    assert "unfinished_from" not in index.manifest
 
 
 def test_wrong_model_is_refused(encoder, trained, spec, tmp_path):
