@@ -456,6 +456,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     demo = Path(__file__).with_name("demo.py")
     command = [sys.executable, "-m", "streamlit", "run", str(demo), "--server.headless", "true",
                "--server.address", args.host, "--server.port", str(args.port), "--browser.gatherUsageStats", "false",
+               "--server.maxUploadSize", "10",  # MB, as the API's largest image file
                "--", "--index", str(args.index), "--checkpoint", str(args.checkpoint), "--results", str(args.results)]
     status = _supervise(command)
     if status > 0:

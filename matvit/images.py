@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +70,7 @@ def pixel_bytes(mode: str) -> int:
 GAP = 4  # an image is first shrunk (JPEG draft, box averaging) to this many times its final size, no smaller
 WORK_BYTES = 24  # per pixel of the shrunk image: the conversions and the final resize (a bound)
 DECODER_BYTES = 4 * 2**20  # the decoder's own state (libjpeg's, zlib's), whatever the image (a bound)
+RELEASE_AFTER = 32 * 2**20  # a decode that costs this much gives its freed memory back to the system
 
 
 def decode_cost(mode: str, width: int, height: int, target: int) -> int:
@@ -99,9 +103,9 @@ def _shrink(img: Image.Image, box: tuple[float, float, float, float], scale: flo
 
 @contextlib.contextmanager
 def _opened(source: str | Path | bytes, target: int, max_pixels: int | None, max_bytes: int | None
-            ) -> Iterator[tuple[Image.Image, tuple[int, int]]]:
-    """The opened, not yet decoded image and its original (width, height): the header checked against the
-    limits, JPEG set to decode at the smallest scale that keeps both sides at least `target`. Any failure
+            ) -> Iterator[tuple[Image.Image, tuple[int, int], int]]:
+    """The opened, not yet decoded image, its original (width, height) and its `decode_cost`: the header checked
+    against the limits, JPEG set to decode at the smallest scale that keeps both sides at least `target`. Any failure
     reading it, here or in the caller's block, becomes an `ImageError`."""
     name = "uploaded image" if isinstance(source, bytes) else str(source)
     try:
@@ -115,7 +119,7 @@ def _opened(source: str | Path | bytes, target: int, max_pixels: int | None, max
             if max_bytes is not None and cost > max_bytes:
                 raise DecodeTooLarge(f"{name} ({size[0]}x{size[1]} pixels, mode {img.mode}) needs {cost:,} bytes "
                                      f"to decode, over the limit of {max_bytes:,}")
-            yield img, size
+            yield img, size, cost
     except ImageError:
         raise
     except FileNotFoundError as e:
@@ -140,9 +144,18 @@ def decode(source: str | Path | bytes, img_size: int, in_chans: int, max_pixels:
     Raises `ImageError` with a one-line reason when it is not a readable image, `ImageTooLarge` when its header
     declares more than `max_pixels` pixels and `DecodeTooLarge` when decoding it would take more than `max_bytes`
     (`decode_cost`; both checked before any pixel is decoded). Memory stays near the decoded buffer: JPEG decodes
-    at a reduced scale, and the centre square is shrunk to `GAP` times `img_size` before any conversion."""
+    at a reduced scale, and the centre square is shrunk to `GAP` times `img_size` before any conversion; after a
+    large decode the freed memory goes back to the system."""
+    tensor, size, cost = _decode(source, img_size, in_chans, max_pixels, max_bytes)
+    if cost >= RELEASE_AFTER:
+        release_freed_memory()
+    return tensor, size
+
+
+def _decode(source: str | Path | bytes, img_size: int, in_chans: int, max_pixels: int | None,
+            max_bytes: int | None) -> tuple[torch.Tensor, tuple[int, int], int]:
     target = GAP * img_size
-    with _opened(source, target, max_pixels, max_bytes) as (img, size):
+    with _opened(source, target, max_pixels, max_bytes) as (img, size, cost):
         img.load()
         side = min(img.size)
         left, top = (img.width - side) / 2, (img.height - side) / 2
@@ -150,19 +163,43 @@ def decode(source: str | Path | bytes, img_size: int, in_chans: int, max_pixels:
         small = to_mode(_upright(small, img), in_chans)
         if small.size != (img_size, img_size):
             small = ImageOps.fit(small, (img_size, img_size), Image.Resampling.BICUBIC)
-        return _tensor(small), size
+        return _tensor(small), size, cost
 
 
 def preview(source: str | Path | bytes, size: int, max_pixels: int | None = None,
             max_bytes: int | None = None) -> np.ndarray:
     """An RGB H x W x 3 uint8 picture of an image file for display, its long side at most `size`, decoded within
     the same limits and with the same conversions as `decode`."""
+    picture, cost = _preview(source, size, max_pixels, max_bytes)
+    if cost >= RELEASE_AFTER:
+        release_freed_memory()
+    return picture
+
+
+def _preview(source: str | Path | bytes, size: int, max_pixels: int | None,
+             max_bytes: int | None) -> tuple[np.ndarray, int]:
     target = GAP * size
-    with _opened(source, target, max_pixels, max_bytes) as (img, _):
+    with _opened(source, target, max_pixels, max_bytes) as (img, _, cost):
         img.load()
         small = to_mode(_upright(_shrink(img, (0, 0, *img.size), target / max(img.size)), img), 3)
         small.thumbnail((size, size), Image.Resampling.BICUBIC)
-        return np.asarray(small, dtype=np.uint8).copy()
+        return np.asarray(small, dtype=np.uint8).copy(), cost
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the memory the C allocator holds free back to the system (glibc's `malloc_trim`; nothing elsewhere).
+    Without it a decoded image's freed buffers stay resident in the decoding thread's allocator arena."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def load(source: str | Path | bytes, img_size: int, in_chans: int) -> torch.Tensor:
