@@ -23,6 +23,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -44,6 +45,7 @@ from matvit.config import get_preset
 from matvit.model import MatViT
 from retrieval import build
 from retrieval.encoder import Encoder
+from retrieval.retriever import Retriever
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 2**20
@@ -85,7 +87,7 @@ def uploads(settings: Settings, img_size: int) -> dict[str, bytes]:
              f"JPEG {near}x{near}": encoded(colour(near, alpha=False), "JPEG", quality=50),
              f"RGB PNG {rgb}x{rgb}": encoded(colour(rgb, alpha=False), "PNG", compress_level=9),
              f"RGBA PNG {rgba}x{rgba}": encoded(colour(rgba, alpha=True), "PNG", compress_level=9),
-             f"RGBA PNG {near}x{near} (over the decode limit)": encoded(colour(near, alpha=True), "PNG",
+             f"RGBA PNG {near}x{near} (over this commit's decode limit)": encoded(colour(near, alpha=True), "PNG",
                                                                         compress_level=9)}
     for name, content in kinds.items():
         assert len(content) <= settings.max_upload_bytes, f"{name}: {len(content):,} bytes, over the upload limit"
@@ -181,7 +183,8 @@ def measure(code: Path, index: Path, checkpoint_dir: Path, kinds: dict[str, byte
 
 
 def gallery(preset: str, out: Path, count: int) -> tuple[Path, Path, int]:
-    """A random (seeded) checkpoint of `preset` and an index of `count` digits embedded with it."""
+    """A random (seeded) checkpoint of `preset`, an index of `count` digits embedded with it and its latency
+    profile."""
     torch.manual_seed(0)
     config = get_preset(preset).model
     checkpoint.save(MatViT(config), out / "checkpoint", preset=preset, dataset=None, weights="random (seed 0)",
@@ -190,6 +193,7 @@ def gallery(preset: str, out: Path, count: int) -> tuple[Path, Path, int]:
     subset = data.ImageSet(digits.images[:count], digits.labels[:count], digits.classes, digits.sources[:count])
     source = build.DatasetSource("digits", "train", config.img_size, config.in_chans, images=subset)
     build.build(Encoder.load(out / "checkpoint"), source, out / "index")
+    Retriever(out / "index", out / "checkpoint").ensure_profile()  # stored once: no server measures it
     return out / "checkpoint", out / "index", config.img_size
 
 
@@ -251,7 +255,9 @@ def main() -> None:
             runs.append(run)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result = {**provenance.record(), "preset": args.preset, "img_size": img_size, "gallery": args.gallery,
+    command = ["python", "scripts/decode_memory.py", *sys.argv[1:]]
+    result = {**provenance.record(), "command": shlex.join(command), "preset": args.preset, "img_size": img_size,
+              "gallery": args.gallery,
               "limits": limits, "ceiling": {"formula": "idle_rss + decode_slots * max_decode_bytes + clients * "
                                                        "largest_upload", "largest_upload": largest},
               "uploads": {name: len(content) for name, content in kinds.items()}, "runs": runs}
