@@ -49,7 +49,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from matvit.errors import UserError, redact
-from matvit.images import ImageError, ImageTooLarge
+from matvit.images import MAX_DECODE_BYTES, MAX_PIXELS, DecodeTooLarge, ImageError, ImageTooLarge
 from retrieval.budget import Budget
 from retrieval.encoder import Encoder
 from retrieval.retriever import EmbeddingError, Retriever
@@ -70,7 +70,10 @@ class Settings:
     api_key: str | None = None
     metrics_need_key: bool = False  # /metrics behind the API key too (health endpoints always stay open)
     max_upload_bytes: int = 10 * 1024 * 1024  # one image file in a request
-    max_pixels: int = 40_000_000  # one image, from its header, before decoding
+    max_pixels: int = MAX_PIXELS  # one image, from its header, before decoding
+    max_decode_bytes: int = MAX_DECODE_BYTES  # what decoding one image may hold (`matvit.images.decode_cost`: its
+    # pixels times 1-4 bytes by mode, twice with alpha; JPEG at reduced scale), from its header, before decoding
+    decode_slots: int = 4  # images decoding at once: decoding holds at most decode_slots * max_decode_bytes
     max_batch: int = 32  # images in a batch search or an item add
     max_field_bytes: int = 4096  # a text field of a multipart form (an option, a label, a name)
     max_item_image_bytes: int = 32 * 1024 * 1024  # a gallery image file the server sends back
@@ -106,7 +109,8 @@ USER_ERRORS: list[tuple[type[UserError], int, str]] = [  # first match wins: sub
     (DiskFull, 507, "disk_full"),
     (IndexBusy, 409, "index_busy"), (ItemNotFound, 404, "not_found"), (ItemImageRefused, 403, "image_refused"),
     (IndexCorrupt, 503, "index_corrupt"), (IndexMissing, 503, "no_index"), (EmbeddingError, 422, "bad_embedding"),
-    (ImageTooLarge, 413, "too_many_pixels"), (ImageError, 415, "not_an_image"), (UserError, 400, "bad_request")]
+    (DecodeTooLarge, 413, "decode_too_large"), (ImageTooLarge, 413, "too_many_pixels"),
+    (ImageError, 415, "not_an_image"), (UserError, 400, "bad_request")]
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 CLIENT_GONE = 499  # counted in /metrics for a request whose client disconnected before its body was read (nginx's)
@@ -426,7 +430,8 @@ class Service:
             store = open_store(self.settings.index)
             self.tried = store.current_version()
             retriever = Retriever(store, encoder=self.encoder, max_pixels=self.settings.max_pixels,
-                                  encode_slots=self.settings.inference_slots,
+                                  max_decode_bytes=self.settings.max_decode_bytes,
+                                  decode_slots=self.settings.decode_slots, encode_slots=self.settings.inference_slots,
                                   batch_wait_ms=self.settings.batch_wait_ms, max_batch=self.settings.max_batch)
             retriever.ensure_profile()
         except IndexMissing:

@@ -3,12 +3,15 @@
     matvit demo --index IDX --checkpoint DIR [--results docs/results]
     streamlit run app/demo.py -- --index IDX --checkpoint DIR
 
-IDX is an index directory or `milvus:URI` (see `retrieval.store`).
+IDX is an index directory or `milvus:URI` (see `retrieval.store`). Result pictures come from the index (dataset
+pixels, stored uploads, files under an indexed folder), never from an item's name; uploads and pictures are
+decoded with the API's limits and conversions (`matvit.images`).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
 from pathlib import Path
@@ -18,9 +21,15 @@ import streamlit as st
 
 from matvit import data
 from matvit.errors import UserError
-from matvit.images import to_hwc
+from matvit.images import MAX_DECODE_BYTES, MAX_PIXELS, to_hwc
 from retrieval.budget import Budget
 from retrieval.retriever import Retriever
+
+log = logging.getLogger(__name__)
+
+TILE, QUERY = 96, 128  # displayed widths of a result and of the query, in pixels
+DECODE_SLOTS = 4  # images decoding at once, as the API's default
+MAX_ITEM_IMAGE_BYTES = 32 * 2**20  # the largest gallery image file read for a tile, as the API's default
 
 
 def parse_args() -> argparse.Namespace:
@@ -34,8 +43,10 @@ def parse_args() -> argparse.Namespace:
 
 @st.cache_resource
 def load_retriever(index: str, checkpoint: str) -> Retriever:
-    """The retriever, with a latency profile of this model on this machine (measured once if none is stored)."""
-    retriever = Retriever(index, Path(checkpoint))
+    """The retriever, with the API's image limits and a latency profile of this model on this machine (measured
+    once if none is stored)."""
+    retriever = Retriever(index, Path(checkpoint), max_pixels=MAX_PIXELS, max_decode_bytes=MAX_DECODE_BYTES,
+                          decode_slots=DECODE_SLOTS)
     retriever.ensure_profile()
     return retriever
 
@@ -48,15 +59,25 @@ def load_queries(dataset: str, img_size: int, in_chans: int) -> data.ImageSet | 
         return None
 
 
-def picture(source: str) -> np.ndarray | str:
-    """What st.image can show for a gallery item: dataset pixels, or the recorded file path."""
-    pixels = data.source_image(source)
-    if pixels is None:
-        return source
-    return to_hwc(pixels)
+def tile_image(retriever: Retriever, item_id: int) -> np.ndarray | None:
+    """A gallery item's picture for a result tile, from what the index holds (its dataset pixels, its stored
+    upload, or its file under the indexed folder; never a path taken from its name), decoded within the image
+    limits; None when it has none to show."""
+    return _tile_image(retriever, retriever.store.name, retriever.index.version, item_id)
 
 
-def show_results(result, true_label: str | None, columns: int = 5) -> None:
+@st.cache_data(max_entries=1024, show_spinner=False)
+def _tile_image(_retriever: Retriever, index: str, version: str, item_id: int) -> np.ndarray | None:
+    """`tile_image`, cached per index, version and item."""
+    try:
+        content, _ = _retriever.item_image(item_id, MAX_ITEM_IMAGE_BYTES)
+        return _retriever.preview(content, 2 * TILE)
+    except UserError as e:
+        log.info("no picture for item %d: %s", item_id, e)
+        return None
+
+
+def show_results(retriever: Retriever, result, true_label: str | None, columns: int = 5) -> None:
     c = result.submodel
     st.caption(f"**{c.spec}** · {c.gflops:.4f} GFLOPs · {c.params:,} parameters · "
                f"encode {result.timings_ms['encode']:.1f} ms · {c.reason}")
@@ -64,7 +85,11 @@ def show_results(result, true_label: str | None, columns: int = 5) -> None:
     for i, hit in enumerate(result.neighbours):
         mark = "" if true_label is None else (" ✅" if hit["label"] == true_label else " ❌")
         with cols[i % columns]:
-            st.image(picture(hit["metadata"]["source"]), width=96, clamp=True)
+            picture = tile_image(retriever, hit["id"])
+            if picture is None:
+                st.caption("(no image to show)")
+            else:
+                st.image(picture, width=TILE)
             st.markdown(f"#{hit['rank']} `{hit['label']}`{mark}  \n{hit['score']:.3f}")
 
 
@@ -105,37 +130,37 @@ def main() -> None:
             budget = Budget(ms=st.slider("Latency budget (ms, batch 1)", float(lo), float(hi * 1.5), float(hi)))
         k = st.slider("k", 1, 20, 10)
 
-    source, true_label = None, None
-    if upload is not None:
-        source = upload.getvalue()
-    elif queries is not None and "pick" in st.session_state:
-        i = st.session_state["pick"]
-        source = queries.images[i:i + 1]
-        true_label = queries.classes[int(queries.labels[i])]
-    if source is None:
-        st.info("Upload an image or draw a random test image to search.")
-    else:
-        try:
-            query = [source] if isinstance(source, bytes) else source
+    query, shown, true_label = None, None, None
+    try:
+        if upload is not None:
+            query, _ = retriever.decode([upload.getvalue()])
+            shown = retriever.preview(upload.getvalue(), 2 * QUERY)
+        elif queries is not None and "pick" in st.session_state:
+            i = st.session_state["pick"]
+            query, shown = queries.images[i:i + 1], to_hwc(queries.images[i])
+            true_label = queries.classes[int(queries.labels[i])]
+        if query is not None:
             chosen = retriever.search(query, k=k, submodel=submodel, budget=budget)[0]
             small = retriever.search(query, k=k, submodel="S")[0]
             large = retriever.search(query, k=k, submodel="XL")[0]
-        except UserError as e:
-            st.error(str(e))
-            return
+    except UserError as e:
+        st.error(str(e))
+        return
+    if query is None:
+        st.info("Upload an image or draw a random test image to search.")
+    else:
         left, right = st.columns([1, 4])
         with left:
-            shown = source if isinstance(source, bytes) else to_hwc(source[0])
-            st.image(shown, caption=f"query{'' if true_label is None else f' ({true_label})'}", width=128)
+            st.image(shown, caption=f"query{'' if true_label is None else f' ({true_label})'}", width=QUERY)
         with right:
             st.subheader("Results")
-            show_results(chosen, true_label)
+            show_results(retriever, chosen, true_label)
         st.subheader("S and XL side by side, same query, same XL index")
         a, b = st.columns(2)
         with a:
-            show_results(small, true_label, columns=5)
+            show_results(retriever, small, true_label, columns=5)
         with b:
-            show_results(large, true_label, columns=5)
+            show_results(retriever, large, true_label, columns=5)
 
     pictures = sorted(args.results.glob("**/*.png")) if args.results.is_dir() else []
     if pictures:

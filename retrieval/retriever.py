@@ -13,6 +13,7 @@ import io
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,11 +72,16 @@ class Retriever:
 
     def __init__(self, index: str | Path | Store, checkpoint_dir: Path | None = None, encoder: Encoder | None = None,
                  max_pixels: int | None = None, refresh_seconds: float = 0.1, backend: str = "eager",
-                 encode_slots: int = 1, batch_wait_ms: float = 2.0, max_batch: int = 32) -> None:
-        """`index`: a directory, `milvus:URI` or a store; `max_pixels`: images whose header declares more are
-        refused before decoding; `refresh_seconds`: how often the store is asked for a new version; `backend`:
-        the query encoder's backend (`retrieval.backends.CHOICES`) when the encoder is loaded here;
-        `encode_slots`, `batch_wait_ms`, `max_batch`: micro-batching of concurrent queries (`Batcher`)."""
+                 encode_slots: int = 1, batch_wait_ms: float = 2.0, max_batch: int = 32,
+                 max_decode_bytes: int | None = None, decode_slots: int | None = None) -> None:
+        """`index`: a directory, `milvus:URI` or a store; `max_pixels`, `max_decode_bytes`: images whose header
+        declares more pixels, or whose decode would hold more bytes (`matvit.images.decode_cost`), are refused
+        before decoding; `decode_slots`: images decoding at once, on that many threads of their own (None: on
+        the caller's thread, no bound), so that decoding holds at most `decode_slots * max_decode_bytes` (decodes
+        spread over many threads would leave freed buffers in as many C allocator arenas); `refresh_seconds`:
+        how often the store is asked for a new version; `backend`: the query encoder's backend
+        (`retrieval.backends.CHOICES`) when the encoder is loaded here; `encode_slots`, `batch_wait_ms`,
+        `max_batch`: micro-batching of concurrent queries (`Batcher`)."""
         self.store = open_store(index)
         self._index = self.store.open()
         self.encoder = encoder or Encoder.load(checkpoint_dir, backend=backend)
@@ -84,6 +90,8 @@ class Retriever:
                                max_batch)
         self.profile_path = self.store.files / budgets.PROFILE_FILE
         self.max_pixels = max_pixels
+        self.max_decode_bytes = max_decode_bytes
+        self._decoder = ThreadPoolExecutor(decode_slots, thread_name_prefix="decode") if decode_slots else None
         self.refresh_seconds = refresh_seconds
         self._checked = time.monotonic()
         self._reloading = threading.Lock()
@@ -175,9 +183,21 @@ class Retriever:
 
     # --- search -----------------------------------------------------------------------------
     def decode(self, sources: list) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Image files (paths or bytes) as the model's input and their original sizes, decoded within the limits,
+        one decode slot per image."""
         cfg = self.encoder.config
-        decoded = [imageio.decode(s, cfg.img_size, cfg.in_chans, self.max_pixels) for s in sources]
+        decoded = [self._decode(imageio.decode, source, cfg.img_size, cfg.in_chans, self.max_pixels,
+                                self.max_decode_bytes) for source in sources]
         return torch.stack([image for image, _ in decoded]), [size for _, size in decoded]
+
+    def preview(self, source: str | Path | bytes, size: int) -> np.ndarray:
+        """An RGB picture of an image file for display (long side at most `size`), within the same limits and
+        decode slots as a query."""
+        return self._decode(imageio.preview, source, size, self.max_pixels, self.max_decode_bytes)
+
+    def _decode(self, function, *args):
+        """`function(*args)` in a decode slot (here, without slots)."""
+        return function(*args) if self._decoder is None else self._decoder.submit(function, *args).result()
 
     def search_embeddings(self, embeddings: np.ndarray, k: int = 10, search_params: dict | None = None,
                           index: Gallery | None = None) -> list[list[dict]]:
