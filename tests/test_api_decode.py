@@ -11,22 +11,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.api import Settings, create_app
 from matvit import images
 from retrieval import build
 from retrieval.encoder import Encoder
-
-
-@pytest.fixture(scope="module")
-def index_dir(trained_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("api-decode-index")
-    build.build(Encoder.load(trained_dir), build.DatasetSource("digits", "train", 8, 1), out)
-    return out
-
-
-def make_client(index_dir, trained_dir, **settings) -> TestClient:
-    return TestClient(create_app(Settings(index=index_dir, checkpoint=trained_dir, **settings),
-                                 load_in_background=False))
+from tests.test_api import make_client
 
 
 def encoded(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -38,6 +26,13 @@ def encoded(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
 def sixteen_bit(side: int) -> bytes:
     ramp = np.linspace(0, 65535, side * side).reshape(side, side).astype(np.uint16)
     return encoded(ramp)
+
+
+@pytest.fixture(scope="module")
+def index_dir(trained_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("api-decode-index")
+    build.build(Encoder.load(trained_dir), build.DatasetSource("digits", "train", 8, 1), out)
+    return out
 
 
 def search(c: TestClient, content: bytes):
