@@ -271,7 +271,7 @@ def test_baselines_make_as_many_passes_as_the_matvit_warm_up_included(tmp_path):
     assert "**Unequal training**: the MatViT makes 9 passes over the data, the baselines S 6, XL 6." in report
     assert "same 9 passes" in consistency.passes_sentence({"passes": {"matvit": 9, "baseline": {"S": 9}}})
     assert consistency.passes_sentence({}) == ""  # a result from before passes were recorded
-    off = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, dense_epochs=0)
+    off = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, epochs=6, dense_epochs=0)
     assert step_settings(off, 0) == step_settings(plain, 0)  # no warm-up, however it is asked for
 
 
