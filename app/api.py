@@ -213,7 +213,8 @@ class ItemFields(BaseModel):
     """Optional class names and display names of new gallery items, one per image when given."""
 
     labels: list[Text] | None = Field(None, description="class name per image (new names add classes)")
-    names: list[Text] | None = Field(None, description="display name (`source`) per image")
+    names: list[Text] | None = Field(None, description="display name (`source`) per image: a label only, "
+                                     "never read as a path (the image served is the upload)")
 
     @model_validator(mode="after")
     def one_per_image(self) -> ItemFields:

@@ -45,7 +45,6 @@ from matvit.config import get_preset
 from matvit.model import MatViT
 from retrieval import build
 from retrieval.encoder import Encoder
-from retrieval.retriever import Retriever
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 2**20
@@ -193,7 +192,8 @@ def gallery(preset: str, out: Path, count: int) -> tuple[Path, Path, int]:
     subset = data.ImageSet(digits.images[:count], digits.labels[:count], digits.classes, digits.sources[:count])
     source = build.DatasetSource("digits", "train", config.img_size, config.in_chans, images=subset)
     build.build(Encoder.load(out / "checkpoint"), source, out / "index")
-    Retriever(out / "index", out / "checkpoint").ensure_profile()  # stored once: no server measures it
+    with server(ROOT, out / "index", out / "checkpoint"):
+        pass  # a first server measures the latency profile (as served) and stores it: the measured ones load it
     return out / "checkpoint", out / "index", config.img_size
 
 

@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = str(ROOT / "app" / "demo.py")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 MAGENTA = (255, 0, 255)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -250,9 +252,6 @@ def test_demo_in_headless_chromium(folder_index, trained_dir, tmp_path):
     and the page shows no error. Saves a screenshot."""
     assert Path(CHROMIUM).exists(), "Chromium is missing: apt-get install chromium (make test does this)"
     from playwright.sync_api import sync_playwright
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from screenshot_demo import CHROMIUM_FLAGS
 
     index, planted, _ = folder_index
     query = tmp_path / "query.png"
