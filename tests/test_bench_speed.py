@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.bench import speed
+from app.bench import speed, speed_models, speed_report
 from app.cli import main
 from matvit import checkpoint
 from matvit import spec as specs
@@ -73,7 +73,7 @@ def test_targets_are_evaluated(finished):
     by_section = {s: [t for t in r["targets"] if t["section"] == s] for s in (1, 2, 5)}
     assert len(by_section[1]) == 2 and len(by_section[2]) == 4 and len(by_section[5]) == 2
     for t in by_section[1]:
-        assert t["met"] == (min(t["measured"].values()) >= speed.NESTING_TARGET)
+        assert t["met"] == (min(t["measured"].values()) >= speed_report.NESTING_TARGET)
         assert "nested XL" in t["measured"] and "extracted S" in t["measured"]
     for t in by_section[2]:
         tol = 0.25 if t["batch"] == 1 else 0.15
@@ -125,13 +125,13 @@ def test_checkpoint_is_timed_and_trains_its_preset(tmp_path, monkeypatch):
 
 def test_mixes_are_monotone_and_spread_between_s_and_xl():
     cfg = get_preset("matvit-ti16").model
-    chosen = speed.mixes(cfg, 4)
+    chosen = speed_models.mixes(cfg, 4)
     flops = [specs.forward_flops(cfg, s, head=False) for s in chosen]
     lo, hi = (specs.forward_flops(cfg, specs.uniform(g, cfg), head=False) for g in ("S", "XL"))
     monotone = {s.text for s in specs.monotone(cfg)}
     assert len({s.text for s in chosen}) == 4 and all(s.text in monotone and not s.uniform for s in chosen)
     assert flops == sorted(flops) and lo < flops[0] and flops[-1] < hi
-    assert [s.text for s in speed.timed_specs(cfg, 4)][-1] == "XL"
+    assert [s.text for s in speed_models.timed_specs(cfg, 4)][-1] == "XL"
 
 
 def test_options_are_checked(tmp_path):

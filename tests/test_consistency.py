@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from app.bench import consistency, steps
+from app.bench import consistency, consistency_report, steps
 from app.bench.consistency import (
     BenchOptions,
     baselines_measured,
     options_json,
     run,
     step_settings,
-    targets,
     train_cached,
     train_options,
 )
+from app.bench.consistency_report import targets
 from app.bench.kept import step_matvit
 from app.bench.plots import pareto_front
 from app.cli import main
@@ -55,7 +55,7 @@ def test_matvit_shares_a_space_and_baselines_do_not(tmp_path, monkeypatch):
     assert saved["targets"] == targets(saved)
     assert (saved["epochs"], saved["dense_epochs"], saved["augment"]) == (6, 0, "none")  # the recipe as it ran
     assert "# Cross-consistency: digits, matvit-tiny-digits, 6 epochs" in (tmp_path / "consistency.md").read_text()
-    warmed = consistency.markdown({**saved, "dense_epochs": 2})
+    warmed = consistency_report.markdown({**saved, "dense_epochs": 2})
     assert "2 dense + 6 joint epochs, seed(s) 0" in warmed.splitlines()[0] and "trained for 2 epochs" in warmed
     for name in ("consistency.md", "grid.png", "pareto.png", "steps/seed-0.json"):
         assert (tmp_path / name).stat().st_size > 0
@@ -249,9 +249,9 @@ def test_trainings_are_listed_under_the_cpu_they_ran_on():
     runs = [{"seed": 0, "trained_on": {"matvit": xeon, "baseline": {"S": epyc}}},
             {"seed": 1, "trained_on": {"matvit": epyc, "baseline": {}}},
             {"seed": 2, "trained_on": None}]  # a step written before trainings recorded their CPU
-    line = consistency.trained_on_lines(runs)[0]
+    line = consistency_report.trained_on_lines(runs)[0]
     assert line.startswith("Trained on: Intel Xeon (seed 0 MatViT); AMD EPYC (seed 0 baseline S, seed 1 MatViT)")
-    assert consistency.trained_on_lines([{"seed": 0}]) == []
+    assert consistency_report.trained_on_lines([{"seed": 0}]) == []
 
 
 def test_baselines_make_as_many_passes_as_the_matvit_warm_up_included(tmp_path):
@@ -267,10 +267,10 @@ def test_baselines_make_as_many_passes_as_the_matvit_warm_up_included(tmp_path):
     joint = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, epochs=6, dense_epochs=3,
                          baseline_epochs=6)
     assert step_settings(joint, 0)["baselines"] == step_settings(plain, 0)["baselines"]
-    report = consistency.passes_sentence({"passes": {"matvit": 9, "baseline": {"S": 6, "XL": 6}}})
+    report = consistency_report.passes_sentence({"passes": {"matvit": 9, "baseline": {"S": 6, "XL": 6}}})
     assert "**Unequal training**: the MatViT makes 9 passes over the data, the baselines S 6, XL 6." in report
-    assert "same 9 passes" in consistency.passes_sentence({"passes": {"matvit": 9, "baseline": {"S": 9}}})
-    assert consistency.passes_sentence({}) == ""  # a result from before passes were recorded
+    assert "same 9 passes" in consistency_report.passes_sentence({"passes": {"matvit": 9, "baseline": {"S": 9}}})
+    assert consistency_report.passes_sentence({}) == ""  # a result from before passes were recorded
     off = BenchOptions(dataset="digits", preset="matvit-tiny-digits", out=tmp_path, epochs=6, dense_epochs=0)
     assert step_settings(off, 0) == step_settings(plain, 0)  # no warm-up, however it is asked for
 

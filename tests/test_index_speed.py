@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.bench import index_scale
+from app.bench import index_measure, index_scale
 from app.cli import main
 from retrieval import tuning
 
@@ -49,7 +49,7 @@ def scale_run(trained_dir, tmp_path_factory):
     argv = ["bench", "index", "--checkpoint", str(trained_dir), "--dataset", "digits", "--sizes", "2000,4000",
             "--stores", "faiss", "--cache", str(tmp / "cache"), "--latency-queries", "8", "--batch-queries", "128",
             "--out", str(tmp / "out")]
-    with pytest.MonkeyPatch.context() as mp, index_scale.faiss_threads(1):  # OpenMP threads crawl on a busy machine
+    with pytest.MonkeyPatch.context() as mp, index_measure.faiss_threads(1):  # OpenMP threads crawl on a busy machine
         ivfpq_without_polysemous_training(mp)
         assert main(argv) == 0
     return tmp, argv

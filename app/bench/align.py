@@ -25,7 +25,8 @@ from retrieval.encoder import Encoder
 from retrieval.grid import grid_from_embeddings
 
 from . import steps
-from .consistency import MIXNMATCH_MISS, embed_named, misses_by_mix, mixnmatch_below, options_json, train_cached
+from .consistency import embed_named, options_json, train_cached
+from .consistency_report import MIXNMATCH_MISS, misses_by_mix, mixnmatch_below
 
 # name: (what changes, `TrainOptions` fields; `epochs_scale` multiplies the study's epochs)
 OPTIONS: dict[str, tuple[str, dict]] = {

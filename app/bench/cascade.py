@@ -34,8 +34,6 @@ from retrieval import cascade
 from retrieval.encoder import Encoder
 from retrieval.retriever import Retriever
 
-from .plots import cascade_png
-
 COST_TARGET = 0.6  # the cascade's mean GFLOPs and encode time, as a share of XL's
 
 
@@ -171,6 +169,8 @@ def run(args: argparse.Namespace) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cascade.json").write_text(json.dumps(report, indent=2))
     (args.out / "cascade.md").write_text(markdown(report))
+    from .plots import cascade_png  # matplotlib: imported by the benchmark alone, not by every command's parser
+
     cascade_png(report, COST_TARGET, args.out / "cascade.png")
     return report
 

@@ -25,14 +25,14 @@ kind's measurement. Milvus Lite gets a row per size, with the index the Milvus s
 
 from __future__ import annotations
 
-import contextlib
+import argparse
 import importlib.metadata
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,8 +40,8 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 
+from app import options
 from matvit import data, provenance
 from matvit.errors import UserError
 from retrieval import tuning
@@ -49,15 +49,21 @@ from retrieval.encoder import Encoder
 from retrieval.index import FLAT_MAX, HNSW_MAX, TRAIN_SAMPLE, auto_index_key, make_faiss, training_size
 
 from . import steps
-
-K = 10  # neighbours per query: recall@10
-BATCH = 64  # the batched-search size
-SWEEP_QUERIES = 1000  # XL queries of the recall-against-speed sweep
-SWEEP_LATENCY_QUERIES = 100  # batch-1 searches timed per sweep point
-HNSW_EF_CONSTRUCTION = 40  # FAISS's default, what `build-index` builds with
-TIMING_REPEATS = 3  # QPS is the best of this many passes over the same queries ...
-TIMING_BUDGET = 20.0  # ... or of fewer, once the passes have taken this many seconds
-MILVUS_LATENCY_QUERIES, MILVUS_BATCH_QUERIES = 20, 256  # fewer timed queries for Milvus Lite
+from .index_measure import (
+    AUGMENTATION,
+    BATCH,
+    HNSW_EF_CONSTRUCTION,
+    MILVUS_BATCH_QUERIES,
+    MILVUS_LATENCY_QUERIES,
+    TIMING_BUDGET,
+    TIMING_REPEATS,
+    Embeddings,
+    K,
+    faiss_search,
+    measure,
+    sweep,
+)
+from .index_report import findings, markdown, plot, stores_status, targets
 
 
 def _ivf_lists(n: int) -> int:
@@ -112,13 +118,7 @@ class ScaleOptions:
         if "faiss" in self.stores and "flat" not in self.kinds:
             raise IndexBenchError("--kinds needs flat: exact search is what the others are compared with")
         self.sizes = tuple(sorted(set(self.sizes)))
-
-
 # --- the gallery ---------------------------------------------------------------------------------------
-AUGMENTATION = ("each image cropped (zoomed in 1-1.15x at a random offset), flipped left-right (half of them), "
-                "rotated (up to 10 degrees either way) and given Gaussian pixel noise (sigma 6 of 255)")
-
-
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Per image, seeded: crop (zoom 1-1.15 at a random offset), flip (half), rotate (+-10 degrees), pixel noise
     (sigma 6); uint8 N x C x H x W in and out."""
@@ -137,18 +137,6 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     out = out + 6 * torch.randn(out.shape, generator=generator)
     return out.round().clamp(0, 255).to(torch.uint8)
-
-
-@dataclass
-class Embeddings:
-    """The cached gallery (the largest size; smaller ones are its prefixes) and the test queries."""
-
-    gallery: np.ndarray  # n x dim float32, memory-mapped
-    labels: np.ndarray  # n, the source image's label
-    queries: dict[str, np.ndarray]  # query encoder -> test queries x dim
-    query_labels: np.ndarray
-    meta: dict
-
 
 def embeddings(opts: ScaleOptions, encoder: Encoder) -> Embeddings:
     """The gallery and queries of `opts`, from the cache when there, else embedded (resumable per copy)."""
@@ -203,88 +191,6 @@ def _load_embeddings(cache: Path, n: int, meta: dict) -> Embeddings:
     return Embeddings(np.load(cache / f"gallery-{n}.npy", mmap_mode="r"), np.load(cache / f"labels-{n}.npy"),
                       {s: np.load(cache / f"queries-{s}.npy") for s in ("S", "XL")},
                       np.load(cache / "query-labels.npy"), meta)
-
-
-# --- measuring one index -------------------------------------------------------------------------------
-def recall_at(found: np.ndarray, truth: np.ndarray) -> dict:
-    """recall@1 (same top-1) and recall@10 (mean overlap of the top-10 lists), as in `retrieval.tuning.recall`."""
-    overlap = [len(set(a) & set(b)) / truth.shape[1] for a, b in zip(found.tolist(), truth.tolist(), strict=True)]
-    return {"at_1": float(np.mean(found[:, 0] == truth[:, 0])), "at_10": float(np.mean(overlap))}
-
-
-@contextlib.contextmanager
-def faiss_threads(n: int) -> Iterator[None]:
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(n)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
-
-
-Search = Callable[[np.ndarray], np.ndarray]  # queries -> ids of their K nearest (-1 past the hits)
-
-
-def faiss_search(index: faiss.Index, search_params: dict, stored: tuning.Stored) -> Search:
-    """The index's search as `build-index` runs it (re-ranking from the stored vectors where tuned)."""
-    none = np.zeros(0, np.int64)
-    return lambda queries: tuning.search(index, queries, K, search_params, none, stored)[1]
-
-
-def qps(search: Search, queries: np.ndarray, batch: int, repeats: int = TIMING_REPEATS) -> float:
-    """Queries per second searching `queries` `batch` at a time: the best of `repeats` passes (fewer once they took
-    `TIMING_BUDGET` seconds), after a warm-up batch.
-
-    Batch 1 runs on one FAISS thread: every FAISS kind here searches a single query on one thread anyway, and idle
-    OpenMP threads spinning on a busy machine would otherwise be timed too."""
-    with faiss_threads(1) if batch == 1 else contextlib.nullcontext():
-        search(queries[:batch])
-        best, spent = math.inf, 0.0
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for lo in range(0, len(queries), batch):
-                search(queries[lo:lo + batch])
-            best, spent = min(best, time.perf_counter() - start), spent + time.perf_counter() - start
-            if spent > TIMING_BUDGET:
-                break
-        return len(queries) / best
-
-
-def measure(search: Search, emb: Embeddings, truth: dict[str, np.ndarray], latency_queries: int,
-            batch_queries: int) -> dict:
-    """Recall, 1-NN label accuracy and speed of a built index, for each query encoder."""
-    rows = {}
-    for spec, queries in emb.queries.items():
-        found = search(queries)
-        top1 = np.where(found[:, 0] >= 0, emb.labels[found[:, 0]], -1)  # -1: no hit
-        rows[spec] = {**recall_at(found, truth[spec]), "knn1": float(np.mean(top1 == emb.query_labels)),
-                      "qps_batch_1": round(qps(search, queries[:latency_queries], 1), 1),
-                      f"qps_batch_{BATCH}": round(qps(search, queries[:batch_queries], BATCH), 1)}
-    return rows
-
-
-def sweep(index: faiss.Index, emb: Embeddings, truth: np.ndarray, stored: tuning.Stored,
-          tuned: dict) -> list[dict]:
-    """recall@10 of XL queries and batch-1 speed at every efSearch / nprobe of the tuning grid (codes alone), and
-    where re-ranking was tuned in, at every rerank of its grid with the tuned nprobe."""
-    knob = tuning.parameter(index)
-    if knob is None:
-        return []
-    if knob == "nprobe":
-        nlist = faiss.extract_index_ivf(index).nlist
-        grid = [{knob: v} for v in sorted({min(nlist, 2**i) for i in range(int(np.log2(nlist)) + 2)})]
-        if tuned.get("rerank", 1) > 1:
-            grid += [{knob: tuned[knob], "rerank": r} for r in tuning.RERANK if r > 1]
-    else:
-        grid = [{knob: v} for v in tuning.EF_SEARCH]
-    queries = emb.queries["XL"][:SWEEP_QUERIES]
-    out = []
-    for params in grid:
-        search = faiss_search(index, params, stored)
-        out.append({**params, "recall_at_10": recall_at(search(queries), truth[:len(queries)])["at_10"],
-                    "qps_batch_1": round(qps(search, queries[:SWEEP_LATENCY_QUERIES], 1, repeats=1), 1)})
-    return out
-
 
 def build_index(key: str, vectors: np.ndarray) -> tuple[faiss.Index, dict]:
     """The index `build-index` makes for `key` over `vectors` (ids 0..n-1), and how long training and adding took."""
@@ -473,216 +379,52 @@ def _version(package: str) -> str | None:
         return None
 
 
-def stores_status(stores: tuple[str, ...], rows: list[dict]) -> dict:
-    """Whether each store was measured (at which sizes)."""
-    out = {}
-    for store in stores:
-        sizes = sorted({row["size"] for row in rows if row.get("store", "faiss") == store})
-        out[store] = {"measured": bool(sizes), "sizes": sizes}
-        if not sizes:
-            out[store]["reason"] = "not run yet"
-    return out
-
-
-# --- targets, Markdown, plot ---------------------------------------------------------------------------
-def _row(r: dict, n: int, kind: str, store: str = "faiss") -> dict | None:
-    return next((row for row in r["rows"] if row["size"] == n and row["kind"] == kind
-                 and row.get("store", "faiss") == store), None)
-
-
-def targets(r: dict) -> list[dict]:
-    """At the largest size: `auto` at least 20x exact Flat's batch-1 QPS with recall@10 >= 0.95 (S and XL queries);
-    IVF-PQ at most 1/8 of Flat's bytes per vector."""
-    if not r["rows"]:
-        return []
-    n = max(row["size"] for row in r["rows"])
-    flat, auto, ivfpq = _row(r, n, "flat"), _row(r, n, "auto"), _row(r, n, "ivfpq")
-    out = []
-    if flat and auto:
-        speedup = {s: auto["queries"][s]["qps_batch_1"] / flat["queries"][s]["qps_batch_1"] for s in auto["queries"]}
-        recall = {s: auto["queries"][s]["at_10"] for s in auto["queries"]}
-        out.append({"target": f"at {n:,}, auto ({auto['index_key']}) answers a batch-1 query >= 20x faster than "
-                              "exact Flat, with recall@10 >= 0.95",
-                    "speedup": {s: round(v, 1) for s, v in speedup.items()},
-                    "recall_at_10": {s: round(v, 4) for s, v in recall.items()},
-                    "met": min(speedup.values()) >= 20 and min(recall.values()) >= 0.95})
-    if flat and ivfpq:
-        ratio = ivfpq["bytes_per_vector"] / flat["bytes_per_vector"]
-        out.append({"target": f"at {n:,}, IVF-PQ ({ivfpq['index_key']}) needs <= 1/8 of Flat's bytes per vector",
-                    "ratio": round(ratio, 4), "flat_to_ivfpq": round(1 / ratio, 1), "met": ratio <= 1 / 8})
-    return out
-
-
-def _meets(row: dict, flat: dict) -> bool:
-    """Whether `row` is at least 20x Flat's batch-1 QPS with recall@10 >= 0.95, for S and for XL queries."""
-    return all(q["qps_batch_1"] >= 20 * flat["queries"][s]["qps_batch_1"] and q["at_10"] >= 0.95
-               for s, q in row["queries"].items())
-
-
-def findings(r: dict) -> list[str]:
-    """What the numbers say, per size: unreachable recall targets and what tuning then chose, the accuracy cost,
-    memory, and (where `auto` misses the speed and recall target) the measured kinds that meet it."""
-    out = []
-    for n in sorted({row["size"] for row in r["rows"]}):
-        flat = _row(r, n, "flat")
-        rows = [row for row in r["rows"] if row["size"] == n and not row.get("same_as") and row is not flat]
-        for row in rows:
-            store = "Milvus Lite " if row.get("store") == "milvus" else ""
-            name = f"{n:,}, {store}`{row['index_key']}`"
-            tuned = row.get("tuning_recall") or {}
-            codes = [p for p in row["sweep"] if "rerank" not in p]  # the knob alone (no re-ranking)
-            if codes and max(p["recall_at_10"] for p in codes) < r["recall_target"]:
-                knob = next(k for k in codes[0] if k not in ("recall_at_10", "qps_batch_1"))
-                best = max(p["recall_at_10"] for p in codes)
-                enough = next(p for p in codes if p["recall_at_10"] >= best - 0.005)
-                out.append(f"- {name}: without re-ranking, recall@10 never reaches {r['recall_target']} (XL queries: "
-                           f"at most {best:.4f}); it is flat from {knob} {enough[knob]} on (within 0.005 of its best; "
-                           f"{enough['qps_batch_1']:,.0f} QPS at batch 1 against {codes[-1]['qps_batch_1']:,.0f} at "
-                           f"{codes[-1][knob]}): the codes, not the lists probed, limit recall.")
-                rerank = row["search_params"].get("rerank", 1)
-                if rerank > 1:
-                    out.append(f"- {name}: tuning re-ranks {rerank} x 10 candidates per query by their stored vectors "
-                               f"(read memory-mapped) at {knob} {row['search_params'][knob]}: recall@10 "
-                               f"{_pair(row, 'at_10', '.4f')} (S / XL) at {_pair(row, 'qps_batch_1', ',.0f')} QPS at "
-                               "batch 1; the stored vectors it reads are not in the bytes per vector.")
-                elif tuned.get("met") is False:
-                    out.append(f"- {name}: tuning keeps {_param(row)}, the most accurate setting it tried.")
-            if row.get("train_seconds", 0) > 1:
-                out.append(f"- {name}: building took {row['build_seconds']:,.0f} s, {row['train_seconds']:,.0f} s of "
-                           f"them training on {row.get('train_vectors', min(n, TRAIN_SAMPLE)):,} vectors.")
-            if flat:
-                cost = max(flat["queries"][s]["knn1"] - q["knn1"] for s, q in row["queries"].items())
-                mine, exact = (" / ".join(f"{q['knn1']:.4f}" for q in x["queries"].values()) for x in (row, flat))
-                share = row["bytes_per_vector"] / flat["bytes_per_vector"]
-                out.append(f"- {name}: 1-NN label accuracy {mine} (S / XL) against exact {exact}: "
-                           f"{100 * cost:.2f} points lower at most; {share:.2f} of Flat's bytes per vector.")
-    n = max((row["size"] for row in r["rows"]), default=0)
-    flat, auto = _row(r, n, "flat"), _row(r, n, "auto")
-    if flat and auto and not _meets(auto, flat):
-        good = [row for row in r["rows"] if row["size"] == n and row.get("store", "faiss") == "faiss"
-                and not row.get("same_as") and row["kind"] != "flat" and _meets(row, flat)]
-        if good:
-            best = min(good, key=lambda row: row["bytes_per_vector"])
-            names = ", ".join(f"`{row['index_key']}`" for row in good)
-            out.append(f"- At {n:,}, `auto` (`{auto['index_key']}`) misses the speed and recall target; of the "
-                       f"measured kinds, {names} meet it. Recommended: `{best['index_key']}` "
-                       f"({best['bytes_per_vector']:,.0f} bytes per vector, {_param(best)}).")
-        else:
-            out.append(f"- At {n:,}, `auto` (`{auto['index_key']}`) misses the speed and recall target, and no other "
-                       "measured kind meets it.")
-    return out
-
-
-def _pair(row: dict, key: str, fmt: str) -> str:
-    """S / XL values of one measure."""
-    return f"{format(row['queries']['S'][key], fmt)} / {format(row['queries']['XL'][key], fmt)}"
-
-
-def _param(row: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in row["search_params"].items()) or "-"
-
-
-def markdown(r: dict) -> str:
-    g = r["gallery"]
-    m = r["machine"]
-    lines = [
-        f"# The index at scale: {r['dataset']}",
-        "",
-        f"Command: `{r['command']}`  ",
-        f"Commit: `{r['commit']}`  ",
-        f"Machine: {m['cpu']}, {m['cores']} cores (shared with other jobs while this ran), FAISS "
-        f"{faiss.__version__}; batch-1 searches on 1 FAISS thread, batch {r['batch']} on "
-        f"{faiss.omp_get_max_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}  ",
-        f"Checkpoint: `{r['checkpoint']}` (fingerprint `{r['fingerprint']}`)",
-        "",
-        f"Gallery: XL embeddings of the {g['train_images']:,} training images, copy 0 as they are and "
-        f"{g['copies'] - 1} seeded augmented copies ({AUGMENTATION}); a gallery of size n is the first n. "
-        f"Queries: the {g['test_images']:,} test images embedded with S and with XL. Recall@1 / recall@10: "
-        f"{r['recall_method']}; 1-NN: the share of test queries whose nearest gallery vector has their label. "
-        f"efSearch / nprobe (and for PQ / SQ codes the exact re-ranking factor, reading the memory-mapped gallery) "
-        f"tuned with `retrieval.tuning.tune` to recall@10 >= {r['recall_target']} on its own "
-        f"probe queries; HNSW built with efConstruction {HNSW_EF_CONSTRUCTION} (FAISS's default, what "
-        f"`build-index` builds). QPS at batch 1 over the first {r['options']['latency_queries']} queries, at batch "
-        f"{r['batch']} over the first {r['options']['batch_queries']} (Milvus Lite: {MILVUS_LATENCY_QUERIES} and "
-        f"{MILVUS_BATCH_QUERIES}), each the best of {TIMING_REPEATS} passes "
-        f"(fewer once the passes took {TIMING_BUDGET:.0f} s); bytes per vector: the serialized index (IDMap2 "
-        "included) over n, which leaves out the stored vectors re-ranking reads.",
-        "",
-    ]
-    batched = f"qps_batch_{r['batch']}"
-    for n in sorted({row["size"] for row in r["rows"]}):
-        lines += [f"## {n:,} vectors", "",
-                  "| kind | index | search | build s | bytes/vector | QPS b1 S / XL | QPS b64 S / XL | "
-                  "recall@1 S / XL | recall@10 S / XL | 1-NN S / XL |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for row in (row for row in r["rows"] if row["size"] == n):
-            kind = row["kind"] + (f" (= {row['same_as']})" if row.get("same_as") else "")
-            kind = f"Milvus Lite {kind}" if row.get("store") == "milvus" else kind
-            lines.append(f"| {kind} | `{row['index_key']}` | {_param(row)} | {row['build_seconds']:,.1f} | "
-                         f"{row['bytes_per_vector']:,.1f} | {_pair(row, 'qps_batch_1', ',.0f')} | "
-                         f"{_pair(row, batched, ',.0f')} | {_pair(row, 'at_1', '.4f')} | "
-                         f"{_pair(row, 'at_10', '.4f')} | {_pair(row, 'knn1', '.4f')} |")
-        lines.append("")
-    if r["targets"]:
-        lines += ["## Targets", "", "| target | measured | result |", "|---|---|---|"]
-        for t in r["targets"]:
-            if "speedup" in t:
-                got = ("speed-up " + ", ".join(f"{s} {v:,.1f}x" for s, v in t["speedup"].items())
-                       + "; recall@10 " + ", ".join(f"{s} {v:.4f}" for s, v in t["recall_at_10"].items()))
-            else:
-                got = f"1/{t['flat_to_ivfpq']} of Flat"
-            lines.append(f"| {t['target']} | {got} | {'met' if t['met'] else '**missed**'} |")
-        lines.append("")
-    if r.get("findings"):
-        lines += ["## Reading", "", *r["findings"], ""]
-    lines += ["## Stores", ""]
-    for store, status in r["stores"].items():
-        said = (f"measured above at {', '.join(f'{n:,}' for n in status['sizes'])} vectors" if status["measured"]
-                else f"not measured ({status['reason']})")
-        lines.append(f"- {store}: {said}")
-    lines.append("")
-    return "\n".join(lines)
-
-
-COLORS = {"flat": "black", "hnsw": "tab:blue", "ivfpq": "tab:orange", "ivfsq8": "tab:green"}
-
-
-def plot(r: dict, path: Path) -> None:
-    """Per size: recall@10 of XL queries against batch-1 QPS along each index's efSearch / nprobe (dashed: along
-    rerank at the tuned nprobe), tuned points marked (S hollow, XL filled)."""
-    sizes = sorted({row["size"] for row in r["rows"]})
-    fig = Figure(figsize=(6 * len(sizes), 4.6), layout="tight")
-    axes = np.atleast_1d(fig.subplots(1, len(sizes)))
-    for ax, n in zip(axes, sizes, strict=True):
-        for row in (row for row in r["rows"] if row["size"] == n and not row.get("same_as")):
-            if row.get("store") == "milvus":
-                q = row["queries"]
-                ax.scatter(q["XL"]["qps_batch_1"], q["XL"]["at_10"], marker="D", color="tab:cyan", s=50, zorder=3,
-                           label=f"Milvus Lite auto {row['index_key']} {_param(row)}")
-                ax.scatter(q["S"]["qps_batch_1"], q["S"]["at_10"], marker="D", facecolors="none",
-                           edgecolors="tab:cyan", s=50, zorder=3)
-                continue
-            color = COLORS.get(row["kind"], "tab:purple")
-            for reranked, style in ((False, ".-"), (True, ".--")):
-                line = [p for p in row["sweep"] if ("rerank" in p) == reranked]
-                ax.plot([p["qps_batch_1"] for p in line], [p["recall_at_10"] for p in line], style, color=color, lw=1,
-                        alpha=0.6)
-            q = row["queries"]
-            ax.scatter(q["XL"]["qps_batch_1"], q["XL"]["at_10"], color=color, s=60, zorder=3,
-                       label=f"{row['kind']} {row['index_key']} {_param(row)}")
-            ax.scatter(q["S"]["qps_batch_1"], q["S"]["at_10"], facecolors="none", edgecolors=color, s=60, zorder=3)
-        auto = _row(r, n, "auto")
-        if auto:
-            ax.scatter(auto["queries"]["XL"]["qps_batch_1"], auto["queries"]["XL"]["at_10"], marker="*", s=220,
-                       color="gold", edgecolors="black", zorder=4, label=f"auto = {auto['index_key']}")
-        ax.axhline(r["recall_target"], color="grey", ls=":", lw=1)
-        ax.set_xscale("log")
-        ax.set_xlabel("queries per second, batch 1 (log)")
-        ax.set_ylabel("recall@10 against exact")
-        ax.set_title(f"{n:,} vectors (filled: XL queries, hollow: S)")
-        ax.legend(fontsize=7, loc="lower left")
-    fig.savefig(path, dpi=120)
-
-
 def run(opts: ScaleOptions) -> dict:
     return Bench(opts).run()
+
+
+# --- command line ------------------------------------------------------------------------------------
+def cmd_index(args: argparse.Namespace) -> None:
+    if args.speed:
+        from .index_speed import markdown as speed_markdown
+        from .index_speed import run as run_speed
+
+        print(speed_markdown(run_speed(args.checkpoint, args.dataset, args.index, args.out, args.queries)))
+        print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+        return
+    result = run(ScaleOptions(
+        out=args.out, checkpoint=args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
+        sizes=tuple(args.sizes), kinds=tuple(args.kinds.split(",")), stores=tuple(args.stores.split(",")),
+        cache=args.cache, recall_target=args.recall_target, latency_queries=args.latency_queries,
+        batch_queries=args.batch_queries, seed=args.seed))
+    for t in result["targets"]:
+        print(f"{'met   ' if t['met'] else 'MISSED'} {t['target']}")
+    print(f"wrote {args.out / 'index-scale.json'}, index-scale.md, index-scale.png ({len(result['rows'])} rows)")
+
+
+def add_parser(bench_subparsers) -> None:
+    """Register `matvit bench index` (the scale benchmark, or with --speed `index_speed`) under the `bench`
+    subcommand's subparsers."""
+    q = bench_subparsers.add_parser("index", help="Flat, HNSW, IVF-PQ, IVF-SQ8 and auto over 100k and 1M real "
+                                                  "embeddings: recall, QPS, memory (--speed: build throughput and "
+                                                  "per-submodel query latency)")
+    q.add_argument("--out", type=Path, required=True,
+                   help="results directory (with --speed: a path without suffix; .json and .md are written)")
+    q.add_argument("--checkpoint", type=Path, default=Path("runs/fmnist"), help="the MatViT that embeds")
+    q.add_argument("--dataset", default="fashion-mnist", help="its train split grows the gallery, test the queries")
+    q.add_argument("--data-dir", type=Path)
+    q.add_argument("--sizes", type=options.ints, default=[100_000, 1_000_000], help="gallery sizes")
+    q.add_argument("--kinds", default="flat,hnsw,ivfpq,ivfsq8,auto",
+                   help="index kinds: flat, hnsw, ivfpq, ivfsq8, auto")
+    q.add_argument("--stores", default="faiss,milvus", help="stores measured: faiss, milvus")
+    q.add_argument("--cache", type=Path, default=Path("runs/index-scale"), help="cached embeddings")
+    options.recall_target(q)
+    q.add_argument("--latency-queries", type=int, default=200, help="batch-1 searches timed per query encoder")
+    q.add_argument("--batch-queries", type=int, default=1024, help="queries searched in batches of 64")
+    q.add_argument("--seed", type=int, default=0, help="seed of the gallery's augmentations")
+    q.add_argument("--speed", action="store_true",
+                   help="instead: build throughput and per-submodel query latency of one index of the train split")
+    q.add_argument("--index", type=Path, default=Path("runs/bench-index"),
+                   help="--speed: where the train split is indexed")
+    q.add_argument("--queries", type=int, default=200, help="--speed: single-image queries timed per submodel")
+    q.set_defaults(func=cmd_index)

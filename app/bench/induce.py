@@ -15,6 +15,7 @@ seconds, and the consistency benchmark's targets 1-3 against its committed basel
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from matplotlib.figure import Figure
 
 from matvit import checkpoint, data, provenance
 from matvit import spec as specs
-from matvit.config import get_preset
+from matvit.config import PRESETS, get_preset
 from matvit.induce import InduceOptions, induce, prepare, prepared
 from matvit.model import MatViT
 from matvit.train import Trainer, TrainOptions, finished_run
@@ -410,3 +411,33 @@ def plot(r: dict, path: Path) -> None:
     handles, labels = left.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
     fig.savefig(path, dpi=120)
+
+
+# --- command line ------------------------------------------------------------------------------------
+def cmd_induce_study(args: argparse.Namespace) -> None:
+    opts = InduceBenchOptions(dataset=args.dataset, preset=args.preset, out=args.out, epochs=args.epochs,
+                              dense_epochs=args.dense_epochs, importances=tuple(args.importances.split(",")),
+                              scratch=args.scratch, cache=args.cache, seed=args.seed, data_dir=args.data_dir,
+                              reference=args.reference)
+    result = Bench(opts).run()
+    print(f"wrote {args.out / 'induce.json'}, induce.md, induce.png ({len(result['steps'])} steps)")
+
+
+def add_parser(bench_subparsers) -> None:
+    """Register `matvit bench induce` under the `bench` subcommand's subparsers."""
+    q = bench_subparsers.add_parser("induce", help="MatViTs induced from a dense ViT against one trained from scratch")
+    q.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, folder:PATH or digits")
+    q.add_argument("--preset", default="matvit-small-fmnist", choices=list(PRESETS))
+    q.add_argument("--epochs", type=int, default=2, help="joint epochs of the induced and from-scratch MatViTs")
+    q.add_argument("--dense-epochs", type=int, default=5, help="training epochs of the dense XL-width ViT")
+    q.add_argument("--importances", default="taylor,weight,none", help="importance scores to compare")
+    q.add_argument("--no-scratch", dest="scratch", action="store_false",
+                   help="skip the MatViT trained from scratch for the same joint epochs")
+    q.add_argument("--out", type=Path, default=Path("docs/results/induce-fmnist"))
+    q.add_argument("--cache", type=Path, help="training runs (default runs/induce/PRESET-DATASET)")
+    q.add_argument("--reference", type=Path,
+                   help="consistency.json whose baselines decide the targets (default: the committed one of the "
+                        "same preset and dataset under docs/results)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--data-dir", type=Path)
+    q.set_defaults(func=cmd_induce_study)

@@ -21,7 +21,7 @@ from matvit import provenance
 from matvit import spec as specs
 
 from . import kept
-from .consistency import MIXNMATCH_MISS, misses_by_mix, mixnmatch_below
+from .consistency_report import MIXNMATCH_MISS, misses_by_mix, mixnmatch_below
 
 
 def mirror(text: str) -> str:

@@ -37,29 +37,33 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from matvit import data, provenance
 from matvit import spec as specs
-from matvit.config import GRANULARITY_NAMES, PRESETS, MatViTConfig, get_preset
+from matvit.config import GRANULARITY_NAMES, PRESETS, get_preset
 from matvit.errors import UserError
 from matvit.images import to_input
-from matvit.spec import Submodel
 
 from . import steps
-
-# Targets of issue "Smaller must be faster".
-NESTING_TARGET = 0.97  # throughput against a plain timm ViT of the same widths
-FLOP_TOLERANCE = {1: 0.25}  # latency ratio within this share of the FLOP ratio at batch 1 ...
-BATCHED_TOLERANCE = 0.15  # ... and this at the batched size
-INDEX_TARGET = 0.9  # build-index images/s against the pure XL forward
-TRAIN_TARGET = 1.0  # joint epoch against the four baselines' epochs together
+from .speed_models import (
+    Call,
+    Subject,
+    embed,
+    ffn_share,
+    first_images,
+    fit,
+    nested_call,
+    plain_call,
+    subjects,
+    timed_specs,
+    tokens,
+)
+from .speed_report import findings, markdown, plot, targets
 
 MIN_SAMPLE_SECONDS = 0.2  # a model is called as often in a row as takes about this long (each call timed)
 MAX_CALLS = 50
@@ -116,7 +120,6 @@ class SpeedOptions:
 
 
 # --- timing ------------------------------------------------------------------------------------------
-Call = Callable[[], object]
 
 
 def interleaved(calls: dict[str, Call], repeats: int, warmup: int = 1,
@@ -171,97 +174,6 @@ def wait_for_quiet(max_load: float | None, wait: float, log: Callable[[str], Non
         load = load_average()
     return {"load_1min": load, "max_load": max_load, "waited_s": round(time.monotonic() - start),
             "over_limit": bool(max_load is not None and load is not None and load > max_load)}
-
-
-# --- what is timed -----------------------------------------------------------------------------------
-@dataclass
-class Subject:
-    """A model whose speed is measured: a preset with seeded random weights, or a trained checkpoint."""
-
-    name: str
-    model: torch.nn.Module  # a MatViT
-    weights: str  # "random (seed N)" or the checkpoint path
-    fingerprint: str
-    dataset: str  # images for indexing
-    preset: str | None  # the preset it was built from (a checkpoint's config says)
-
-    @property
-    def config(self) -> MatViTConfig:
-        return self.model.config
-
-    @property
-    def slug(self) -> str:
-        return self.name.replace(":", "-").replace("/", "_").strip("_.")
-
-
-def subjects(opts: SpeedOptions) -> Iterator[Subject]:
-    from matvit import checkpoint
-    from matvit.model import MatViT
-
-    for name in opts.presets:
-        torch.manual_seed(opts.seed)
-        model = MatViT(get_preset(name).model).eval()
-        yield Subject(name, model, f"random (seed {opts.seed})", checkpoint.fingerprint(model),
-                      opts.dataset or "fashion-mnist", name)
-    if opts.checkpoint is not None:
-        model, meta = checkpoint.load(opts.checkpoint)
-        yield Subject(f"checkpoint:{opts.checkpoint}", model, str(opts.checkpoint), checkpoint.fingerprint(model),
-                      opts.dataset or meta.get("dataset") or "fashion-mnist", meta.get("preset"))
-
-
-def mixes(config: MatViTConfig, n: int) -> list[Submodel]:
-    """`n` Mix'n'Match specs of the monotone family (widths never shrink with depth: MatFormer's recipe for
-    submodels on the accuracy-compute Pareto front), at GFLOPs evenly spaced between S and XL."""
-    flops = lambda s: specs.forward_flops(config, s, head=False)  # noqa: E731
-    lo, hi = flops(specs.uniform("S", config)), flops(specs.uniform("XL", config))
-    pool = [s for s in specs.monotone(config) if not s.uniform]
-    chosen: list[Submodel] = []
-    for i in range(1, n + 1):
-        target = lo + (hi - lo) * i / (n + 1)
-        left = [s for s in pool if s not in chosen]
-        if left:
-            chosen.append(min(left, key=lambda s: (abs(flops(s) - target), s.text)))
-    return sorted(chosen, key=flops)
-
-
-def timed_specs(config: MatViTConfig, n_mixes: int) -> list[Submodel]:
-    """S, M, L, the Mix'n'Match specs, XL: cheapest first."""
-    named = [specs.uniform(g, config) for g in GRANULARITY_NAMES if g in config.granularities]
-    return sorted(named[:-1] + mixes(config, n_mixes), key=lambda s: specs.forward_flops(config, s, False)) + named[-1:]
-
-
-def embed(vit: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The embedding path of a timm ViT: pre-logits CLS feature after the final norm, L2-normalised."""
-    return F.normalize(vit.forward_head(vit.forward_features(x), pre_logits=True), dim=-1)
-
-
-def plain_call(vit: torch.nn.Module, x: torch.Tensor) -> Call:
-    return lambda: embed(vit, x)
-
-
-def nested_call(model, spec: Submodel, x: torch.Tensor) -> Call:
-    def call() -> torch.Tensor:
-        with model.submodel(spec):
-            return embed(model, x)
-    return call
-
-
-def tokens(config: MatViTConfig) -> int:
-    return (config.img_size // config.patch_size) ** 2 + 1
-
-
-def ffn_share(config: MatViTConfig) -> float:
-    """The FFNs' share of XL's embedding-path FLOPs: the most any narrower FFN can save."""
-    xl = specs.uniform("XL", config)
-    t, d = tokens(config), config.embed_dim
-    return sum(4 * t * d * w for w in xl.widths) / specs.forward_flops(config, xl, head=False)
-
-
-def fit(points: list[tuple[float, float]]) -> dict:
-    """Least squares ms = fixed + slope * GFLOPs."""
-    x, y = np.array([p[0] for p in points]), np.array([p[1] for p in points])
-    slope, fixed = np.polyfit(x, y, 1) if len(points) > 1 else (y[0] / x[0], 0.0)
-    return {"fixed_ms": round(float(fixed), 4), "ms_per_gflop": round(float(slope), 4)}
 
 
 # --- the benchmark -----------------------------------------------------------------------------------
@@ -461,7 +373,8 @@ class Bench:
         return [("matvit-small-fmnist", o.dataset or "fashion-mnist")]
 
     def run(self) -> dict:
-        subject_list = list(subjects(self.opts))
+        o = self.opts
+        subject_list = list(subjects(o.presets, o.checkpoint, o.dataset, o.seed))
         self.names = [s.slug for s in subject_list]
         training = self.train_presets(subject_list)
         self.train_names = [p for p, _ in training]
@@ -505,224 +418,6 @@ METHOD = ("torch.set_num_threads fixed (recorded); every model warmed up, then t
           "a ratio is the ratio of two such medians from the same rounds, so a burst of load from other jobs falls "
           "on both sides or is voted out by the median. Network inputs: seeded random images; everything under "
           "torch.inference_mode.")
-
-
-NATIVE = {"digits": (8, 1), "fashion-mnist": (28, 1)}
-
-
-def first_images(dataset: str, split: str, n: int, config: MatViTConfig, data_dir: Path | None) -> data.ImageSet:
-    """The first `n` images of a split at the model's size (a built-in read at its native size, only those `n`
-    resized, as `data.load` resizes)."""
-    size, chans = NATIVE.get(dataset, (config.img_size, config.in_chans))
-    full = data.load(dataset, split, size, chans, data_dir)
-    images = full.images[:n]
-    if images.shape[-1] != config.img_size:
-        images = F.interpolate(images.float(), size=config.img_size, mode="bilinear", antialias=True)
-        images = images.round().clamp(0, 255).to(torch.uint8)
-    if images.shape[1] != config.in_chans:
-        images = images[:, :1].expand(-1, config.in_chans, -1, -1)
-    return data.ImageSet(images.contiguous(), full.labels[:n], full.classes, full.sources[:n])
-
-
-# --- targets, findings, Markdown, plot ---------------------------------------------------------------
-def _is_trained_small(model: dict) -> bool:
-    return model["model"].startswith("checkpoint:")
-
-
-def tolerance(batch: int) -> float:
-    return FLOP_TOLERANCE.get(batch, BATCHED_TOLERANCE)
-
-
-def targets(r: dict) -> list[dict]:
-    out = []
-    for m in r["models"]:
-        timing, name = m["timing"], m["model"]
-        for b in (timing or {}).get("batches", {}).values():
-            cands = [(f"nested {row['spec']}", row["throughput_vs_plain"]["nested"]) for row in b["rows"]
-                     if row["spec"] == "XL"]
-            cands += [(f"extracted {row['spec']}", row["throughput_vs_plain"]["extracted"]) for row in b["rows"]]
-            worst = min(cands, key=lambda c: c[1])
-            out.append({"section": 1, "model": name, "batch": b["batch"],
-                        "target": f"nested XL and every extracted submodel >= {NESTING_TARGET}x a plain timm ViT's "
-                                  "throughput",
-                        "measured": {k: v for k, v in cands}, "worst": {"which": worst[0], "ratio": worst[1]},
-                        "met": worst[1] >= NESTING_TARGET})
-        for b in (timing or {}).get("batches", {}).values():
-            tol = tolerance(b["batch"])
-            for kind in ("extracted", "nested"):
-                devs = {row["spec"]: row["deviation"][kind] for row in b["rows"] if row["spec"] != "XL"}
-                worst = max(devs, key=lambda k: abs(devs[k]))
-                out.append({"section": 2, "model": name, "batch": b["batch"], "kind": kind,
-                            "target": f"latency ratio within {tol:.0%} of the FLOP ratio ({kind})",
-                            "deviation": devs, "worst": {"spec": worst, "deviation": devs[worst]},
-                            "met": all(abs(v) <= tol for v in devs.values()),
-                            "report_only": _is_trained_small(m)})
-        if m["index"]:
-            out.append({"section": 5, "model": name, "target": f"build-index >= {INDEX_TARGET}x the pure XL forward's "
-                        "images/s", "ratio": m["index"]["ratio"], "met": m["index"]["ratio"] >= INDEX_TARGET})
-    for t in r["training"]:
-        out.append({"section": 5, "model": t["preset"], "target": f"joint training epoch <= {TRAIN_TARGET}x the four "
-                    "baselines' epochs together", "ratio": t["ratio"], "met": t["ratio"] <= TRAIN_TARGET})
-    return out
-
-
-def findings(r: dict) -> list[str]:
-    """What the ratios say: where the FLOP saving does not arrive, and why."""
-    out = []
-    for m in r["models"]:
-        timing = m["timing"]
-        if not timing:
-            continue
-        name, share = m["model"], timing["ffn_share_of_flops"]
-        for b in timing["batches"].values():
-            s_row = next(row for row in b["rows"] if row["spec"] == "S")
-            xl = b["rows"][-1]
-            f = b["fit_extracted"]
-            tol = tolerance(b["batch"])
-            lat, fl = s_row["latency_ratio"]["extracted"], s_row["flop_ratio"]
-            verdict = "within" if abs(lat / fl - 1) <= tol else "outside"
-            out.append(
-                f"- {name}, batch {b['batch']}: extracted S takes {lat:.2f}x XL's time for {fl:.2f}x its GFLOPs "
-                f"({verdict} {tol:.0%}); the FFNs are {share:.0%} of XL's FLOPs at {timing['tokens']} tokens, so "
-                f"no granularity can save more. Fit over the specs: {f['fixed_ms']:.2f} ms + {f['ms_per_gflop']:.2f} "
-                f"ms/GFLOP, i.e. {f['fixed_share_of_xl']:.0%} of XL's {xl['ms']['extracted']:.2f} ms does not "
-                "shrink with the FLOPs.")
-        if _is_trained_small(m):
-            devs = ", ".join(f"{row['deviation']['extracted']:+.0%} at batch {b['batch']}"
-                             for b in timing["batches"].values() for row in b["rows"] if row["spec"] == "S")
-            out.append(
-                f"- {name} is a trained small model ({timing['tokens']} tokens of width "
-                f"{timing['config']['embed_dim']}); its extracted S is off its FLOP ratio by {devs}. Its matmuls are "
-                "so small that costs independent of the FFN width (per-operator dispatch in every layer, layer "
-                "norms, attention's softmax and reshapes, the patch embedding) are a large share of a forward, so "
-                "the latency ratios cannot follow the FLOP ratios down.")
-    limit = r["options"].get("max_load")
-    for row in [x for m in r["models"] for x in (m["timing"], m["index"]) if x] + r["training"]:
-        peak = max(v for v in (row.get("load_1min_at_start"), row.get("load_1min_at_end")) if v is not None)
-        if limit is not None and peak > limit:
-            what = row.get("model") or f"training {row.get('preset')}"
-            out.append(f"- {what} ({row['settings']['kind']}): the 1-minute load reached {peak} during this step "
-                       f"(limit {limit}): other jobs shared the cores, so its absolute times, and the ratios of its "
-                       "shortest calls most, carry that noise.")
-    return out
-
-
-def markdown(r: dict) -> str:
-    m = r["machine"]
-    q = r["load_check"] or {}
-    lines = [
-        "# Speed: smaller must be faster",
-        "",
-        f"Command: `{r['command']}`  ",
-        f"Commit: `{r['commit']}`  ",
-        f"Machine: {m['cpu']}, {m['cores']} cores (shared with other jobs), Python {m['python']}, "
-        f"torch {r['torch']}, {r['threads']} torch threads  ",
-        f"Load: 1-minute load average {q.get('load_1min')} before the first measurement "
-        f"(limit {q.get('max_load')}, waited {q.get('waited_s')} s"
-        + (", **still over the limit**" if q.get("over_limit") else "") + "); per step below.",
-        "",
-        f"Method: {r['method']} Absolute milliseconds are recorded but are noisy on a shared CPU: read the ratios. "
-        f"The retriever and build-index encode with the **{r['retriever_uses']}** standalone ViT "
-        "(`matvit.extract.extract`, cached per spec by `retrieval.encoder.Encoder`); the nested rows time the "
-        "MatViT itself under `model.submodel(spec)`.",
-        "",
-    ]
-    for model in r["models"]:
-        t = model["timing"]
-        if not t:
-            continue
-        cfg = t["config"]
-        lines += [f"## {model['model']}", "",
-                  f"Weights: {t['weights']} (fingerprint `{t['fingerprint']}`); {cfg['img_size']} px, patch "
-                  f"{cfg['patch_size']} ({t['tokens']} tokens), width {cfg['embed_dim']}, depth {cfg['depth']}, FFN "
-                  f"{cfg['mlp_hidden']}; the FFNs are {t['ffn_share_of_flops']:.0%} of XL's FLOPs. Load at start / end "
-                  f"of the step: {t['load_1min_at_start']} / {t['load_1min_at_end']}; the step took "
-                  f"{t['step_seconds']:.0f} s.", ""]
-        for b in t["batches"].values():
-            lines += [f"### Batch {b['batch']} ({b['repeats']} repeats)", "",
-                      "| spec | GFLOPs | FLOP ratio | latency ratio extracted / nested | deviation extracted / nested "
-                      "| throughput vs plain extracted / nested | ms extracted / nested / plain |",
-                      "|---|---:|---:|---:|---:|---:|---:|"]
-            for row in b["rows"]:
-                lr, dv, tp, ms = row["latency_ratio"], row["deviation"], row["throughput_vs_plain"], row["ms"]
-                lines.append(f"| `{row['spec']}` | {row['gflops']:.3f} | {row['flop_ratio']:.3f} | "
-                             f"{lr['extracted']:.3f} / {lr['nested']:.3f} | {dv['extracted']:+.1%} / "
-                             f"{dv['nested']:+.1%} | {tp['extracted']:.3f} / {tp['nested']:.3f} | "
-                             f"{ms['extracted']:.2f} / {ms['nested']:.2f} / {ms['plain']:.2f} |")
-            f = b["fit_extracted"]
-            lines += ["", f"Fit (extracted): ms = {f['fixed_ms']:.2f} + {f['ms_per_gflop']:.2f} x GFLOPs; the fixed "
-                      f"part is {f['fixed_share_of_xl']:.0%} of XL's time.", ""]
-        idx = model["index"]
-        if idx:
-            lines += [f"Indexing: `retrieval.build.build` over the first {idx['images']} images of {idx['dataset']} "
-                      f"(test split, batch {idx['batch']}): {idx['build_images_per_s']:,.1f} images/s against "
-                      f"{idx['forward_images_per_s']:,.1f} for the pure XL forward: **{idx['ratio']:.3f}x** "
-                      f"(load {idx['load_1min_at_start']} / {idx['load_1min_at_end']}).", ""]
-    if r["training"]:
-        lines += ["## Training", "",
-                  "| preset | dataset | images x batch | MatViT epoch s | S / M / L / XL baseline epoch s | "
-                  "baselines together s | ratio |", "|---|---|---|---:|---:|---:|---:|"]
-        for t in r["training"]:
-            e = t["epoch_s"]
-            lines.append(f"| {t['preset']} | {t['dataset']} | {t['images']} x {t['batch']} | {e['MatViT']:.2f} | "
-                         + " / ".join(f"{e[g]:.2f}" for g in GRANULARITY_NAMES if g in e)
-                         + f" | {t['baselines_sum_s']:.2f} | **{t['ratio']:.3f}** |")
-        lines += ["", f"MatViT trains in `{r['training'][0]['mode']}` mode: every granularity's forward and backward "
-                  "on each batch, one optimizer step; a baseline does one forward and backward at its own width. "
-                  "Load at start / end: " + "; ".join(f"{t['preset']} {t['load_1min_at_start']} / "
-                                                      f"{t['load_1min_at_end']}" for t in r["training"]) + ".", ""]
-    if r["targets"]:
-        lines += ["## Targets", "", "| section | model | batch | target | measured | result |",
-                  "|---|---|---:|---|---|---|"]
-        for t in r["targets"]:
-            if t["section"] == 1:
-                got = f"worst {t['worst']['which']} {t['worst']['ratio']:.3f}x"
-            elif t["section"] == 2:
-                got = f"worst `{t['worst']['spec']}` {t['worst']['deviation']:+.1%}"
-            else:
-                got = f"{t['ratio']:.3f}x"
-            result = "met" if t["met"] else ("missed (reported)" if t.get("report_only") else "**missed**")
-            lines.append(f"| {t['section']} | {t['model']} | {t.get('batch', '')} | {t['target']} | {got} | {result} |")
-        lines.append("")
-    if r["findings"]:
-        lines += ["## Reading", "", *r["findings"], ""]
-    if any(mm["timing"] for mm in r["models"]):
-        lines += ["![latency ratio against FLOP ratio](speed.png)", ""]
-    return "\n".join(lines)
-
-
-def plot(r: dict, path: Path) -> None:
-    """Latency ratio against FLOP ratio per model (extracted filled, nested hollow), batch 1 and batched, with the
-    tolerance bands."""
-    from matplotlib.figure import Figure
-
-    timed = [m for m in r["models"] if m["timing"]]
-    batches = sorted({b["batch"] for m in timed for b in m["timing"]["batches"].values()})
-    fig = Figure(figsize=(5.5 * len(batches), 4.6), layout="tight")
-    axes = np.atleast_1d(fig.subplots(1, len(batches)))
-    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
-    for ax, batch in zip(axes, batches, strict=True):
-        line = np.linspace(0, 1, 50)
-        tol = tolerance(batch)
-        ax.plot(line, line, color="grey", lw=1)
-        ax.fill_between(line, line * (1 - tol), line * (1 + tol), color="grey", alpha=0.15,
-                        label=f"within {tol:.0%} of the FLOP ratio")
-        for color, m in zip(colors * 4, timed, strict=False):
-            b = next((b for b in m["timing"]["batches"].values() if b["batch"] == batch), None)
-            if b is None:
-                continue
-            x = [row["flop_ratio"] for row in b["rows"]]
-            ax.scatter(x, [row["latency_ratio"]["extracted"] for row in b["rows"]], color=color, s=30,
-                       label=f"{m['model']} extracted")
-            ax.scatter(x, [row["latency_ratio"]["nested"] for row in b["rows"]], facecolors="none", edgecolors=color,
-                       s=30, label=f"{m['model']} nested")
-        ax.set_xlim(0, 1.05)
-        ax.set_ylim(0, 1.3)
-        ax.set_xlabel("GFLOPs(spec) / GFLOPs(XL)")
-        ax.set_ylabel("latency(spec) / latency(XL)")
-        ax.set_title(f"batch {batch}")
-        ax.legend(fontsize=7, loc="upper left")
-    fig.savefig(path, dpi=120)
 
 
 def run(opts: SpeedOptions) -> dict:

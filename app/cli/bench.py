@@ -1,0 +1,18 @@
+"""`matvit bench`: the benchmarks users run. Each benchmark module registers its own subcommand with
+`add_parser(bench_subparsers)`, which sets its handler; `BENCHMARKS` lists them, in `--help`'s order."""
+
+from __future__ import annotations
+
+import argparse
+
+from app.bench import align, backends, cascade, consistency, index_scale, induce, layer_width, mixnmatch_order, speed
+
+BENCHMARKS = (consistency, index_scale, induce, speed, backends, cascade, align, mixnmatch_order, layer_width)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register the `bench` group and every benchmark of `BENCHMARKS` under it."""
+    p = sub.add_parser("bench", help="benchmarks")
+    bench_subparsers = p.add_subparsers(dest="bench_command", required=True)
+    for benchmark in BENCHMARKS:
+        benchmark.add_parser(bench_subparsers)
