@@ -2,7 +2,7 @@
 
 import json
 
-from app.bench.align import AlignOptions, markdown, run, train_options
+from scripts.studies.align import AlignOptions, markdown, run, train_options
 
 
 def test_each_option_is_measured_once_and_reported(tmp_path):

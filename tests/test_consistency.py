@@ -19,10 +19,10 @@ from app.bench.consistency import (
     train_options,
 )
 from app.bench.consistency_report import targets
-from app.bench.kept import step_matvit
 from app.bench.plots import pareto_front
 from app.cli import main
 from matvit.train import Trainer, TrainOptions, finished_run, option_differences
+from scripts.studies.kept import step_matvit
 
 
 def test_matvit_shares_a_space_and_baselines_do_not(tmp_path, monkeypatch):

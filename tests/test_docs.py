@@ -1,11 +1,13 @@
 """The documentation holds together: every relative link and #anchor in README.md and docs/ resolves (GitHub's
-heading slugs), every `matvit ...` command in a fenced code block parses against the real command line (parsed,
-never run), and the results index names every result under docs/results/."""
+heading slugs), every `matvit ...` command in a fenced code block parses against the real command line and every
+`python -m scripts.studies.NAME ...` against that study's own parser (parsed, never run), and the results index names
+every result under docs/results/."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import re
 import shlex
@@ -182,13 +184,16 @@ def matvit_parser() -> argparse.ArgumentParser:
     return build_parser()
 
 
-def module_parser(module: str) -> argparse.ArgumentParser | None:
-    if module == "app.bench.train_streaming":
-        from app.bench.train_streaming import add_arguments
+STUDIES = "scripts.studies."
 
-        parser = argparse.ArgumentParser(prog=module)
-        add_arguments(parser)
-        return parser
+
+def module_parser(module: str) -> argparse.ArgumentParser | None:
+    """The parser of `python -m MODULE`, where the module has one this test knows: a research study's
+    `build_parser()`."""
+    if module.startswith(STUDIES):
+        name = module.removeprefix(STUDIES)
+        assert (ROOT / "scripts" / "studies" / f"{name}.py").is_file(), f"there is no study {module}"
+        return importlib.import_module(module).build_parser()
     return None
 
 
@@ -211,6 +216,7 @@ def parse_error(parser: argparse.ArgumentParser, args: list[str]) -> str | None:
 def test_the_documents_show_commands():
     programs = {program for *_, program, _ in COMMANDS}
     assert len([c for c in COMMANDS if c[2] == "matvit"]) > 50 and {"matvit", "make"} <= programs
+    assert any(p.startswith(STUDIES) for p in programs)  # the research studies' commands are checked too
 
 
 @pytest.mark.parametrize("where,command,program,args", COMMANDS, ids=[f"{c[0]}:{c[1][:60]}" for c in COMMANDS])
@@ -232,6 +238,11 @@ def test_a_bad_command_is_caught():
                                          "--budget", "2"])
     assert parse_error(matvit_parser(), ["build-index", "--images", "photos"])
     assert parse_error(matvit_parser(), ["serve", "--help"]) is None
+    assert parse_error(module_parser("scripts.studies.layer_width"), ["--result", "r", "--out", "o"])  # no --cache
+    assert parse_error(module_parser("scripts.studies.align"), ["--options", "plain,nope"])
+    assert parse_error(module_parser("scripts.studies.align"), ["--epochs", "2", "--out", "o"]) is None
+    with pytest.raises(AssertionError, match="no study"):
+        module_parser("scripts.studies.nope")
     assert tokens("matvit search --index milvus:http://h:19530#c --submodels 'S;M' # note") == \
         ["matvit", "search", "--index", "milvus:http://h:19530#c", "--submodels", "S;M"]
     assert [c.split() for c in shell_commands("$ matvit index info \\\n    --index runs/idx\n{\"count\": 3}")] == \

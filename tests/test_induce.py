@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from app.bench.induce import find_reference
 from app.cli import main
 from matvit import checkpoint, sources
 from matvit import induce as ind
@@ -20,6 +19,7 @@ from matvit.images import to_input
 from matvit.induce import InduceError, InduceOptions
 from matvit.model import MatViT
 from matvit.train import Trainer, TrainOptions, evaluate_checkpoint
+from scripts.studies.induce import find_reference
 
 PRESET = "matvit-tiny-digits"
 
@@ -244,7 +244,7 @@ def test_one_joint_epoch_lifts_the_raw_slices_of_a_trained_dense_vit(tmp_path):
 
 
 def test_bench_writes_each_step_and_skips_what_it_is_told(tmp_path):
-    from app.bench.induce import Bench, InduceBenchOptions
+    from scripts.studies.induce import Bench, InduceBenchOptions
 
     reference = tmp_path / "consistency.json"  # a reference whose baseline S every MatViT beats
     knn = lambda v: {i: {q: {"knn1": v} for q in "S M L XL".split()} for i in "S M L XL".split()}  # noqa: E731
@@ -267,9 +267,9 @@ def test_bench_writes_each_step_and_skips_what_it_is_told(tmp_path):
 
 
 def test_the_full_recipe_row_counts_its_dense_warm_up(tmp_path, small_digits, monkeypatch):
-    from app.bench.induce import Bench, InduceBenchOptions
     from matvit import config
     from matvit.induce import train_matvit
+    from scripts.studies.induce import Bench, InduceBenchOptions
 
     warm = config.Preset(_config(), config.TrainRecipe(epochs=1, batch_size=32, augment="none", dense_epochs=1))
     monkeypatch.setitem(config.PRESETS, PRESET, warm)

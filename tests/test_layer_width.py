@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from app.bench import layer_width
-from app.cli import main
+from scripts.studies import layer_width
 
 
 def test_each_layer_is_scored_against_the_granularity_it_departs_from():
@@ -30,7 +29,7 @@ def test_each_layer_is_scored_against_the_granularity_it_departs_from():
 def test_the_benchmark_measures_every_one_layer_spec_of_a_steps_matvit(tmp_path, digits_consistency, capsys):
     result, cache = digits_consistency
     out = tmp_path / "layers"
-    assert main(["bench", "layer-width", "--result", str(result), "--cache", str(cache), "--out", str(out)]) == 0
+    assert layer_width.main(["--result", str(result), "--cache", str(cache), "--out", str(out)]) == 0
     report = json.loads((out / "layer-width.json").read_text())
     seed = json.loads((out / "steps" / "seed-0.json").read_text())
     assert [r["spec"] for r in seed["one_layer"]][:2] == ["XL,S,S,S", "S,XL,S,S"] and len(seed["one_layer"]) == 8
@@ -43,6 +42,6 @@ def test_the_benchmark_measures_every_one_layer_spec_of_a_steps_matvit(tmp_path,
     logged = []
     layer_width.run(result, cache, out, log=logged.append)
     assert logged == [f"[seed-0] done before: {out / 'steps' / 'seed-0.json'}"]
-    assert main(["bench", "layer-width", "--result", str(tmp_path), "--cache", str(cache),
+    assert layer_width.main(["--result", str(tmp_path), "--cache", str(cache),
                  "--out", str(tmp_path / "out")]) != 0
     assert "no consistency result there" in capsys.readouterr().err

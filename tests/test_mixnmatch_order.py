@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from app.bench import mixnmatch_order
-from app.cli import main
+from scripts.studies import mixnmatch_order
 
 
 def _rows(points: dict[str, tuple[float, float]]) -> list[dict]:
@@ -28,7 +27,7 @@ def test_each_family_is_counted_against_the_segments_and_each_pair_against_its_m
 def test_the_benchmark_measures_the_mirrors_of_a_consistency_steps_specs(tmp_path, digits_consistency, capsys):
     result, cache = digits_consistency
     out = tmp_path / "order"
-    assert main(["bench", "mixnmatch-order", "--result", str(result), "--cache", str(cache), "--out", str(out)]) == 0
+    assert mixnmatch_order.main(["--result", str(result), "--cache", str(cache), "--out", str(out)]) == 0
     report = json.loads((out / "mixnmatch-order.json").read_text())
     step = json.loads((result / "steps" / "seed-0.json").read_text())
     seed = json.loads((out / "steps" / "seed-0.json").read_text())
@@ -51,10 +50,10 @@ def test_a_cache_without_the_steps_matvits_is_one_line(tmp_path, capsys):
     (tmp_path / "result" / "steps").mkdir(parents=True)
     (tmp_path / "result" / "steps" / "seed-3.json").write_text(json.dumps(
         {"seed": 3, "commit": "c", "settings": {"matvit": {"dataset": "digits", "data_dir": None}}}))
-    args = ["bench", "mixnmatch-order", "--result", str(tmp_path / "result"), "--out", str(tmp_path / "out")]
-    assert main([*args, "--cache", str(tmp_path / "empty")]) != 0
+    args = ["--result", str(tmp_path / "result"), "--out", str(tmp_path / "out")]
+    assert mixnmatch_order.main([*args, "--cache", str(tmp_path / "empty")]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "none of the MatViTs" in err
-    assert main(["bench", "mixnmatch-order", "--result", str(tmp_path), "--cache", str(tmp_path),
+    assert mixnmatch_order.main(["--result", str(tmp_path), "--cache", str(tmp_path),
                  "--out", str(tmp_path / "out")]) != 0
     assert "no consistency result there" in capsys.readouterr().err

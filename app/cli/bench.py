@@ -1,13 +1,14 @@
 """`matvit bench`: the benchmarks users run. Each benchmark module registers its own subcommand with
-`add_parser(bench_subparsers)`, which sets its handler; `BENCHMARKS` lists them, in `--help`'s order."""
+`add_parser(bench_subparsers)`, which sets its handler; `BENCHMARKS` lists them, in `--help`'s order. The research
+studies are not here: they live in scripts/studies/, each run as `python -m scripts.studies.NAME`."""
 
 from __future__ import annotations
 
 import argparse
 
-from app.bench import align, backends, cascade, consistency, index_scale, induce, layer_width, mixnmatch_order, speed
+from app.bench import cascade, consistency, index_scale, speed
 
-BENCHMARKS = (consistency, index_scale, induce, speed, backends, cascade, align, mixnmatch_order, layer_width)
+BENCHMARKS = (consistency, index_scale, speed, cascade)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

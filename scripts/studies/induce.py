@@ -11,12 +11,16 @@ The steps, each a cached, resumable run under the cache directory that writes it
 
 For each: the index x query 1-NN grid over the trained granularities, its diagonal, the cost in epochs and training
 seconds, and the consistency benchmark's targets 1-3 against its committed baselines (`docs/results/consistency-*`).
+
+    python -m scripts.studies.induce --dataset fashion-mnist --preset matvit-small-fmnist \\
+        --out docs/results/induce-fmnist
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +28,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from app.bench import steps
 from matvit import checkpoint, data, provenance
 from matvit import spec as specs
 from matvit.config import PRESETS, get_preset
@@ -33,7 +38,8 @@ from matvit.train import Trainer, TrainOptions, finished_run
 from retrieval.encoder import Encoder
 from retrieval.grid import grid_from_embeddings
 
-from . import steps
+from . import make_parser
+from . import run as run_study
 
 
 @dataclass
@@ -414,7 +420,7 @@ def plot(r: dict, path: Path) -> None:
 
 
 # --- command line ------------------------------------------------------------------------------------
-def cmd_induce_study(args: argparse.Namespace) -> None:
+def _cli(args: argparse.Namespace) -> None:
     opts = InduceBenchOptions(dataset=args.dataset, preset=args.preset, out=args.out, epochs=args.epochs,
                               dense_epochs=args.dense_epochs, importances=tuple(args.importances.split(",")),
                               scratch=args.scratch, cache=args.cache, seed=args.seed, data_dir=args.data_dir,
@@ -423,9 +429,8 @@ def cmd_induce_study(args: argparse.Namespace) -> None:
     print(f"wrote {args.out / 'induce.json'}, induce.md, induce.png ({len(result['steps'])} steps)")
 
 
-def add_parser(bench_subparsers) -> None:
-    """Register `matvit bench induce` under the `bench` subcommand's subparsers."""
-    q = bench_subparsers.add_parser("induce", help="MatViTs induced from a dense ViT against one trained from scratch")
+def build_parser() -> argparse.ArgumentParser:
+    q = make_parser("scripts.studies.induce", "MatViTs induced from a dense ViT against one trained from scratch.")
     q.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, folder:PATH or digits")
     q.add_argument("--preset", default="matvit-small-fmnist", choices=list(PRESETS))
     q.add_argument("--epochs", type=int, default=2, help="joint epochs of the induced and from-scratch MatViTs")
@@ -440,4 +445,12 @@ def add_parser(bench_subparsers) -> None:
                         "same preset and dataset under docs/results)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--data-dir", type=Path)
-    q.set_defaults(func=cmd_induce_study)
+    return q
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_study(build_parser(), _cli, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,5 @@
-"""Benchmarks on the MatViTs that a consistency result kept in its training cache (`mixnmatch-order`,
-`layer-width`): for each seed whose MatViT is still there, a family of specs queries that MatViT's XL index of the
+"""Studies of the MatViTs that a consistency result kept in its training cache (`mixnmatch_order`,
+`layer_width`): for each seed whose MatViT is still there, a family of specs queries that MatViT's XL index of the
 train split exactly as the consistency step queried its Mix'n'Match specs (same model, gallery, 1-NN and GFLOPs
 count); one resumable file per seed under OUT/steps."""
 
@@ -9,14 +9,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from app.bench import steps
+from app.bench.consistency import matvit_run_name
 from matvit import data, metrics, provenance
 from matvit.config import MatViTConfig
 from matvit.errors import UserError
 from matvit.spec import Submodel
 from retrieval.encoder import Encoder
-
-from . import steps
-from .consistency import matvit_run_name
 
 Family = Callable[[MatViTConfig], list[Submodel]]
 
@@ -82,8 +81,8 @@ def measure_result(result: Path, cache: Path, out: Path, family: Family, key: st
 
 
 def add_arguments(parser) -> None:
-    """--result, --cache and --out, as every benchmark on a consistency result's kept MatViTs takes them."""
+    """--result, --cache and --out, as every study of a consistency result's kept MatViTs takes them."""
     parser.add_argument("--result", type=Path, required=True, help="a consistency result directory (its steps/)")
     parser.add_argument("--cache", type=Path, required=True,
-                        help="its training cache (`bench consistency --cache`)")
+                        help="its training cache (`matvit bench consistency --cache`)")
     parser.add_argument("--out", type=Path, required=True, help="results directory")

@@ -1,6 +1,6 @@
 """The query-encoder backends side by side: latency, agreement with eager, and what `auto` chooses.
 
-    matvit bench backends --out docs/results/backends \\
+    python -m scripts.studies.backends --out docs/results/backends \\
         --checkpoint runs/induce/matvit-small-fmnist-fashion-mnist/taylor-2 --preset matvit-s16
 
 For each model (a trained checkpoint, and a preset with seeded random weights) and each submodel: every
@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,9 @@ from matvit.images import to_input
 from matvit.model import MatViT
 from retrieval import backends
 from retrieval.encoder import Encoder
+
+from . import make_parser
+from . import run as run_study
 
 _patience = {"deadline": None}
 
@@ -168,10 +172,9 @@ def write_markdown(result: dict, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-def add_parser(bench_subparsers) -> None:
-    """Register `matvit bench backends` under the `bench` subcommand's subparsers."""
-    q = bench_subparsers.add_parser("backends", help="eager, ONNX Runtime and int8 side by side per submodel: "
-                                                     "latency, agreement with eager, what `auto` chooses")
+def build_parser() -> argparse.ArgumentParser:
+    q = make_parser("scripts.studies.backends", "Eager, ONNX Runtime and int8 side by side per submodel: latency, "
+                                                "agreement with eager, what `auto` chooses.")
     q.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     q.add_argument("--checkpoint", type=Path, help="a trained Fashion-MNIST checkpoint directory")
     q.add_argument("--preset", default="matvit-s16", help="a preset timed with seeded random weights")
@@ -185,7 +188,7 @@ def add_parser(bench_subparsers) -> None:
                         "retrieval/backends.py)")
     q.add_argument("--patience", type=int, default=1200, help="seconds to wait in all for a 1-minute load "
                                                               "under 2.5 before timing anyway")
-    q.set_defaults(func=run)
+    return q
 
 
 def run(args: argparse.Namespace) -> None:
@@ -222,3 +225,10 @@ def run(args: argparse.Namespace) -> None:
                                             args.repeats, names))
         save()
 
+
+def main(argv: list[str] | None = None) -> int:
+    return run_study(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,7 +7,7 @@ counts pages the forked workers share with the trainer once per process, and the
 them out. The trainer's own peak RSS comes from the kernel when it exits (`os.wait4`'s rusage). Each finished run
 is cached (`CACHE/results/NAME.json`), so an interrupted benchmark continues where it stopped.
 
-    python -m app.bench.train_streaming --cifar /data/cifar10 --out docs/results
+    python -m scripts.studies.train_streaming --cifar /data/cifar10 --out docs/results
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ from matvit import data, provenance
 from matvit.errors import UserError
 from matvit.shards import META_FILE, write_shards
 
+from . import make_parser
+from . import run as run_study
+
 NAME = "train-streaming"
 KINDS = {"memory": "folder:, decoded whole into memory (--in-memory)", "folder": "folder:, streamed",
          "wds": "wds: shards, streamed"}
@@ -49,7 +52,9 @@ class Run:
         return f"{self.kind}-{self.train_images // 1000}k" + (f"-e{self.epochs}" if self.epochs else "")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser("scripts.studies.train_streaming", "Training memory and time by data path: in memory, a "
+                                                            "streamed JPEG folder and WebDataset shards.")
     parser.add_argument("--cifar", type=Path, required=True,
                         help="CIFAR-10 as JPEG folders: train/<class>/*.jpg and test/<class>/*.jpg")
     parser.add_argument("--out", type=Path, default=Path("docs/results"), help=f"where {NAME}.json/.md/.png go")
@@ -67,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of each training (OMP_NUM_THREADS); its DataLoader workers share the cores")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between memory samples")
+    return parser
 
 
 def parse_runs(text: str, full: int, subset: int) -> list[Run]:
@@ -394,19 +400,13 @@ def bars_png(r: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.bench.train_streaming", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    provenance.set_command(["python", "-m", "app.bench.train_streaming", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        result = run(args)
-    except UserError as e:
-        print(f"train-streaming: error: {e}", file=sys.stderr)
-        return 2
-    print(markdown(result))
+def _cli(args: argparse.Namespace) -> None:
+    print(markdown(run(args)))
     print(f"wrote {args.out / NAME}.json, .md and .png")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_study(build_parser(), _cli, argv)
 
 
 if __name__ == "__main__":

@@ -6,17 +6,23 @@ grid (training split as gallery, test split as queries) and, for the options in 
 Mix'n'Match spec queried against its XL index. A baseline S of the same epochs gives the cell that target 2
 of the consistency benchmark compares with. One step file per option (`steps/<option>.json`); a rerun measures
 only what is missing, and trainings are reused from the cache.
+
+    python -m scripts.studies.align --epochs 2 --out docs/results/align-fmnist
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from app.bench import steps
+from app.bench.consistency import embed_named, options_json, train_cached
+from app.bench.consistency_report import MIXNMATCH_MISS, misses_by_mix, mixnmatch_below
 from matvit import metrics, provenance
 from matvit import spec as specs
 from matvit.config import PRESETS, get_preset
@@ -24,9 +30,8 @@ from matvit.train import TrainOptions
 from retrieval.encoder import Encoder
 from retrieval.grid import grid_from_embeddings
 
-from . import steps
-from .consistency import embed_named, options_json, train_cached
-from .consistency_report import MIXNMATCH_MISS, misses_by_mix, mixnmatch_below
+from . import make_parser
+from . import run as run_study
 
 # name: (what changes, `TrainOptions` fields; `epochs_scale` multiplies the study's epochs)
 OPTIONS: dict[str, tuple[str, dict]] = {
@@ -65,7 +70,7 @@ def train_options(opts: AlignOptions, name: str) -> TrainOptions:
     epochs = opts.epochs * fields.pop("epochs_scale", 1)
     slug = opts.dataset.replace(":", "-").replace("/", "_").strip("_")
     cache = Path(opts.cache or Path("runs") / "align" / f"{opts.preset}-{slug}")
-    # Every option on plain joint training, whatever the preset's recipe: the warm-up is `bench induce`'s study.
+    # Every option on plain joint training, whatever the preset's recipe: the warm-up is the induce study's.
     return TrainOptions(preset=opts.preset, dataset=opts.dataset, out=cache / name, data_dir=opts.data_dir,
                         epochs=epochs, seed=opts.seed, **{"dense_epochs": 0, **fields})
 
@@ -168,10 +173,9 @@ def _names(text: str) -> list[str]:
     return names
 
 
-def add_parser(bench_subparsers) -> None:
-    """Register `matvit bench align` under the `bench` subcommand's subparsers."""
-    q = bench_subparsers.add_parser("align", help="training options against the XL-index / S-query cell, the "
-                                                  "diagonal and the Mix'n'Match misses")
+def build_parser() -> argparse.ArgumentParser:
+    q = make_parser("scripts.studies.align", "Training options against the XL-index / S-query cell, the diagonal and "
+                                             "the Mix'n'Match misses.")
     q.add_argument("--dataset", default="fashion-mnist")
     q.add_argument("--preset", default="matvit-small-fmnist", choices=list(PRESETS))
     q.add_argument("--epochs", type=int, default=2, help="epochs of every option (a proxy of the full recipe)")
@@ -182,10 +186,18 @@ def add_parser(bench_subparsers) -> None:
     q.add_argument("--cache", type=Path, help="training runs (default runs/align/PRESET-DATASET)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--data-dir", type=Path)
-    q.set_defaults(func=_cli)
+    return q
 
 
 def _cli(args: argparse.Namespace) -> None:
     run(AlignOptions(dataset=args.dataset, preset=args.preset, out=args.out, epochs=args.epochs, options=args.options,
                      mixnmatch=args.mixnmatch, cache=args.cache, seed=args.seed, data_dir=args.data_dir))
     print((args.out / "align.md").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_study(build_parser(), _cli, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

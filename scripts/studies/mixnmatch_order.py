@@ -4,7 +4,7 @@ the trained granularities. For each seed of a consistency result whose MatViT is
 narrowing specs query that MatViT's XL index of the train split exactly as the step queried the widening ones
 (same model, gallery, 1-NN and GFLOPs count); one file per seed under OUT/steps, then the report over the seeds:
 
-    matvit bench mixnmatch-order --result docs/results/consistency-cifar10-warmup-15epochs \
+    python -m scripts.studies.mixnmatch_order --result docs/results/consistency-cifar10-warmup-15epochs \
         --cache runs/consistency/matvit-small-cifar-folder-data-augment-none --out docs/results/mixnmatch-order-cifar10
 """
 
@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from app.bench.consistency_report import MIXNMATCH_MISS, misses_by_mix, mixnmatch_below
 from matvit import provenance
 from matvit import spec as specs
 
-from . import kept
-from .consistency_report import MIXNMATCH_MISS, misses_by_mix, mixnmatch_below
+from . import kept, make_parser
+from . import run as run_study
 
 
 def mirror(text: str) -> str:
@@ -121,12 +123,11 @@ def order_png(r: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def add_parser(bench_subparsers) -> None:
-    """Register `matvit bench mixnmatch-order` under the `bench` subcommand's subparsers."""
-    q = bench_subparsers.add_parser("mixnmatch-order", help="Mix'n'Match specs narrowing with depth against their "
-                                                            "widening mirrors, on a consistency result's MatViTs")
+def build_parser() -> argparse.ArgumentParser:
+    q = make_parser("scripts.studies.mixnmatch_order", "Mix'n'Match specs narrowing with depth against their "
+                                                       "widening mirrors, on a consistency result's MatViTs.")
     kept.add_arguments(q)
-    q.set_defaults(func=_main)
+    return q
 
 
 def _main(args: argparse.Namespace) -> None:
@@ -135,3 +136,11 @@ def _main(args: argparse.Namespace) -> None:
     print(f"mixed specs more than 0.5 points under the segments, on the means of seeds {r['seeds']}: widening "
           f"{m['widening']['misses']}, narrowing {m['narrowing']['misses']} of {m['pairs']['count']}")
     print(f"wrote {args.out / 'mixnmatch-order.json'}, mixnmatch-order.md, mixnmatch-order.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_study(build_parser(), _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

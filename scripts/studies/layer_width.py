@@ -4,7 +4,7 @@ at layer i and the smallest elsewhere (its gain over the smallest granularity), 
 the largest elsewhere (its loss from the largest). Where the Mix'n'Match specs miss the segments, this says which
 layer's width the misses come from. One file per seed under OUT/steps, then the report over the seeds:
 
-    matvit bench layer-width --result docs/results/consistency-cifar10-warmup-15epochs \
+    python -m scripts.studies.layer_width --result docs/results/consistency-cifar10-warmup-15epochs \
         --cache runs/consistency/matvit-small-cifar-folder-data-augment-none --out docs/results/layer-width-cifar10
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ from matplotlib.figure import Figure
 from matvit import provenance
 from matvit import spec as specs
 
-from . import kept
+from . import kept, make_parser
+from . import run as run_study
 
 
 def per_layer(trained: dict[str, float], one_layer: list[dict]) -> dict:
@@ -109,12 +111,11 @@ def layers_png(r: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def add_parser(bench_subparsers) -> None:
-    """Register `matvit bench layer-width` under the `bench` subcommand's subparsers."""
-    q = bench_subparsers.add_parser("layer-width", help="what one layer's width is worth, on a consistency "
-                                                        "result's MatViTs")
+def build_parser() -> argparse.ArgumentParser:
+    q = make_parser("scripts.studies.layer_width", "What one layer's width is worth, on a consistency result's "
+                                                   "MatViTs.")
     kept.add_arguments(q)
-    q.set_defaults(func=_main)
+    return q
 
 
 def _main(args: argparse.Namespace) -> None:
@@ -123,3 +124,11 @@ def _main(args: argparse.Namespace) -> None:
         print(f"{key} alone, points per layer (means of seeds {r['seeds']}): "
               + " ".join(f"{m['mean']:+.2f}" for m in r["mean"][key]))
     print(f"wrote {args.out / 'layer-width.json'}, layer-width.md, layer-width.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_study(build_parser(), _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
