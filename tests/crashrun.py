@@ -32,7 +32,7 @@ from matvit.errors import UserError  # noqa: E402
 from retrieval import build  # noqa: E402
 from retrieval.retriever import Retriever  # noqa: E402
 
-cli.build_parser()  # imports what every command's parser needs (the benchmarks' plotting among them)
+cli.build_parser()  # imports what every command's parser needs
 
 
 def _run(request: dict) -> int:

@@ -134,3 +134,19 @@ def test_random_checkpoint_script_writes_a_loadable_checkpoint_of_the_preset(tmp
     encoder = Encoder.load(tmp_path)
     assert encoder.config.img_size == 8 and [s.text for s in encoder.named()] == ["S", "M", "L", "XL"]
     assert json.loads((tmp_path / "config.json").read_text())["weights"] == "random (seed 0)"
+
+
+HEAVY = ("matplotlib", "onnx", "onnxruntime", "pymilvus", "fastapi", "streamlit")
+
+
+@pytest.mark.parametrize("call", ["app.cli.build_parser()", "app.cli.main(['--help'])",
+                                  "app.cli.main(['search', '--help'])"])
+def test_the_parser_imports_no_heavy_library(call):
+    """Building the parser, `matvit --help` and `matvit search --help` import neither plotting, ONNX, Milvus, the web
+    framework nor the demo's: the commands that use them import them when they run."""
+    code = (f"import sys, app.cli\ntry:\n    {call}\nexcept SystemExit:\n    pass\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
