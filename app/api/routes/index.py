@@ -22,12 +22,5 @@ def index_info(_: Protected, retriever: Ready) -> IndexInfo:
             summary="Named and profiled submodels with their cost on this server")
 def submodels(_: Protected, retriever: Ready) -> list[SubmodelRow]:
     encoder = retriever.encoder
-    rows = {r["spec"]: r for r in retriever.profile_rows()}
-    for spec in encoder.named():
-        rows.setdefault(spec.text, {"spec": spec.text})
-    out = []
-    for text, row in rows.items():
-        spec = encoder.spec(text)
-        out.append(SubmodelRow(**{**row, "id": spec.id, "spec": spec.text, "params": encoder.params(spec),
-                                  "gflops": encoder.gflops(spec), "backend": encoder.serving(spec)}))
-    return out
+    return [SubmodelRow(**{**row, "id": encoder.spec(row["spec"]).id, "backend": encoder.serving(row["spec"])})
+            for row in retriever.cost_rows(named=True)]
