@@ -158,7 +158,7 @@ class Retriever:
         if self.encoder.backend == "auto":
             self.stored_profile()  # the backends it chose serve, even when no budget is given
         if budget is not None and budget.limit is not None:
-            rows = self.profile_rows() if budget.ms is not None else self._cost_rows()
+            rows = self.profile_rows() if budget.ms is not None else self.cost_rows()
             row, reason = budgets.choose(rows, budget)
             spec = self.encoder.spec(row["spec"])
         else:
@@ -173,13 +173,16 @@ class Retriever:
         texts += [s.text for s in self.encoder.named() if s.text not in texts]
         return {text: self.encoder.serving(text) for text in texts}
 
-    def _cost_rows(self) -> list[dict]:
-        """Profiled rows when there is a profile, else the trained granularities' computed costs."""
+    def cost_rows(self, named: bool = False) -> list[dict]:
+        """Profiled rows when there is a profile (with `named`, and the trained granularities it lacks), else the
+        trained granularities' computed costs."""
         try:
-            return self.profile_rows()
+            rows = self.profile_rows()
         except budgets.BudgetError:
-            return [{"spec": s.text, "gflops": self.encoder.gflops(s), "params": self.encoder.params(s)}
-                    for s in self.encoder.named()]
+            rows, named = [], True
+        have = {r["spec"] for r in rows}
+        return rows + [{"spec": s.text, "gflops": self.encoder.gflops(s), "params": self.encoder.params(s)}
+                       for s in self.encoder.named() if named and s.text not in have]
 
     # --- search -----------------------------------------------------------------------------
     def decode(self, sources: list) -> tuple[torch.Tensor, list[tuple[int, int]]]:

@@ -4,6 +4,7 @@ import asyncio
 import base64
 import hmac
 import io
+import json
 import logging
 import shutil
 import sqlite3
@@ -126,6 +127,23 @@ def test_index_and_submodels(client):
     rows = client.get("/v1/submodels").json()
     assert [r["spec"] for r in rows][:4] == ["S", "M", "L", "XL"]
     assert all(r["gflops"] > 0 and r["params"] > 0 and r["latency_ms_b1"] > 0 for r in rows)
+
+
+def test_submodels_lists_the_profiled_and_every_named_granularity(own_index, trained_dir):
+    """A profile measured for some submodels only: /v1/submodels lists those (with their latency), then the
+    trained granularities it lacks (their computed cost, no latency)."""
+    profile = json.loads((own_index / "profile.json").read_text())
+    profile["rows"] = [r for r in profile["rows"] if r["spec"] in ("S", "XL")]
+    (own_index / "profile.json").write_text(json.dumps(profile))
+    encoder = Encoder.load(trained_dir)
+    with make_client(own_index, trained_dir) as c:
+        rows = c.get("/v1/submodels").json()
+    assert [r["spec"] for r in rows] == ["S", "XL", "M", "L"]
+    assert all(r["latency_ms_b1"] > 0 for r in rows[:2]) and all(r["latency_ms_b1"] is None for r in rows[2:])
+    for row in rows:
+        assert row["id"] == row["spec"] and row["backend"] == "eager"
+        assert row["params"] == encoder.params(row["spec"])
+        assert row["gflops"] == pytest.approx(encoder.gflops(row["spec"]), rel=1e-9)
 
 
 def test_search_multipart_json_and_embedding(client, queries):

@@ -1,0 +1,74 @@
+"""Search: the nearest gallery items of one query (an image or an embedding) or of a batch of images.
+Encoding and searching run in worker threads, never on the event loop."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+
+from retrieval.budget import Budget
+from retrieval.retriever import Retriever
+
+from ..bodies import BatchBody, SearchBody
+from ..errors import ApiError
+from ..schemas import (
+    ERRORS,
+    BatchForm,
+    BatchJson,
+    BatchResponse,
+    SearchForm,
+    SearchJson,
+    SearchOptions,
+    SearchResponse,
+    Timings,
+    request_body,
+)
+from ..service import Protected, Ready, Service, ServiceDep
+
+router = APIRouter(tags=["search"])
+
+
+@router.post("/v1/search", response_model=SearchResponse, responses=ERRORS,
+             openapi_extra=request_body(SearchJson, SearchForm),
+             summary="Nearest gallery items of one query image or embedding")
+async def search(_: Protected, service: ServiceDep, retriever: Ready, query: SearchBody) -> SearchResponse:
+    body, images = query
+    if getattr(body, "embedding", None) is not None:
+        return await run_in_threadpool(search_embedding, retriever, body.embedding, body.k, body.search_params())
+    return (await run_in_threadpool(search_images, service, retriever, images, body))[0]
+
+
+@router.post("/v1/search/batch", response_model=BatchResponse, responses=ERRORS,
+             openapi_extra=request_body(BatchJson, BatchForm),
+             summary="Several query images in one request, one result list each")
+async def search_batch(_: Protected, service: ServiceDep, retriever: Ready, query: BatchBody) -> BatchResponse:
+    body, images = query
+    return BatchResponse(responses=await run_in_threadpool(search_images, service, retriever, images, body))
+
+
+def search_images(service: Service, retriever: Retriever, images: list[bytes],
+                  options: SearchOptions) -> list[SearchResponse]:
+    """One answer per query image, with the submodel, budget or cascade `options` name."""
+    budget = Budget(ms=options.budget_ms, gflops=options.budget_gflops)
+    if options.mode == "cascade":
+        results = retriever.search_cascade(images, k=options.k, search_params=options.search_params())
+    else:
+        results = retriever.search(images, k=options.k, submodel=options.submodel, budget=budget,
+                                   search_params=options.search_params())
+    service.count_queries(results, len(images))
+    return [SearchResponse.of(r) for r in results]
+
+
+def search_embedding(retriever: Retriever, embedding: list[float], k: int, search_params: dict) -> SearchResponse:
+    """The answer for a ready-made embedding (`Retriever.search_embeddings`); its `search` time includes the
+    neighbours' metadata."""
+    index = retriever.index
+    dim = index.manifest["dim"]
+    if len(embedding) != dim:
+        raise ApiError(400, "bad_embedding", f"the embedding has {len(embedding)} values; the index needs {dim}")
+    start = time.perf_counter()
+    hits = retriever.search_embeddings([embedding], k, search_params, index)[0]
+    search = (time.perf_counter() - start) * 1e3
+    return SearchResponse(results=hits, timings_ms=Timings(decode=0, encode=0, search=search, total=search))
