@@ -19,7 +19,7 @@ from PIL import Image
 
 from app.cli import main
 from matvit import data
-from matvit.shards import write_shards
+from matvit.shard_writer import write_shards
 from retrieval import build
 from retrieval.index import GalleryIndex, ItemNotFound
 

@@ -28,7 +28,8 @@ from matplotlib.figure import Figure
 
 from matvit import data, provenance
 from matvit.errors import UserError
-from matvit.shards import META_FILE, write_shards
+from matvit.shard_writer import write_shards
+from matvit.shards import META_FILE
 
 NAME = "train-streaming"
 KINDS = {"memory": "folder:, decoded whole into memory (--in-memory)", "folder": "folder:, streamed",
