@@ -41,7 +41,7 @@ from matvit.runtime import Runtime
 
 from . import backends, jobs, tuning
 from .encoder import Encoder
-from .index import auto_index_key
+from .store_common import auto_index_key, now
 from .store import (
     Gallery,
     IndexBusy,
@@ -49,7 +49,6 @@ from .store import (
     Store,
     crash_point,
     disk_space,
-    now,
     open_store,
     settle_uploads,
 )

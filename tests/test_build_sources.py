@@ -21,7 +21,8 @@ from app.cli import main
 from matvit import data
 from matvit.shard_writer import write_shards
 from retrieval import build
-from retrieval.index import GalleryIndex, ItemNotFound
+from retrieval.faiss_store import GalleryIndex
+from retrieval.store import ItemNotFound
 
 
 @pytest.fixture(scope="module")

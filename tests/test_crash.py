@@ -29,7 +29,7 @@ from PIL import Image
 from matvit import data
 from retrieval import build, jobs
 from retrieval.encoder import Encoder
-from retrieval.index import GalleryIndex
+from retrieval.faiss_store import GalleryIndex
 from retrieval.store import CRASH_AT, DiskFull, IndexBusy, is_disk_full, writer
 
 ROOT = Path(__file__).resolve().parent.parent
