@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from matvit import data
-from retrieval import budget, build, faiss_store, store, store_common, tuning
+from retrieval import budget, build, commit, faiss_store, store, store_common, tuning
 from retrieval.encoder import Encoder
 from retrieval.faiss_store import GalleryIndex
 from retrieval.retriever import Retriever
@@ -131,7 +131,7 @@ def test_auto_is_exact_only_while_an_exact_search_costs_less_than_the_smallest_e
     digits = build.DatasetSource("digits", "train", 8, 1)
     cheap = build.build(encoder, digits, tmp_path / "cheap")  # 1,437 vectors: microseconds against a forward pass
     assert cheap["index_key"] == "Flat" and cheap["auto"]["chose"] == "Flat" and cheap["auto"]["smallest"] == "S"
-    assert 0 < cheap["auto"]["exact_search_ms"] < build.EXACT_SHARE * cheap["auto"]["smallest_encode_ms"]
+    assert 0 < cheap["auto"]["exact_search_ms"] < commit.EXACT_SHARE * cheap["auto"]["smallest_encode_ms"]
     monkeypatch.setattr(build, "smallest_encode_ms", lambda _: ("S", 0.0))  # an encoder faster than any search
     costly = build.build(encoder, digits, tmp_path / "costly")
     assert costly["index_key"] == "HNSW32" and costly["auto"]["chose"] == "HNSW32"
@@ -216,9 +216,9 @@ def test_profile_from_another_machine_is_measured_again_keeping_accuracy(encoder
 
 SLOW_BUILD = """
 import sys, time
-from retrieval import build
+from retrieval import build, embedding
 from retrieval.encoder import Encoder
-build.CHUNK = 100
+embedding.CHUNK = 100
 encoder = Encoder.load(sys.argv[1])
 original = Encoder.encode
 def slow(self, images, *args, **kwargs):
