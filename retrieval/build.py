@@ -23,7 +23,7 @@ from . import tuning
 from .commit import finish, finished, grow_manifest, item_rows, smallest_encode_ms
 from .embedding import embed_gallery, group_writing
 from .encoder import Encoder
-from .gallery import DatasetSource, FilesSource, FolderSource, open_gallery  # noqa: F401  (the readers callers pass)
+from .gallery import DatasetSource, FolderSource, open_gallery  # noqa: F401  (the readers callers pass)
 from .store import IndexStoreError, Store, crash_point, disk_space, open_store, settle_uploads
 from .store_common import now
 

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def gather(chunks: list[dict], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(positions, embeddings, original sizes) of every chunk in position order, and how many were unreadable."""
     positions = np.concatenate([c["positions"] for c in chunks]) if chunks else np.zeros(0, np.int64)
     parts = [c["embeddings"] for c in chunks if len(c["positions"])]
     embeddings = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
@@ -48,8 +49,11 @@ def item_rows(ids, sources: list[tuple[str, str | None]], root: int, labels: lis
 
 
 def finish(store: Store, source: GallerySource, embedded: tuple[dict, list[dict], float], manifest: dict,
-            base: Gallery | None, index_key: str | None, recall_target: float, on_disk: bool = False,
-            smallest: tuple[str, float] | None = None) -> dict:
+           base: Gallery | None, index_key: str | None, recall_target: float, on_disk: bool = False,
+           smallest: tuple[str, float] | None = None) -> dict:
+    """Commit every image of `source` from the chunks `embedded` (refused, nothing committed, unless the chunks
+    hold each position once), as `base`'s items plus these (a new index when None), then clear `building/`;
+    `smallest` (the smallest submodel's encode time) lets `auto` choose between exact search and HNSW."""
     record, chunks, seconds = embedded
     positions, embeddings, sizes, skipped = gather(chunks, manifest["dim"])
     covered = np.union1d(positions, np.concatenate([c["bad"] for c in chunks]) if chunks else [])

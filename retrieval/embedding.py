@@ -30,7 +30,7 @@ CHUNK = 4096  # images per chunk file
 
 
 def embed_gallery(encoder: Encoder, source: GallerySource, store: Store, job: dict, live: dict | None, spec,
-                 batch_size: int, resume: bool) -> tuple[dict, list[dict], float] | None:
+                  batch_size: int, resume: bool) -> tuple[dict, list[dict], float] | None:
     """Embed every position no earlier chunk of this job holds (this process: every world-th batch of them), given
     the live version's manifest; returns the job's record, all chunks of all processes and the seconds spent, or
     None when resuming a job that has finished already (see `jobs.prepare`)."""

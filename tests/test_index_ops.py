@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app.cli import main
 from matvit import data
 from retrieval import budget, build, commit, faiss_store, store, store_common, tuning
 from retrieval.encoder import Encoder
@@ -272,3 +274,15 @@ def test_bad_index_key_is_one_line_and_writes_nothing(encoder, tmp_path):
     with pytest.raises(store.IndexStoreError, match="bad --index-key 'Nonsense7'"):
         build.build(encoder, build.DatasetSource("digits", "test", 8, 1), tmp_path, index_key="Nonsense7")
     assert not (tmp_path / "CURRENT").exists()
+
+
+def test_info_is_what_index_info_prints_and_a_location_keeps_a_milvus_uri(encoder, tmp_path, capsys):
+    build.build(encoder, build.DatasetSource("digits", "test", 8, 1), tmp_path)
+    store.remove(tmp_path, [1])
+    info = store.info(tmp_path)
+    assert info["count"] == 359 and info["next_id"] == 360 and info["unfinished_build"] is False
+    assert info["version"] == store.open_store(tmp_path).current_version() and info["advice"] is None
+    assert main(["index", "info", "--index", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out) == info
+    assert store.location("milvus:http://host:19530/db#gallery") == "milvus:http://host:19530/db#gallery"
+    assert store.location("runs/idx") == Path("runs/idx")
