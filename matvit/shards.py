@@ -1,4 +1,4 @@
-"""WebDataset tar shards: written from any dataset, read back as a streamed `Source`.
+"""WebDataset tar shards, read back as a streamed `Source` (written from any dataset by `shard_writer`).
 
 The layout is img2dataset's: per sample `KEY.jpg` (or `.jpeg`, `.png`, `.webp`: any image file, its bytes as
 they are) and `KEY.cls` (the class index as text); other members (`.json`, `.txt`) are ignored. Beside the
@@ -9,7 +9,7 @@ shards (or one folder up), `dataset.json` names the classes and counts each spli
 `classes` may be a number (names "0", "1", ...); without `counts`, img2dataset's `*_stats.json` files beside
 the shards give each split's count (their `successes`).
 
-`wds:PATTERN` names the shards of both splits: a directory written by `write_shards` (`train-*.tar`,
+`wds:PATTERN` names the shards of both splits: a directory written by `shard_writer.write_shards` (`train-*.tar`,
 `test-*.tar`, `dataset.json`), or a pattern with `{split}` where `train` or `test` goes, with braces and
 wildcards (`/data/{split}/{00000..00099}.tar`, `/data/{split}-*.tar`); names that match no file are left out.
 
@@ -28,17 +28,14 @@ import glob
 import json
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm import tqdm
 from webdataset.shardlists import expand_urls
 
-from . import data, sources
 from . import images as imageio
 from .data import DatasetError
 
@@ -217,65 +214,3 @@ class ShardSource:
         stream = ShardStream(self, batch_size, epoch=epoch, seed=seed, shuffle=shuffle, drop_last=drop_last,
                              rank=rank, world=world, steps=steps)
         return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available())
-
-
-# --- writing --------------------------------------------------------------------------------------------------
-
-def _dataset_items(name: str, split: str, data_dir: Path | None) -> tuple[list[str], int, Callable]:
-    """Class names, sample count and a function from a sample's position to its (image file suffix, file bytes,
-    label), None when the file cannot be read; nothing is read before it is asked for."""
-    if name in ("digits", "fashion-mnist"):
-        ds = data.load_digits(split) if name == "digits" else data.load_fashion_mnist(split, data_dir)
-        return ds.classes, len(ds), lambda i: ("png", imageio.to_png(ds.images[i]), int(ds.labels[i]))
-    if name.partition(":")[0] not in ("folder", "csv"):
-        raise DatasetError(f"cannot write shards of {name!r}; use digits, fashion-mnist, folder:PATH or csv:FILE")
-    files = sources.open_source(name, split, 8, 1, data_dir)  # a LabelledFiles: paths and labels, nothing decoded
-
-    def item(i: int) -> tuple[str, bytes, int] | None:
-        path = files.files[i]
-        try:
-            return path.suffix.lower().removeprefix("."), path.read_bytes(), files.labels[i]
-        except OSError as e:
-            log.warning("skipped %s: %s", path, e)
-            return None
-
-    return files.classes, len(files), item
-
-
-def write_shards(dataset: str, out: Path, *, max_count: int = 10_000, data_dir: Path | None = None, seed: int = 0,
-                 overwrite: bool = False, progress: bool = True) -> dict:
-    """Write a dataset (`digits`, `fashion-mnist`, `folder:PATH` or `csv:FILE`) as `out/train-000000.tar` ...,
-    `out/test-000000.tar` ... and `out/dataset.json` (written last); returns dataset.json's content.
-
-    Built-in images are encoded as PNG; folder and CSV image files are copied as they are (an unreadable one is
-    skipped when read). Training samples are written in a seeded random order, so that every shard mixes the
-    classes as the reader's shuffle buffer needs; test samples keep the dataset's order."""
-    if max_count < 1:
-        raise DatasetError("--max-count must be at least 1")
-    out = Path(out)
-    old = [*out.glob("train-*.tar"), *out.glob("test-*.tar"), *out.glob(META_FILE)] if out.is_dir() else []
-    if old and not overwrite:
-        raise DatasetError(f"{out} already holds shards; pass --overwrite to replace them")
-    for path in old:
-        path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    meta: dict = {"dataset": dataset, "classes": None, "counts": {}, "shards": {}}
-    for split in SPLITS:
-        classes, total, item = _dataset_items(dataset, split, data_dir)
-        if meta["classes"] not in (None, classes):
-            raise DatasetError(f"{dataset}: the train and test splits name different classes")
-        meta["classes"] = classes
-        order = np.random.default_rng(seed).permutation(total).tolist() if split == "train" else range(total)
-        written = 0
-        with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=max_count, verbose=0, mtime=0) as sink:
-            for i in tqdm(order, desc=f"writing {split}", unit="image", disable=not progress or None):
-                if (sample := item(i)) is not None:
-                    suffix, content, label = sample
-                    sink.write({"__key__": f"{written:08d}", suffix: content, "cls": label})
-                    written += 1
-            meta["shards"][split] = sink.shard
-        meta["counts"][split] = written
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(out / META_FILE)
-    return meta

@@ -8,6 +8,9 @@ dataset grows: `folder:PATH` (a class per sub-folder), `csv:FILE` (a manifest of
 A source's `loader(...)` yields (uint8 N x C x H x W images, int64 labels) batches of one rank's share of one
 epoch. Map-style sources share `DistributedSampler`'s split: with `drop_last`, the images of the k-th batches of
 all ranks are exactly the k-th global batch of a one-process run with the same seed, whatever the world size.
+
+An index reads its gallery from a `GallerySource`: a `Source` that can also be read by position (the gallery
+readers are `retrieval.gallery`'s).
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from __future__ import annotations
 import csv
 import logging
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -32,6 +35,7 @@ DATASETS = ("digits", "fashion-mnist", "folder:PATH", "csv:FILE", "wds:PATTERN")
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+@runtime_checkable
 class Source(Protocol):
     """Labelled images, read in batches of one rank's share of an epoch."""
 
@@ -41,6 +45,22 @@ class Source(Protocol):
 
     def loader(self, batch_size: int, *, epoch: int = 0, seed: int = 0, shuffle: bool = False,
                drop_last: bool = False, rank: int = 0, world: int = 1, workers: int = 0) -> Iterable[Batch]: ...
+
+
+@runtime_checkable
+class GallerySource(Source, Protocol):
+    """A `Source` that an index can also read by position: images at stable positions 0 .. len - 1 (the index's
+    ids follow them, whatever the number of processes), decoded in batches of the positions asked."""
+
+    labels: list[int]  # class index per position; -1: none
+    description: str
+    root_entry: dict  # recorded in the index manifest's roots
+
+    def source(self, position: int) -> tuple[str, str | None]:
+        """What the index records for an image: its name and its file relative to the root (None: no file)."""
+
+    def batches(self, todo: list[int], batch_size: int) -> Iterator[data.DecodedBatch]:
+        """`todo`'s images in order, unreadable ones as errors."""
 
 
 def map_loader(dataset: Dataset, batch_size: int, *, epoch: int = 0, seed: int = 0, shuffle: bool = False,

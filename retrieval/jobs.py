@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .store import crash_point, disk_space
+from .store_writes import crash_point, disk_space
 
 log = logging.getLogger(__name__)
 BUILDING, JOB = "building", "job.json"

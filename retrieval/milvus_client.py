@@ -15,7 +15,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from .store import IndexBusy, IndexStoreError
+from .store_errors import IndexBusy, IndexStoreError
 
 log = logging.getLogger(__name__)
 

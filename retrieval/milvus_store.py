@@ -8,7 +8,7 @@ NAME (default `matvit`) is an alias that points at the live collection `NAME_v00
 L2-normalised embedding, searched by inner product), `source`, `path` ("" when none), `root`,
 `label` (-1 when none), `width`, `height` and `added_at`. The manifest (model fingerprint,
 submodel, dim, metric, classes, roots, next_id, count, index kind, search parameters, recall) is
-the collection's property `matvit.manifest`, as JSON.
+the collection's property `matvit.manifest`, as JSON. Its index kinds and their tuning: `milvus_kinds`.
 
 Adding and removing change the live collection in place: first the manifest reserves the new ids
 (`next_id`), then the rows are inserted or deleted, then the manifest records the count and a new
@@ -31,7 +31,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import os
 import re
 from contextlib import AbstractContextManager
@@ -42,20 +41,20 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from . import tuning
-from .index import FLAT_MAX, auto_index_key, versions_of_packages
+from . import store_common, tuning
 from .milvus_client import NOT_LOADED, open_client
 from .milvus_client import milvus_errors as _milvus_errors
-from .store import (
+from .milvus_kinds import milvus_index, milvus_search_params, tune
+from .store_common import (
     COLUMNS,
-    IndexStoreError,
     check_model,
-    crash_point,
     label_name,
     now,
     read_item_file,
-    writer,
+    versions_of_packages,
 )
+from .store_errors import IndexStoreError
+from .store_writes import crash_point, writer
 
 log = logging.getLogger(__name__)
 
@@ -70,43 +69,6 @@ PAGE = 10_000  # ids per range query (under Milvus's 16,384 query window)
 IN_CHUNK = 1000  # ids per `id in [...]` filter
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")
 SERVER_SCHEMES = ("http", "https", "tcp")
-
-def milvus_index(key: str, count: int) -> tuple[str, str, dict]:
-    """(recorded key, Milvus index type, build parameters) of an `--index-key`: `auto` (a FAISS-like choice
-    by size: FLAT, HNSW32, IVF), `AUTOINDEX` (Milvus chooses), `Flat`, `HNSW[M]` or `IVF[nlist][,Flat]`."""
-    if key == "auto":
-        key = auto_index_key(count, 0).split(",")[0]  # Flat, HNSW32, or IVF{4 sqrt(n)} (flat lists here)
-    text = key.strip().upper().replace("_", "")
-    if text == "AUTOINDEX":
-        return "AUTOINDEX", "AUTOINDEX", {}
-    if text == "FLAT":
-        return "Flat", "FLAT", {}
-    if m := re.fullmatch(r"HNSW(\d*)", text):
-        links = int(m.group(1) or 32)
-        return f"HNSW{links}", "HNSW", {"M": links, "efConstruction": 200}
-    if m := re.fullmatch(r"IVF(\d*)(,?FLAT)?", text):
-        nlist = int(m.group(1) or max(1, 4 * int(math.sqrt(max(count, 1)))))
-        return f"IVF{nlist},Flat", "IVF_FLAT", {"nlist": nlist}
-    raise IndexStoreError(f"bad --index-key {key!r} for Milvus: use auto, AUTOINDEX, Flat, HNSW32 or IVF1024,Flat")
-
-
-def knob(index_key: str) -> str | None:
-    """The search parameter of an index kind: `ef_search` (HNSW), `nprobe` (IVF), or None."""
-    return "ef_search" if index_key.startswith("HNSW") else "nprobe" if index_key.startswith("IVF") else None
-
-
-def milvus_search_params(index_key: str, params: dict, k: int) -> dict:
-    """Milvus search parameters for this index kind (`tuning.SearchParamError` for one it does not use)."""
-    kind = knob(index_key)
-    for name in params:
-        if name != kind:
-            raise tuning.SearchParamError(f"search parameter {name!r} does not apply to this index "
-                                          f"({'it takes ' + kind if kind else index_key + ' takes none'})")
-    if kind == "ef_search" and "ef_search" in params:
-        return {"ef": max(int(params["ef_search"]), k)}  # Milvus needs ef >= k
-    if kind == "nprobe" and "nprobe" in params:
-        return {"nprobe": int(params["nprobe"])}
-    return {}
 
 
 def _row(item_id, source, path, root, label, width, height, added_at, vector) -> dict:
@@ -214,8 +176,9 @@ class MilvusGallery:
         return read_item_file(item, self.root(item), self.store.files, max_bytes)
 
     def advice(self) -> str | None:
-        if self.manifest["index_key"] == "Flat" and self.count >= FLAT_MAX:
-            return (f"this exact (Flat) index holds {self.count:,} vectors, past the {FLAT_MAX:,} where `auto` "
+        flat_max = store_common.FLAT_MAX
+        if self.manifest["index_key"] == "Flat" and self.count >= flat_max:
+            return (f"this exact (Flat) index holds {self.count:,} vectors, past the {flat_max:,} where `auto` "
                     f"chooses an approximate one; re-index with `matvit index rebuild --index {self.store.name} "
                     f"--index-key auto`")
         return None
@@ -429,7 +392,7 @@ class MilvusStore:
             final = self._final({**manifest, "index_key": key, "milvus_index": {"type": index_type,
                                                                                  "params": build_params}},
                                 count, 1 if base is None else base.manifest["revision"] + 1)
-            params, recall = self._tune(MilvusGallery(self, collection, final), ids, vectors, recall_target)
+            params, recall = tune(MilvusGallery(self, collection, final), ids, vectors, recall_target)
             final.update(search_params=params, recall=recall)
             self._set_manifest(collection, final)
             crash_point("milvus.filled")
@@ -462,28 +425,6 @@ class MilvusStore:
             vectors.append(np.asarray([e["vector"] for e in batch], np.float32).reshape(-1, dim))
         return (np.concatenate(ids) if ids else np.zeros(0, np.int64),
                 np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32))
-
-    def _tune(self, gallery: MilvusGallery, ids: np.ndarray, vectors: np.ndarray, target: float) -> tuple[dict, dict]:
-        """Like `tuning.tune`, with Milvus's search: the cheapest ef / nprobe whose recall@10 meets `target`."""
-        key = gallery.manifest["index_key"]
-        if key == "Flat" or len(ids) == 0:
-            return {}, {"exact": True}
-        kind = knob(key)
-        queries = tuning.probe_queries(vectors)
-        k = min(10, len(ids))
-        truth = ids[tuning.exact_search(vectors, queries, k)[1]]
-        if kind == "nprobe":
-            nlist = gallery.manifest["milvus_index"]["params"]["nlist"]
-            values = sorted({min(nlist, 2**i) for i in range(int(np.log2(nlist)) + 2)})
-        else:
-            values = list(tuning.EF_SEARCH) if kind else [None]
-        for value in values:
-            params = {} if value is None else {kind: value}
-            measured = tuning.overlap(gallery.search(queries, k, params)[1], truth)
-            if measured["at_10"] >= target:
-                break
-        return params, {**measured, "target": target, "met": measured["at_10"] >= target, "queries": len(queries),
-                        "method": tuning.METHOD, "at_count": len(ids)}
 
 
 def _batches(rows: list[tuple], vectors: np.ndarray):

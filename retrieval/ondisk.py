@@ -38,7 +38,7 @@ import faiss
 import numpy as np
 
 from . import gpu
-from .store import IndexStoreError
+from .store_errors import IndexStoreError
 
 TRAINED, MERGED, LISTS = "trained.index", "index.faiss", "index.ivfdata"
 

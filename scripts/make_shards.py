@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from matvit.errors import UserError
-from matvit.shards import write_shards
+from matvit.shard_writer import write_shards
 
 
 def main(argv: list[str] | None = None) -> int:

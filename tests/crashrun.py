@@ -9,7 +9,7 @@ Reads one JSON request per line on stdin and answers one JSON line on stdout:
                                                           what POST /v1/items and DELETE /v1/items/ID run
     -> {"status": exit code, or -signal number when killed, "output": stdout and stderr}
 
-`chunk` sets `retrieval.build.CHUNK` (images per chunk file) in the child.
+`chunk` sets `retrieval.embedding.CHUNK` (images per chunk file) in the child.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from app import cli  # noqa: E402
 from matvit.errors import UserError  # noqa: E402
-from retrieval import build  # noqa: E402
+from retrieval import embedding  # noqa: E402
 from retrieval.retriever import Retriever  # noqa: E402
 
 cli.build_parser()  # imports what every command's parser needs
@@ -38,7 +38,7 @@ cli.build_parser()  # imports what every command's parser needs
 def _run(request: dict) -> int:
     torch.set_num_threads(1)  # tiny batches: threads would only wait on each other (and the suite's other work)
     os.environ.update(request.get("env", {}))
-    build.CHUNK = request.get("chunk", build.CHUNK)
+    embedding.CHUNK = request.get("chunk", embedding.CHUNK)
     if "argv" in request:
         return cli.main(request["argv"])
     retriever = Retriever(request["index"], Path(request["checkpoint"]))

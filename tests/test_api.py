@@ -24,8 +24,9 @@ from app.api import Settings, create_app
 from matvit import data
 from retrieval import build
 from retrieval.encoder import Encoder
-from retrieval.index import DirectoryStore, GalleryIndex, writer
+from retrieval.faiss_store import DirectoryStore, GalleryIndex
 from retrieval.retriever import Retriever
+from retrieval.store import writer
 
 KEY = "s3cret-ключ"
 

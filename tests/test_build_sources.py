@@ -19,9 +19,10 @@ from PIL import Image
 
 from app.cli import main
 from matvit import data
-from matvit.shards import write_shards
+from matvit.shard_writer import write_shards
 from retrieval import build
-from retrieval.index import GalleryIndex, ItemNotFound
+from retrieval.faiss_store import GalleryIndex
+from retrieval.store import ItemNotFound
 
 
 @pytest.fixture(scope="module")

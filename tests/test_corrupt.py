@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 
 from app.api import Settings, create_app
 from app.cli import main
-from retrieval.index import DirectoryStore, GalleryIndex, IndexCorrupt
+from retrieval.faiss_store import DirectoryStore, GalleryIndex
+from retrieval.store import IndexCorrupt
 
 DIM = 32  # the test checkpoint's embedding size, so that `search` gets as far as the index
 

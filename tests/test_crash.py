@@ -27,9 +27,9 @@ import pytest
 from PIL import Image
 
 from matvit import data
-from retrieval import build, jobs
+from retrieval import build, commit, jobs
 from retrieval.encoder import Encoder
-from retrieval.index import GalleryIndex
+from retrieval.faiss_store import GalleryIndex
 from retrieval.store import CRASH_AT, DiskFull, IndexBusy, is_disk_full, writer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,7 +229,7 @@ def test_a_commit_refuses_chunks_that_miss_images(world, run, encoder, files, tm
     job = {"kind": "build", "fingerprint": encoder.fingerprint, "submodel": "XL", "source": source.description}
     record, building, chunks = jobs.prepare(idx, job, True, before["manifest"])
     with pytest.raises(build.IndexStoreError, match="hold 16 of the 20 images"):
-        build._finish(build.open_store(idx), source, (record, chunks[1:], 1.0), before["manifest"] | {"next_id": 0},
+        commit.finish(build.open_store(idx), source, (record, chunks[1:], 1.0), before["manifest"] | {"next_id": 0},
                       None, "Flat", 0.95)
     assert snapshot(idx)["version"] == before["version"]
 

@@ -24,7 +24,7 @@ from matvit.images import to_input
 from matvit.model import MatViT
 from matvit.train import Trainer, TrainOptions
 from retrieval.encoder import Encoder
-from retrieval.index import GalleryIndex
+from retrieval.faiss_store import GalleryIndex
 from tests.conftest import write_odd_images
 
 

@@ -4,8 +4,8 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval import gpu, index, store, tuning
-from retrieval.index import DirectoryStore, GalleryIndex
+from retrieval import faiss_store, gpu, store, store_common, tuning
+from retrieval.faiss_store import DirectoryStore, GalleryIndex
 
 DIM = 16
 
@@ -41,7 +41,7 @@ def exact_top(vectors, ids, queries, k=10):
 def test_rerank_orders_candidates_by_their_stored_vectors():
     vectors = clustered(2000)
     ids = np.arange(2000, dtype=np.int64) * 3 + 5  # lookup is by id, not position
-    pq = index.make_faiss("IVF8,PQ2x4", DIM, vectors)
+    pq = faiss_store.make_faiss("IVF8,PQ2x4", DIM, vectors)
     pq.add_with_ids(vectors, ids)
     queries = tuning.probe_queries(vectors, 50)
     stored = tuning.Stored(ids, vectors)
@@ -56,14 +56,14 @@ def test_rerank_orders_candidates_by_their_stored_vectors():
 def test_tuning_adds_reranking_only_where_codes_are_lossy():
     vectors = clustered(2000)
     ids = np.arange(2000, dtype=np.int64)
-    pq = index.make_faiss("IVF8,PQ2x4", DIM, vectors)
+    pq = faiss_store.make_faiss("IVF8,PQ2x4", DIM, vectors)
     pq.add_with_ids(vectors, ids)
     params, measured = tuning.tune(pq, ids, vectors, np.zeros(0, np.int64), 0.95)
     assert measured["met"] and params["rerank"] > 1 and measured["at_10"] >= 0.95
     assert tuning.parameters(pq) == ("nprobe", "rerank")
-    flat_lists = index.make_faiss("IVF8,Flat", DIM, vectors)
+    flat_lists = faiss_store.make_faiss("IVF8,Flat", DIM, vectors)
     assert tuning.parameters(flat_lists) == ("nprobe",)
-    hnsw = index.make_faiss("HNSW8", DIM, vectors)
+    hnsw = faiss_store.make_faiss("HNSW8", DIM, vectors)
     with pytest.raises(tuning.SearchParamError, match="rerank"):
         tuning.faiss_params(hnsw, {"rerank": 4}, np.zeros(0, np.int64))
 
@@ -108,9 +108,9 @@ def test_an_on_disk_index_grows_and_shrinks_in_new_versions_while_the_old_one_se
 
 
 def test_on_disk_auto_picks_ivf_and_refuses_other_kinds(tmp_path):
-    assert index.auto_index_key(1000, DIM, on_disk=True).startswith("IVF")
-    assert index.auto_index_key(1000, DIM) == "Flat" and index.auto_index_key(2_000_000, DIM) == "HNSW32"
-    with pytest.raises(index.IndexStoreError, match="not an IVF index"):
+    assert store_common.auto_index_key(1000, DIM, on_disk=True).startswith("IVF")
+    assert store_common.auto_index_key(1000, DIM) == "Flat" and store_common.auto_index_key(2_000_000, DIM) == "HNSW32"
+    with pytest.raises(store.IndexStoreError, match="not an IVF index"):
         write(tmp_path, np.arange(500), clustered(500), index_key="HNSW32", on_disk=True)
     assert not (tmp_path / "CURRENT").exists()  # nothing written
 
@@ -137,7 +137,7 @@ def test_with_gpus_ivf_training_and_search_use_them_and_filtered_search_stays_on
     monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_gpus, raising=False)
     monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", type("Options", (), {}), raising=False)
     vectors = clustered(1000)
-    trained = index.make_faiss("IVF8,Flat", DIM, vectors)
+    trained = faiss_store.make_faiss("IVF8,Flat", DIM, vectors)
     clustering = faiss.downcast_index(faiss.extract_index_ivf(trained).clustering_index)
     assert moved == ["IndexFlat"] and clustering.metric_type == faiss.METRIC_INNER_PRODUCT and trained.is_trained
     tuning.exact_search(vectors, vectors[:2], 1)  # recall's exact search too

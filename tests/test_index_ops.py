@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import json
 import os
 import signal
 import subprocess
@@ -13,11 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app.cli import main
 from matvit import data
-from retrieval import budget, build, index, tuning
+from retrieval import budget, build, commit, faiss_store, store, store_common, tuning
 from retrieval.encoder import Encoder
-from retrieval.index import GalleryIndex, IndexBusy, ItemImageRefused, ItemNotFound
+from retrieval.faiss_store import GalleryIndex
 from retrieval.retriever import Retriever
+from retrieval.store import IndexBusy, ItemImageRefused, ItemNotFound
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,20 +76,20 @@ def test_removed_ids_never_come_back_and_ids_are_never_reused(encoder, digits, t
         build.add(encoder, build.DatasetSource("digits", "test", 8, 1), directory)
         ids = retriever.index.vectors()[0].tolist()
         assert min(ids[1435:]) == 1437 and 3 not in ids
-        rebuilt = index.rebuild(directory, "auto")
+        rebuilt = store.rebuild(directory, "auto")
         assert rebuilt["index_key"] == "Flat" and rebuilt["count"] == 1435 + 360
         assert len(retriever.index.deleted) == 0 and retriever.item(1437)["source"].startswith("digits:")
 
 
 def test_one_writer_at_a_time(encoder, tmp_path):
     build.build(encoder, build.DatasetSource("digits", "test", 8, 1), tmp_path)
-    with index.writer(tmp_path):
+    with store.writer(tmp_path):
         with pytest.raises(IndexBusy, match=f"being written by another process \\(pid {os.getpid()}\\)"):
             build.add(encoder, build.DatasetSource("digits", "test", 8, 1), tmp_path)
         with pytest.raises(IndexBusy):
-            index.remove(tmp_path, [1], wait=0.2)
+            store.remove(tmp_path, [1], wait=0.2)
     assert GalleryIndex.open(tmp_path).count == 360
-    index.remove(tmp_path, [1])
+    store.remove(tmp_path, [1])
     assert GalleryIndex.open(tmp_path).count == 359
 
 
@@ -115,9 +118,9 @@ def test_a_flat_index_past_the_threshold_says_so_and_rebuild_follows_auto(encode
     build.build(encoder, build.DatasetSource("digits", "train", 8, 1), tmp_path)
     before = GalleryIndex.open(tmp_path)
     assert before.advice() is None
-    monkeypatch.setattr(index, "FLAT_MAX", 1000)
+    monkeypatch.setattr(store_common, "FLAT_MAX", 1000)
     assert "index rebuild" in GalleryIndex.open(tmp_path).advice()
-    report = index.rebuild(tmp_path)
+    report = store.rebuild(tmp_path)
     after = GalleryIndex.open(tmp_path)
     assert report["index_key"] == after.manifest["index_key"] == "HNSW32" and "ef_search" in report["search_params"]
     assert after.advice() is None
@@ -130,7 +133,7 @@ def test_auto_is_exact_only_while_an_exact_search_costs_less_than_the_smallest_e
     digits = build.DatasetSource("digits", "train", 8, 1)
     cheap = build.build(encoder, digits, tmp_path / "cheap")  # 1,437 vectors: microseconds against a forward pass
     assert cheap["index_key"] == "Flat" and cheap["auto"]["chose"] == "Flat" and cheap["auto"]["smallest"] == "S"
-    assert 0 < cheap["auto"]["exact_search_ms"] < build.EXACT_SHARE * cheap["auto"]["smallest_encode_ms"]
+    assert 0 < cheap["auto"]["exact_search_ms"] < commit.EXACT_SHARE * cheap["auto"]["smallest_encode_ms"]
     monkeypatch.setattr(build, "smallest_encode_ms", lambda _: ("S", 0.0))  # an encoder faster than any search
     costly = build.build(encoder, digits, tmp_path / "costly")
     assert costly["index_key"] == "HNSW32" and costly["auto"]["chose"] == "HNSW32"
@@ -215,9 +218,9 @@ def test_profile_from_another_machine_is_measured_again_keeping_accuracy(encoder
 
 SLOW_BUILD = """
 import sys, time
-from retrieval import build
+from retrieval import build, embedding
 from retrieval.encoder import Encoder
-build.CHUNK = 100
+embedding.CHUNK = 100
 encoder = Encoder.load(sys.argv[1])
 original = Encoder.encode
 def slow(self, images, *args, **kwargs):
@@ -257,7 +260,7 @@ def test_build_killed_mid_way_keeps_serving_and_resumes_to_the_same_index(encode
 
 def test_index_accuracy_reads_labels_without_an_id_list(encoder, digits, tmp_path, monkeypatch):
     _, test = digits
-    monkeypatch.setattr(index, "SQL_CHUNK", 7)
+    monkeypatch.setattr(faiss_store, "SQL_CHUNK", 7)
     build.build(encoder, build.DatasetSource("digits", "train", 8, 1), tmp_path)
     gallery = GalleryIndex.open(tmp_path)
     assert len(gallery.items(range(1437))) == 1437  # chunked IN lists
@@ -268,6 +271,18 @@ def test_index_accuracy_reads_labels_without_an_id_list(encoder, digits, tmp_pat
 
 
 def test_bad_index_key_is_one_line_and_writes_nothing(encoder, tmp_path):
-    with pytest.raises(index.IndexStoreError, match="bad --index-key 'Nonsense7'"):
+    with pytest.raises(store.IndexStoreError, match="bad --index-key 'Nonsense7'"):
         build.build(encoder, build.DatasetSource("digits", "test", 8, 1), tmp_path, index_key="Nonsense7")
     assert not (tmp_path / "CURRENT").exists()
+
+
+def test_info_is_what_index_info_prints_and_a_location_keeps_a_milvus_uri(encoder, tmp_path, capsys):
+    build.build(encoder, build.DatasetSource("digits", "test", 8, 1), tmp_path)
+    store.remove(tmp_path, [1])
+    info = store.info(tmp_path)
+    assert info["count"] == 359 and info["next_id"] == 360 and info["unfinished_build"] is False
+    assert info["version"] == store.open_store(tmp_path).current_version() and info["advice"] is None
+    assert main(["index", "info", "--index", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out) == info
+    assert store.location("milvus:http://host:19530/db#gallery") == "milvus:http://host:19530/db#gallery"
+    assert store.location("runs/idx") == Path("runs/idx")

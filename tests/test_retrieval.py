@@ -11,8 +11,9 @@ from matvit.errors import UserError
 from retrieval import build
 from retrieval.budget import Budget, BudgetError, candidates, choose
 from retrieval.encoder import Encoder
-from retrieval.index import GalleryIndex, IndexStoreError
+from retrieval.faiss_store import GalleryIndex
 from retrieval.retriever import Retriever
+from retrieval.store import IndexStoreError
 from tests.conftest import write_odd_images
 
 

@@ -15,7 +15,8 @@ import webdataset as wds
 from matvit import data
 from matvit.data import DatasetError
 from matvit.images import to_png
-from matvit.shards import ShardSource, write_shards
+from matvit.shard_writer import write_shards
+from matvit.shards import ShardSource
 from matvit.sources import open_source
 from matvit.train import Trainer, TrainOptions
 from tests.conftest import write_odd_images

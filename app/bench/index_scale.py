@@ -11,14 +11,14 @@ embedded with S and with XL (the same XL index serves both). Embeddings are cach
 directory (npy, keyed by the checkpoint's fingerprint), so a rerun never embeds again.
 
 For each gallery size and index kind (`KINDS`), one step builds the index the way `build-index`
-does (`retrieval.index.make_faiss`: IDMap2, trained on `TRAIN_SAMPLE` vectors), tunes `efSearch` /
+does (`retrieval.faiss_store.make_faiss`: IDMap2, trained on `TRAIN_SAMPLE` vectors), tunes `efSearch` /
 `nprobe` (and for PQ / SQ codes `rerank`, exact re-ranking from the memory-mapped gallery) with
 `retrieval.tuning.tune` to the recall target, and measures: build and tuning time, bytes per vector
 (serialized index / n), queries per second at batch 1 and batch 64, recall@1 and recall@10 of the S
 and XL test queries against exact search over the same vectors, 1-NN label accuracy, and recall
 against speed at every efSearch / nprobe of the tuning grid (and every rerank at the tuned nprobe). Each step writes
 `OUT/steps/SIZE-KIND.json` when it ends and is skipped on a rerun with the same settings, so an
-interrupted run continues where it stopped. `auto` is the kind `retrieval.index.auto_index_key`
+interrupted run continues where it stopped. `auto` is the kind `retrieval.store_common.auto_index_key`
 picks at that size; when another kind of the run has the same factory string, its row is that
 kind's measurement. Milvus Lite gets a row per size, with the index the Milvus store's `auto` picks.
 """
@@ -46,7 +46,8 @@ from matvit import data, provenance
 from matvit.errors import UserError
 from retrieval import tuning
 from retrieval.encoder import Encoder
-from retrieval.index import FLAT_MAX, HNSW_MAX, TRAIN_SAMPLE, auto_index_key, make_faiss, training_size
+from retrieval.faiss_store import TRAIN_SAMPLE, make_faiss, training_size
+from retrieval.store_common import FLAT_MAX, HNSW_MAX, auto_index_key
 
 from . import steps
 from .index_measure import (

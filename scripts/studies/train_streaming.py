@@ -28,7 +28,8 @@ from matplotlib.figure import Figure
 
 from matvit import data, provenance
 from matvit.errors import UserError
-from matvit.shards import META_FILE, write_shards
+from matvit.shard_writer import write_shards
+from matvit.shards import META_FILE
 
 from . import make_parser
 from . import run as run_study

@@ -1,25 +1,10 @@
-"""The directory store: FAISS vectors, SQLite metadata and a manifest, saved as immutable versions.
-
-    IDX/
-      CURRENT             name of the live version; replaced atomically, so readers never see half a save
-      LOCK                held (`store.writer`) by the one writer at a time; holds its pid
-      v000002/            index.faiss, vectors.npy, ids.npy, deleted.npy, metadata.sqlite, manifest.json
-                          (+ index.ivfdata, trained.index when on disk)
-      uploads/            images added through the API (an indexed root)
-      building/           embedded chunks of an unfinished build or add (what --resume continues; see `jobs`)
-      profile.json        measured cost of submodels on this machine (see `budget`)
-
-Versions are numbered v000001, v000002, ... and ordered by number (v1000000 follows v999999). A version is
-written aside (`vN.tmp`), renamed, and only then named in CURRENT, so a write killed at any step leaves the
-previous version live and whole; what it left aside is removed by the next write. A version is never
-changed after it is written. Readers hold a shared `flock` on the version's
-manifest while they use it; a writer removes an old version only when it can take that lock
-exclusively, and always keeps the version it replaced (a reader may have just read CURRENT).
+"""The FAISS directory store: FAISS vectors, SQLite metadata and a manifest, saved as immutable versions
+(the layout, and how a version is written and switched to: `faiss_versions`).
 
 FAISS indexes come from `index_factory` strings wrapped in IDMap2, so ids are stable. `auto` follows the
 FAISS wiki's "Guidelines to choose an index": `Flat` below 100k vectors (brute force stays in
 milliseconds; a new build takes `HNSW32` instead when an exact search would cost more than half of
-encoding a query, see `build.exact_or_hnsw`), `HNSW32` below 10M (measured at 1M: hundreds of times
+encoding a query, see `commit.exact_or_hnsw`), `HNSW32` below 10M (measured at 1M: hundreds of times
 faster than Flat at recall@10 0.95; about 800 bytes per vector, so 8 GB at 10M), and
 `IVF{4*sqrt(n)},SQ8` beyond (K between 4 and 16 sqrt(n) centroids; a byte per dimension, under a third
 of Flat's memory), with exact re-ranking from the stored vectors tuned in where the codes alone miss the
@@ -36,66 +21,38 @@ too. Its lists are read-only: an add merges the base's lists and the new block i
 a removal is a tombstone (hard links keep the lists otherwise).
 
 `DirectoryStore` is this layout behind the `retrieval.store.Store` interface (its `files` is the
-directory itself); `GalleryIndex` is one version, a `retrieval.store.Gallery`.
+directory itself); `GalleryIndex` is one version, a `retrieval.store.Gallery`. The index kind `auto` picks by
+size is `store_common.auto_index_key`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import math
 import os
-import re
 import shutil
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from . import gpu, ondisk, tuning
-from .store import (  # noqa: F401  (the errors and the lock are imported from here too)
-    COLUMNS,
-    REBUILD,
-    IndexBusy,
-    IndexCorrupt,
-    IndexMissing,
-    IndexStoreError,
-    ItemImageRefused,
-    ItemNotFound,
-    check_manifest,
-    check_model,
-    crash_point,
-    disk_space,
-    label_name,
-    now,
-    read_item_file,
-    writer,
-)
+from . import faiss_versions as versions
+from . import gpu, ondisk, store_common, tuning
+from .faiss_versions import FORMAT, read_current, write_version
+from .store_common import REBUILD, auto_index_key, check_manifest, check_model, label_name, read_item_file
+from .store_errors import IndexCorrupt, IndexMissing, IndexStoreError
+from .store_writes import disk_space, writer
 
 log = logging.getLogger(__name__)
-FORMAT = 2
-FLAT_MAX, HNSW_MAX = 100_000, 10_000_000
 TRAIN_SAMPLE = 100_000  # vectors an IVF quantizer is trained on (at least)
 SQL_CHUNK = 500  # ids per `IN (...)` query
 ONDISK_CHUNK = 100_000  # vectors per block of an on-disk build
-
-
-def auto_index_key(count: int, dim: int, on_disk: bool = False) -> str:
-    """The index kind for `count` vectors (an IVF kind whatever the size `on_disk`)."""
-    if count < FLAT_MAX and not on_disk:
-        return "Flat"
-    if count < HNSW_MAX and not on_disk:
-        return "HNSW32"
-    return f"IVF{4 * int(math.sqrt(count))},SQ8"
 
 
 def training_size(count: int, key: str, dim: int) -> int:
@@ -132,56 +89,6 @@ def make_faiss(key: str, dim: int, train_vectors: np.ndarray) -> faiss.Index:
     return index
 
 
-def versions_of_packages() -> dict:
-    return {p: version(p) for p in ("matvit", "torch", "timm", "faiss-cpu")}
-
-
-SCHEMA = """CREATE TABLE IF NOT EXISTS items (
-    id INTEGER PRIMARY KEY, source TEXT NOT NULL, path TEXT, root INTEGER, label INTEGER, width INTEGER,
-    height INTEGER, added_at TEXT NOT NULL)"""
-
-
-def _sqlite_uri(path: Path, read_only: bool) -> str:
-    """A quoted `file:` URI (paths may hold `?`, `#` or `%`)."""
-    return Path(path).resolve().as_uri() + ("?mode=ro&immutable=1" if read_only else "")
-
-
-VERSION_NAME = re.compile(r"v[0-9]+")
-
-
-def read_current(directory: Path) -> str:
-    """The version CURRENT names (`IndexMissing` when there is no CURRENT, `IndexCorrupt` when it names none)."""
-    try:
-        raw = (Path(directory) / "CURRENT").read_bytes()
-    except (FileNotFoundError, NotADirectoryError):
-        raise IndexMissing(f"no index at {directory}: build one with `matvit build-index`") from None
-    except OSError as e:
-        raise IndexCorrupt(f"index {directory} is corrupt: cannot read its CURRENT file ({e.strerror}); "
-                           f"{REBUILD}") from e
-    name = raw.decode("ascii", errors="replace").strip()
-    if not VERSION_NAME.fullmatch(name):
-        complete = [v for v in _versions(Path(directory)) if (Path(directory) / v / "manifest.json").is_file()]
-        fix = REBUILD if not complete else (f"write the newest complete version's name into it (`echo {complete[-1]} "
-                                            f"> {Path(directory) / 'CURRENT'}`) or {REBUILD}")
-        raise IndexCorrupt(f"index {directory} is corrupt: its CURRENT file holds no version name ({len(raw)} bytes "
-                           f"that are not `v` and digits); {fix}")
-    return name
-
-
-def _lease(version_dir: Path) -> int | None:
-    """A shared lock on the version's manifest: the mark of a reader using it (None when the version is gone)."""
-    try:
-        fd = os.open(version_dir / "manifest.json", os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:  # a writer is removing it
-        os.close(fd)
-        return None
-    return fd
-
-
 @dataclass(eq=False)
 class GalleryIndex:
     """One version of an index directory, opened for search and metadata look-ups (read-only)."""
@@ -201,7 +108,7 @@ class GalleryIndex:
         directory = Path(directory)
         for _ in range(10):
             version_dir = directory / read_current(directory)
-            lease = _lease(version_dir)
+            lease = versions.lease(version_dir)
             if lease is not None:
                 try:
                     return cls._load(directory, version_dir, lease)
@@ -239,13 +146,13 @@ class GalleryIndex:
                      else faiss.read_index(str(version_dir / "index.faiss")))
         except (RuntimeError, OSError, ValueError) as e:
             raise IndexCorrupt(f"{corrupt}: cannot read {version_dir.name}/index.faiss; {REBUILD}") from e
-        deleted = _array(version_dir / "deleted.npy", corrupt, None, (None,), np.int64)
-        _array(version_dir / "ids.npy", corrupt, "r", (count,), np.int64)
-        _array(version_dir / "vectors.npy", corrupt, "r", (count, dim), np.float32)
+        deleted = versions.load_array(version_dir / "deleted.npy", corrupt, None, (None,), np.int64)
+        versions.load_array(version_dir / "ids.npy", corrupt, "r", (count,), np.int64)
+        versions.load_array(version_dir / "vectors.npy", corrupt, "r", (count, dim), np.float32)
         if index.ntotal - len(deleted) != count or index.d != dim:
             raise IndexCorrupt(f"{corrupt}: index.faiss holds {index.ntotal} vectors of dim {index.d} "
                                f"({len(deleted)} deleted), the manifest says {count} of dim {dim}; {REBUILD}")
-        _check_metadata(version_dir / "metadata.sqlite", count, corrupt)
+        versions.check_metadata(version_dir / "metadata.sqlite", count, corrupt)
         return cls(directory, version_dir, index, manifest, deleted, lease,
                    None if manifest.get("on_disk") else gpu.search_copy(index))
 
@@ -286,14 +193,14 @@ class GalleryIndex:
         version never changes, and a server's worker threads query it again and again)."""
         db = getattr(self._local, "db", None)
         if db is None:
-            db = self._local.db = sqlite3.connect(_sqlite_uri(self.version_dir / "metadata.sqlite", read_only=True),
-                                                  uri=True)
+            uri = versions.sqlite_uri(self.version_dir / "metadata.sqlite", read_only=True)
+            db = self._local.db = sqlite3.connect(uri, uri=True)
             db.row_factory = sqlite3.Row
         try:
             return db.execute(sql, args).fetchall()
         except sqlite3.DatabaseError as e:
             raise IndexCorrupt(f"index {self.directory} is corrupt: cannot read {self.version}/metadata.sqlite "
-                               f"({_first_line(e)}); {REBUILD}") from e
+                               f"({versions.first_line(e)}); {REBUILD}") from e
 
     def items(self, ids) -> dict[int, dict]:
         """Metadata of the given ids that the index holds."""
@@ -328,9 +235,9 @@ class GalleryIndex:
 
     def advice(self) -> str | None:
         """What an operator should do about this index's kind, if anything."""
-        key = self.manifest["index_key"]
-        if key == "Flat" and self.count >= FLAT_MAX:
-            return (f"this exact (Flat) index holds {self.count:,} vectors, past the {FLAT_MAX:,} where `auto` "
+        key, flat_max = self.manifest["index_key"], store_common.FLAT_MAX
+        if key == "Flat" and self.count >= flat_max:
+            return (f"this exact (Flat) index holds {self.count:,} vectors, past the {flat_max:,} where `auto` "
                     f"chooses {auto_index_key(self.count, self.manifest['dim'])}; re-index from the stored vectors "
                     f"with `matvit index rebuild --index {self.directory} --index-key auto`")
         if len(self.deleted) > 0.2 * max(1, self.count):
@@ -339,170 +246,7 @@ class GalleryIndex:
         return None
 
 
-def _array(path: Path, corrupt: str, mmap_mode: str | None, shape: tuple, dtype) -> np.ndarray:
-    """A saved array, `IndexCorrupt` unless it has `shape` (None: any length) and `dtype`."""
-    try:
-        array = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:  # missing, truncated, or not an .npy file
-        raise IndexCorrupt(f"{corrupt}: cannot read {path.parent.name}/{path.name} ({_first_line(e)}); "
-                           f"{REBUILD}") from e
-    if array.dtype != dtype or len(array.shape) != len(shape) or any(
-            want is not None and got != want for got, want in zip(array.shape, shape, strict=True)):
-        raise IndexCorrupt(f"{corrupt}: {path.parent.name}/{path.name} holds {array.dtype} {array.shape}, the "
-                           f"manifest says {np.dtype(dtype)} {tuple('n' if n is None else n for n in shape)}; "
-                           f"{REBUILD}")
-    return array
-
-
-def _check_metadata(path: Path, count: int, corrupt: str) -> None:
-    """`IndexCorrupt` unless the metadata database opens and holds `count` items."""
-    where = f"{path.parent.name}/{path.name}"
-    if not path.is_file():
-        raise IndexCorrupt(f"{corrupt}: {where} is missing; {REBUILD}")
-    try:
-        db = sqlite3.connect(_sqlite_uri(path, read_only=True), uri=True)
-        try:
-            rows = db.execute("SELECT count(*) FROM items").fetchone()[0]
-        finally:
-            db.close()
-    except sqlite3.Error as e:
-        raise IndexCorrupt(f"{corrupt}: cannot read {where} ({_first_line(e)}); {REBUILD}") from e
-    if rows != count:
-        raise IndexCorrupt(f"{corrupt}: {where} holds {rows} items, the manifest says {count}; {REBUILD}")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 # --- writing -----------------------------------------------------------------------------------
-def _versions(directory: Path) -> list[str]:
-    """Version names in the order they were written (by number: v999999 before v1000000)."""
-    names = [p.name for p in directory.glob("v[0-9]*") if p.is_dir() and p.name[1:].isdigit()]
-    return sorted(names, key=lambda name: int(name[1:]))
-
-
-def _prune(directory: Path, keep: set[str]) -> None:
-    """Remove versions outside `keep` that no reader holds, and what killed writes left aside."""
-    for name in _versions(directory):
-        if name in keep:
-            continue
-        try:
-            fd = os.open(directory / name / "manifest.json", os.O_RDONLY)
-        except FileNotFoundError:
-            shutil.rmtree(directory / name, ignore_errors=True)
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            shutil.rmtree(directory / name, ignore_errors=True)
-        except BlockingIOError:
-            pass  # a reader still uses it; a later write removes it
-        finally:
-            os.close(fd)
-    for tmp in directory.glob("v[0-9]*.tmp"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    for tmp in directory.glob("CURRENT.*.tmp"):
-        tmp.unlink(missing_ok=True)
-
-
-def _write_json(path: Path, value) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        json.dump(value, f, indent=2)
-    os.replace(f.name, path)
-
-
-def _live_name(directory: Path) -> str | None:
-    try:
-        return (directory / "CURRENT").read_text().strip()
-    except OSError:
-        return None
-
-
-def _count_of(version_dir: Path) -> int | None:
-    try:
-        return int(json.loads((version_dir / "manifest.json").read_text())["count"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def write_version(directory: Path, faiss_index: faiss.Index, ids: np.ndarray, vectors: np.ndarray, manifest: dict,
-                  base: GalleryIndex | None = None, rows: list[tuple] = (), removed: list[int] = (),
-                  deleted: np.ndarray | None = None, staged: Path | None = None) -> Path:
-    """Save a new version (base's metadata plus `rows`, less `removed`) and switch CURRENT to it atomically.
-
-    The caller holds `writer(directory)`. `ids`/`vectors` are every live item's, in id order. With `staged` (an
-    on-disk index's directory), its files become the version's index instead of `faiss_index` written whole.
-    Killed at any step, the live version stays the previous one until CURRENT names the new one, whole; failed
-    (a full disk), it leaves nothing behind. The version replaced is kept while a reader may hold it, and when
-    a build replaces it with fewer items."""
-    directory = Path(directory)
-    existing = _versions(directory)
-    name = f"v{int(existing[-1][1:]) + 1:06d}" if existing else "v000001"
-    tmp, final = directory / f"{name}.tmp", directory / name
-    replaced = _live_name(directory)
-    try:
-        with disk_space():
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            _fill_version(tmp, faiss_index, ids, vectors, manifest, base, rows, removed, deleted, staged)
-            crash_point("version.staged")
-            os.replace(tmp, final)
-            crash_point("version.renamed")
-            tmp_current = directory / f"CURRENT.{os.getpid()}.tmp"
-            try:
-                tmp_current.write_text(name)
-                os.replace(tmp_current, directory / "CURRENT")
-            except BaseException:
-                tmp_current.unlink(missing_ok=True)
-                raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if staged is not None:
-            shutil.rmtree(staged, ignore_errors=True)
-        if _live_name(directory) != name:
-            shutil.rmtree(final, ignore_errors=True)
-        raise
-    crash_point("version.switched")
-    keep = {name} | ({base.version_dir.name} if base is not None else set())
-    if base is None and replaced and (_count_of(directory / replaced) or 0) > len(ids):
-        log.warning("kept the replaced version %s of %s: it holds %d items, the new %s %d", replaced, directory,
-                    _count_of(directory / replaced), name, len(ids))
-        keep.add(replaced)
-    _prune(directory, keep)
-    crash_point("version.pruned")
-    return final
-
-
-def _fill_version(tmp: Path, faiss_index: faiss.Index, ids: np.ndarray, vectors: np.ndarray, manifest: dict,
-                  base: GalleryIndex | None, rows: list[tuple], removed: list[int], deleted: np.ndarray | None,
-                  staged: Path | None) -> None:
-    """A version's files, in `tmp`."""
-    if staged is None:
-        faiss.write_index(faiss_index, str(tmp / "index.faiss"))
-    else:
-        for file in (ondisk.TRAINED, ondisk.MERGED, ondisk.LISTS):
-            os.replace(staged / file, tmp / file)
-        shutil.rmtree(staged)
-    np.save(tmp / "ids.npy", np.asarray(ids, dtype=np.int64))
-    np.save(tmp / "vectors.npy", np.asarray(vectors, dtype=np.float32))
-    deleted = np.zeros(0, np.int64) if deleted is None else np.asarray(deleted, dtype=np.int64)
-    np.save(tmp / "deleted.npy", deleted)
-    if base is not None:
-        shutil.copyfile(base.version_dir / "metadata.sqlite", tmp / "metadata.sqlite")
-    db = sqlite3.connect(_sqlite_uri(tmp / "metadata.sqlite", read_only=False), uri=True)
-    try:
-        with db:
-            db.execute(SCHEMA)
-            db.executemany(f"INSERT INTO items VALUES ({','.join('?' * len(COLUMNS))})", rows)
-            db.executemany("DELETE FROM items WHERE id = ?", [(int(i),) for i in removed])
-    finally:
-        db.close()
-    manifest = {**manifest, "format": FORMAT, "count": len(ids), "updated_at": now(),
-                "versions": versions_of_packages()}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-
-
 def commit(directory: Path, base: GalleryIndex | None, new_ids: np.ndarray, new_vectors: np.ndarray,
            rows: list[tuple], manifest: dict, index_key: str | None = None,
            recall_target: float = tuning.RECALL_TARGET, removed: list[int] = (), on_disk: bool = False) -> dict:
@@ -548,8 +292,8 @@ def commit(directory: Path, base: GalleryIndex | None, new_ids: np.ndarray, new_
     elif index_key is not None or len(new_ids):
         params, recall = tuning.tune(index, ids, vectors, deleted, recall_target)
         manifest.update(search_params=params, recall=recall)
-    write_version(directory, index, ids, vectors, manifest, base, rows, removed, deleted,
-                  staged if on_disk else None)
+    write_version(directory, index, ids, vectors, manifest, None if base is None else base.version_dir, rows,
+                  removed, deleted, staged if on_disk else None)
     return {"count": len(ids), "index_key": key, "on_disk": on_disk, "search_params": manifest["search_params"],
             "recall": manifest["recall"]}
 
@@ -566,21 +310,6 @@ def _remove_from(index: faiss.Index, ids: np.ndarray, deleted: np.ndarray) -> np
         return deleted
     except RuntimeError:
         return np.union1d(deleted, ids)
-
-
-def remove(directory: Path, ids: list[int], wait: float = 0.0) -> list[int]:
-    """Delete items by id in one new version (see `retrieval.store.remove`)."""
-    from .store import remove as remove_items
-
-    return remove_items(DirectoryStore(directory), ids, wait)
-
-
-def rebuild(directory: Path, index_key: str = "auto", recall_target: float = tuning.RECALL_TARGET,
-            wait: float = 0.0, on_disk: bool = False) -> dict:
-    """Re-index the stored vectors with another FAISS kind (no re-embedding); drops tombstones."""
-    from .store import rebuild as rebuild_store
-
-    return rebuild_store(DirectoryStore(directory), index_key, recall_target, wait, on_disk)
 
 
 @dataclass
