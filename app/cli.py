@@ -135,11 +135,10 @@ def cmd_induce(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from matvit import checkpoint
-    from matvit.extract import export
 
     model, meta = checkpoint.load(args.checkpoint)
     spec = model.spec(args.submodel)
-    export(model, spec, args.out, onnx=args.onnx, classes=meta.get("classes"), source_fingerprint=meta["fingerprint"])
+    model.export(spec, args.out, onnx=args.onnx, classes=meta.get("classes"), source_fingerprint=meta["fingerprint"])
     print(json.dumps({"out": str(args.out), "submodel": spec.text, "mlp_hidden_features": list(spec.widths),
                       "onnx": args.onnx}))
 
@@ -152,10 +151,10 @@ def _check_gallery(args: argparse.Namespace) -> None:
 def _source(args, encoder):
     from retrieval import build
 
-    cfg = encoder.config
+    size, channels = encoder.image_size, encoder.channels
     if args.images:
-        return build.FolderSource(args.images, cfg.img_size, cfg.in_chans, workers=args.workers)
-    return build.open_gallery(args.dataset, args.split, cfg.img_size, cfg.in_chans, args.data_dir, args.workers)
+        return build.FolderSource(args.images, size, channels, workers=args.workers)
+    return build.open_gallery(args.dataset, args.split, size, channels, args.data_dir, args.workers)
 
 
 def _on_disk(args: argparse.Namespace) -> dict:
@@ -285,8 +284,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     if store:
         if not args.dataset:
             raise UserError("--index needs --dataset (a labelled query split) to measure accuracy")
-        cfg = encoder.config
-        queries = data.load(args.dataset, args.split, cfg.img_size, cfg.in_chans, args.data_dir)
+        queries = data.load(args.dataset, args.split, encoder.image_size, encoder.channels, args.data_dir)
         accuracy = budget.index_accuracy(store.open(), encoder, queries)
     result = budget.profile(encoder, budget.candidates(encoder, args.submodels), accuracy)
     out = args.out or (store.files / budget.PROFILE_FILE if store else None)
@@ -338,9 +336,8 @@ def cmd_eval_grid(args: argparse.Namespace) -> None:
     from retrieval.grid import grid
 
     encoder = Encoder.load(args.index_checkpoint)
-    cfg = encoder.config
-    gallery = data.load(args.dataset, "train", cfg.img_size, cfg.in_chans, args.data_dir)
-    queries = data.load(args.dataset, "test", cfg.img_size, cfg.in_chans, args.data_dir)
+    gallery = data.load(args.dataset, "train", encoder.image_size, encoder.channels, args.data_dir)
+    queries = data.load(args.dataset, "test", encoder.image_size, encoder.channels, args.data_dir)
     result = grid(encoder, gallery, queries, candidates(encoder, args.index_submodels),
                   candidates(encoder, args.query_submodels))
     result.update({"dataset": args.dataset, "fingerprint": encoder.fingerprint, **provenance.record()})
@@ -467,7 +464,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from matvit.config import AUGMENTATIONS, DISTILLATIONS, GRANULARITY_NAMES, HEADS, PRESETS
+    from matvit.config import AUGMENTATIONS, DISTILLATIONS, GRANULARITY_NAMES, HEADS
+    from matvit.registry import PRESETS
 
     parser = argparse.ArgumentParser(prog="matvit", description="Adaptive image retrieval on MatViT.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import checkpoint, provenance, sources
-from .config import MatViTConfig, get_preset
 from .errors import UserError, make_dir
 from .images import to_input
-from .model import MatViT
+from .model import MatViT, MatViTConfig
+from .registry import get_preset
 from .runtime import Runtime
 from .train import Trainer, TrainOptions, finished_run, option_differences
 

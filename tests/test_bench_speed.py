@@ -13,9 +13,9 @@ from app.bench import speed
 from app.cli import main
 from matvit import checkpoint
 from matvit import spec as specs
-from matvit.config import get_preset
 from matvit.errors import UserError
 from matvit.model import MatViT
+from matvit.registry import get_preset
 
 TINY = "matvit-tiny-digits"
 

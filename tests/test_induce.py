@@ -14,11 +14,11 @@ from app.bench.induce import find_reference
 from app.cli import main
 from matvit import checkpoint, sources
 from matvit import induce as ind
-from matvit.config import get_preset
 from matvit.errors import UserError
 from matvit.images import to_input
 from matvit.induce import InduceError, InduceOptions
 from matvit.model import MatViT
+from matvit.registry import get_preset
 from matvit.train import Trainer, TrainOptions, evaluate_checkpoint
 
 PRESET = "matvit-tiny-digits"

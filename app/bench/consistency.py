@@ -24,8 +24,9 @@ import numpy as np
 
 from matvit import checkpoint, data, metrics, provenance
 from matvit import spec as specs
-from matvit.config import GRANULARITY_NAMES, get_preset
+from matvit.config import GRANULARITY_NAMES
 from matvit.induce import dense_options, train_matvit
+from matvit.registry import get_preset
 from matvit.train import TrainOptions, finished_run, option_differences
 from retrieval.budget import measure
 from retrieval.encoder import Encoder
@@ -144,10 +145,9 @@ def train_options(opts: BenchOptions, seed: int, baseline: str | None) -> TrainO
 def embed_named(encoder: Encoder, dataset: str, data_dir: Path | None, label: str):
     """The dataset's train split (the gallery) and test split (the queries), and both embedded by every trained
     granularity: `(gallery, queries, {spec: gallery embeddings}, {spec: query embeddings})`."""
-    cfg = encoder.config
-    gallery = data.load(dataset, "train", cfg.img_size, cfg.in_chans, data_dir)
-    queries = data.load(dataset, "test", cfg.img_size, cfg.in_chans, data_dir)
-    named = specs.named(cfg)
+    gallery = data.load(dataset, "train", encoder.image_size, encoder.channels, data_dir)
+    queries = data.load(dataset, "test", encoder.image_size, encoder.channels, data_dir)
+    named = encoder.named()
     g = {s.text: encoder.encode(gallery.images, s, desc=f"{label} gallery {s.text}") for s in named}
     q = {s.text: encoder.encode(queries.images, s, desc=f"{label} queries {s.text}") for s in named}
     return gallery, queries, g, q
