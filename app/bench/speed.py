@@ -7,11 +7,11 @@ by repeat, is not. Every figure here is such a ratio (the absolute milliseconds 
 For each model (a preset with seeded random weights, or a trained checkpoint):
 
 1. Nesting costs nothing: embedding throughput of the nested MatViT at XL, and of each extracted submodel
-   (`matvit.extract.extract`), against a plain timm ViT built with the same widths (`build_standalone`);
+   (`MatViT.extract`), against a plain timm ViT built with the same widths (`build_standalone`);
    the nested MatViT at the smaller specs is shown too. Target >= 0.97, batch 1 and batch B.
 2. Smaller is really faster: latency(spec) / latency(XL) against GFLOPs(spec) / GFLOPs(XL) (the embedding
-   path, `matvit.spec.forward_flops`) for S, M, L and Mix'n'Match specs of the monotone family, for the
-   extracted models (what the retriever encodes with) and the nested model under `model.submodel(spec)`.
+   path, `MatViT.forward_flops`) for S, M, L and Mix'n'Match specs of the monotone family, for the
+   extracted models (what the retriever encodes with) and the nested model given the spec (`model.embed(x, spec)`).
    Target: within 15% of the FLOP ratio at batch B, 25% at batch 1. A least-squares fit
    ms = fixed + slope x GFLOPs over the specs says how much of a forward does not shrink with the FFN.
 3. Indexing: `retrieval.build.build` images/s on the first N images of a dataset against the pure XL
@@ -47,9 +47,12 @@ import torch.nn.functional as F
 
 from matvit import data, provenance
 from matvit import spec as specs
-from matvit.config import GRANULARITY_NAMES, PRESETS, MatViTConfig, get_preset
+from matvit.config import GRANULARITY_NAMES
 from matvit.errors import UserError
 from matvit.images import to_input
+from matvit.model import MatViT, MatViTConfig
+from matvit.nested import Embedding
+from matvit.registry import PRESETS, get_preset
 from matvit.spec import Submodel
 
 from . import steps
@@ -179,7 +182,7 @@ class Subject:
     """A model whose speed is measured: a preset with seeded random weights, or a trained checkpoint."""
 
     name: str
-    model: torch.nn.Module  # a MatViT
+    model: MatViT
     weights: str  # "random (seed N)" or the checkpoint path
     fingerprint: str
     dataset: str  # images for indexing
@@ -196,7 +199,6 @@ class Subject:
 
 def subjects(opts: SpeedOptions) -> Iterator[Subject]:
     from matvit import checkpoint
-    from matvit.model import MatViT
 
     for name in opts.presets:
         torch.manual_seed(opts.seed)
@@ -209,12 +211,12 @@ def subjects(opts: SpeedOptions) -> Iterator[Subject]:
                       opts.dataset or meta.get("dataset") or "fashion-mnist", meta.get("preset"))
 
 
-def mixes(config: MatViTConfig, n: int) -> list[Submodel]:
+def mixes(model: MatViT, n: int) -> list[Submodel]:
     """`n` Mix'n'Match specs of the monotone family (widths never shrink with depth: MatFormer's recipe for
     submodels on the accuracy-compute Pareto front), at GFLOPs evenly spaced between S and XL."""
-    flops = lambda s: specs.forward_flops(config, s, head=False)  # noqa: E731
-    lo, hi = flops(specs.uniform("S", config)), flops(specs.uniform("XL", config))
-    pool = [s for s in specs.monotone(config) if not s.uniform]
+    flops = model.forward_flops
+    lo, hi = flops("S"), flops("XL")
+    pool = [s for s in specs.monotone(model) if not s.uniform]
     chosen: list[Submodel] = []
     for i in range(1, n + 1):
         target = lo + (hi - lo) * i / (n + 1)
@@ -224,37 +226,29 @@ def mixes(config: MatViTConfig, n: int) -> list[Submodel]:
     return sorted(chosen, key=flops)
 
 
-def timed_specs(config: MatViTConfig, n_mixes: int) -> list[Submodel]:
+def timed_specs(model: MatViT, n_mixes: int) -> list[Submodel]:
     """S, M, L, the Mix'n'Match specs, XL: cheapest first."""
-    named = [specs.uniform(g, config) for g in GRANULARITY_NAMES if g in config.granularities]
-    return sorted(named[:-1] + mixes(config, n_mixes), key=lambda s: specs.forward_flops(config, s, False)) + named[-1:]
+    named = [model.spec(g) for g in GRANULARITY_NAMES if g in model.granularities]
+    return sorted(named[:-1] + mixes(model, n_mixes), key=model.forward_flops) + named[-1:]
 
 
-def embed(vit: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The embedding path of a timm ViT: pre-logits CLS feature after the final norm, L2-normalised."""
-    return F.normalize(vit.forward_head(vit.forward_features(x), pre_logits=True), dim=-1)
+def plain_call(embedding: Embedding, x: torch.Tensor) -> Call:
+    return lambda: embedding(x)
 
 
-def plain_call(vit: torch.nn.Module, x: torch.Tensor) -> Call:
-    return lambda: embed(vit, x)
-
-
-def nested_call(model, spec: Submodel, x: torch.Tensor) -> Call:
-    def call() -> torch.Tensor:
-        with model.submodel(spec):
-            return embed(model, x)
-    return call
+def nested_call(model: MatViT, spec: Submodel, x: torch.Tensor) -> Call:
+    return lambda: model.embed(x, spec)
 
 
 def tokens(config: MatViTConfig) -> int:
     return (config.img_size // config.patch_size) ** 2 + 1
 
 
-def ffn_share(config: MatViTConfig) -> float:
+def ffn_share(model: MatViT) -> float:
     """The FFNs' share of XL's embedding-path FLOPs: the most any narrower FFN can save."""
-    xl = specs.uniform("XL", config)
+    xl, config = model.spec("XL"), model.config
     t, d = tokens(config), config.embed_dim
-    return sum(4 * t * d * w for w in xl.widths) / specs.forward_flops(config, xl, head=False)
+    return sum(4 * t * d * w for w in xl.widths) / model.forward_flops(xl)
 
 
 def fit(points: list[tuple[float, float]]) -> dict:
@@ -300,21 +294,22 @@ class Bench:
     # 1 and 2: nesting and smaller specs
     def timing_step(self, s: Subject) -> dict:
         o, cfg = self.opts, s.config
-        spec_list = timed_specs(cfg, o.mixes)
+        spec_list = timed_specs(s.model, o.mixes)
         settings = self._settings("timing", model=s.name, fingerprint=s.fingerprint, batch=o.batch,
                                   repeats=o.repeats, repeats_batched=o.repeats_batched,
                                   specs=[x.text for x in spec_list])
         path = self.out / "steps" / f"{s.slug}-timing.json"
         if (saved := self._cached(path, settings)) is not None:
             return saved
-        from matvit.extract import build_standalone, extract
+        from matvit.extract import Features, build_standalone
 
         start, row = time.perf_counter(), {"settings": settings, **self._begin()}
-        extracted = {x.id: extract(s.model, x) for x in spec_list}
+        extracted = {x.id: s.model.extract(x) for x in spec_list}
         torch.manual_seed(o.seed + 1)
-        plain = {x.id: build_standalone(cfg.timm_kwargs(), list(x.widths)).eval() for x in spec_list}
+        plain = {x.id: Embedding(Features(build_standalone(cfg.timm_kwargs(), list(x.widths)))).eval()
+                 for x in spec_list}
         xl = spec_list[-1]
-        flops = {x.id: specs.forward_flops(cfg, x, head=False) for x in spec_list}
+        flops = {x.id: s.model.forward_flops(x) for x in spec_list}
         batches = {}
         for b, repeats in ((1, o.repeats), (o.batch, o.repeats_batched)):
             self.log(f"[{s.slug}-timing] batch {b}: {3 * len(spec_list)} models x {repeats} repeats")
@@ -332,7 +327,7 @@ class Bench:
                 rows.append({
                     "spec": sp.text, "gflops": round(flops[k] / 1e9, 5),
                     "flop_ratio": round(flops[k] / flops[xl.id], 4),
-                    "params": specs.num_params(cfg, sp, head=False),
+                    "params": s.model.num_params(sp),
                     "ms": {kind: median_ms(t[f"{kind}:{k}"]) for kind in ("nested", "extracted", "plain")},
                     # throughput against the plain timm ViT of the same widths = its time over ours
                     "throughput_vs_plain": {kind: round(ratio(t, f"plain:{k}", f"{kind}:{k}"), 4)
@@ -347,7 +342,7 @@ class Bench:
             batches[str(b)] = {"batch": b, "repeats": repeats, "rows": rows, "fit_extracted": ext_fit,
                                "calls_timed": {name: len(vs) for name, vs in t.items()}}
         row.update({"model": s.name, "weights": s.weights, "fingerprint": s.fingerprint, "preset": s.preset,
-                    "config": cfg.to_dict(), "tokens": tokens(cfg), "ffn_share_of_flops": round(ffn_share(cfg), 4),
+                    "config": cfg.to_dict(), "tokens": tokens(cfg), "ffn_share_of_flops": round(ffn_share(s.model), 4),
                     "batches": batches, "load_1min_at_end": load_average(),
                     "step_seconds": round(time.perf_counter() - start, 1), **provenance.record()})
         return self._write(path, row)
@@ -360,20 +355,19 @@ class Bench:
         path = self.out / "steps" / f"{s.slug}-index.json"
         if (saved := self._cached(path, settings)) is not None:
             return saved
-        from matvit.extract import extract
         from retrieval import build
         from retrieval.encoder import Encoder
 
         start, row = time.perf_counter(), {"settings": settings, **self._begin()}
-        vit = extract(s.model, "XL")
+        xl = s.model.extract("XL")
         b = o.index_batch
         n = o.index_images
         if not n:  # about INDEX_SECONDS of XL forward, whole batches
             probe = torch.zeros(min(b, 32), cfg.in_chans, cfg.img_size, cfg.img_size)
             with torch.inference_mode():
-                embed(vit, probe)
+                xl(probe)
                 t0 = time.perf_counter()
-                embed(vit, probe)
+                xl(probe)
                 rate = len(probe) / (time.perf_counter() - t0)
             n = min(max(INDEX_LIMITS[0], round(rate * INDEX_SECONDS)), INDEX_LIMITS[1])
         gallery = first_images(s.dataset, "test", n, cfg, o.data_dir)
@@ -386,7 +380,7 @@ class Bench:
         def forward() -> None:
             with torch.inference_mode():
                 for i in range(0, n, b):
-                    embed(vit, x[i:i + b])
+                    xl(x[i:i + b])
 
         def build_index() -> None:
             where = Path(tempfile.mkdtemp(dir=scratch))
@@ -623,8 +617,8 @@ def markdown(r: dict) -> str:
         "",
         f"Method: {r['method']} Absolute milliseconds are recorded but are noisy on a shared CPU: read the ratios. "
         f"The retriever and build-index encode with the **{r['retriever_uses']}** standalone ViT "
-        "(`matvit.extract.extract`, cached per spec by `retrieval.encoder.Encoder`); the nested rows time the "
-        "MatViT itself under `model.submodel(spec)`.",
+        "(`MatViT.extract`, cached per spec by `retrieval.encoder.Encoder`); the nested rows time the "
+        "MatViT itself given the spec (`model.embed(x, spec)`).",
         "",
     ]
     for model in r["models"]:
