@@ -90,8 +90,7 @@ def _runtime(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from matvit import runtime
-    from matvit.induce import train_matvit
+    from matvit import runtime, warmup
     from matvit.train import TrainOptions
 
     opts = TrainOptions(
@@ -102,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         init=args.init and str(args.init), seed=args.seed,
     )
     with runtime.start(args.device, args.precision, args.compile) as rt:
-        result = train_matvit(opts, rt, workers=args.workers, in_memory=args.in_memory, resume=args.resume)
+        result = warmup.train(opts, rt, workers=args.workers, in_memory=args.in_memory, resume=args.resume)
     if result is None:  # not the main process of a torchrun group
         return
     print(f"{'granularity':<12}{'top-1':>8}{'1-NN':>8}")

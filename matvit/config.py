@@ -31,7 +31,7 @@ class TrainRecipe:
     label_smoothing: float = 0.1
     grad_clip: float = 1.0
     augment: str = "none"  # one of AUGMENTATIONS
-    # A dense warm-up before the joint epochs (`induce.train_matvit`): this many epochs of a plain ViT of the XL
+    # A dense warm-up before the joint epochs (`matvit.warmup`): this many epochs of a plain ViT of the XL
     # width, whose FFN neurons are then ordered by weight. None: none.
     dense_epochs: int | None = None
 

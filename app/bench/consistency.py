@@ -25,9 +25,10 @@ import numpy as np
 from matvit import checkpoint, data, metrics, provenance
 from matvit import spec as specs
 from matvit.config import GRANULARITY_NAMES
-from matvit.induce import dense_options, train_matvit
 from matvit.registry import get_preset
 from matvit.train import TrainOptions, finished_run, option_differences
+from matvit.warmup import dense_options
+from matvit.warmup import train as train_with_warmup
 from retrieval.budget import measure
 from retrieval.encoder import Encoder
 from retrieval.grid import grid_from_embeddings
@@ -98,7 +99,7 @@ def train_cached(train_opts: TrainOptions, log=print, reuse: bool = True) -> flo
         warm_up = train_opts.recipe.dense_epochs and _resumable(run / "dense", dense_options(train_opts))
         resume = reuse and bool(_resumable(run, train_opts) or warm_up)
         log(f"{'continuing' if resume else 'training'} {run.name} ({train_opts.recipe.epochs} epochs) in {run}")
-        train_matvit(train_opts, resume=resume, log=log)
+        train_with_warmup(train_opts, resume=resume, log=log)
     return float(json.loads((run / "eval.json").read_text())["train_seconds"])
 
 
