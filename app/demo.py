@@ -106,14 +106,13 @@ def main() -> None:
         st.error(str(e))
         return
     encoder = retriever.encoder
-    cfg = encoder.config
     manifest = retriever.index.manifest
     st.write(f"Index: {manifest['count']:,} items embedded by **{manifest['submodel']}** ({manifest['source']}).")
 
     with st.sidebar:
         st.header("Query")
         upload = st.file_uploader("Upload an image", type=["png", "jpg", "jpeg", "webp", "bmp", "gif"])
-        queries = load_queries(encoder.meta.get("dataset", ""), cfg.img_size, cfg.in_chans)
+        queries = load_queries(encoder.meta.get("dataset", ""), encoder.image_size, encoder.channels)
         if queries is not None and st.button("Random test image"):
             st.session_state["pick"] = random.randrange(len(queries))
         st.header("Submodel")
@@ -122,8 +121,9 @@ def main() -> None:
         if mode == "granularity":
             submodel = st.select_slider("Granularity", [s.text for s in encoder.named()], value="S")
         elif mode == "Mix'n'Match spec":
-            submodel = st.text_input("Spec (one granularity per layer)", ",".join(["S"] * (cfg.depth // 2) +
-                                                                                ["XL"] * (cfg.depth - cfg.depth // 2)))
+            half = encoder.depth // 2
+            submodel = st.text_input("Spec (one granularity per layer)",
+                                     ",".join(["S"] * half + ["XL"] * (encoder.depth - half)))
         else:
             rows = retriever.profile_rows()
             lo, hi = min(r["latency_ms_b1"] for r in rows), max(r["latency_ms_b1"] for r in rows)

@@ -12,9 +12,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import MatViTConfig
+from . import registry
 from .errors import UserError
-from .model import MatViT
+from .nested import NestedModel
 
 TRAINING_FILE = "training.pt"
 
@@ -33,14 +33,14 @@ def fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def save(model: MatViT, directory: Path, **meta) -> None:
-    """Write the weights and the config (plus `meta`: classes, dataset, ...) atomically."""
+def save(model: NestedModel, directory: Path, **meta) -> None:
+    """Write the weights and the config (its family, plus `meta`: classes, dataset, ...) atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / "model.safetensors.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, directory / "model.safetensors")
-    config = {"model": model.config.to_dict(), "fingerprint": fingerprint(model), **meta}
+    config = {"family": model.family, "model": model.config.to_dict(), "fingerprint": fingerprint(model), **meta}
     (directory / "config.json.tmp").write_text(json.dumps(config, indent=2))
     os.replace(directory / "config.json.tmp", directory / "config.json")
 
@@ -60,14 +60,16 @@ def read_config(directory: Path) -> dict:
     return config
 
 
-def load(directory: Path) -> tuple[MatViT, dict]:
-    """The model in eval mode, and the checkpoint's config dict."""
+def load(directory: Path) -> tuple[NestedModel, dict]:
+    """The model of the checkpoint's family in eval mode, and the checkpoint's config dict."""
     meta = read_config(directory)
     weights = Path(directory) / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"no weights in {directory}: {weights} is missing")
     try:
-        model = MatViT(MatViTConfig.from_dict(meta["model"]))
+        model = registry.from_config(meta.get("family", registry.DEFAULT_FAMILY), meta["model"])
+    except UserError as e:
+        raise CheckpointError(f"{Path(directory) / 'config.json'}: {e}") from e
     except (TypeError, ValueError, KeyError, AssertionError) as e:
         raise CheckpointError(f"{Path(directory) / 'config.json'} does not describe a model ({e}); restore the "
                               "checkpoint or train it again") from e

@@ -15,7 +15,7 @@ Importance of hidden neuron j of a block's FFN:
   not that of a random head.
 - `none`: keep the checkpoint's order (the ablation).
 
-A dense warm-up (`train_matvit`, a recipe's `dense_epochs`) is the same with a plain ViT trained here first.
+A dense warm-up (`matvit.warmup`, a recipe's `dense_epochs`) is the same with a plain ViT trained there first.
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from . import checkpoint, provenance, sources
-from .config import MatViTConfig, get_preset
+from . import provenance, sources
 from .errors import UserError, make_dir
 from .images import to_input
-from .model import MatViT
+from .model import MatViT, MatViTConfig
+from .registry import get_preset
 from .runtime import Runtime
-from .train import Trainer, TrainOptions, finished_run, option_differences
+from .train import Trainer, TrainOptions, option_differences
 
 IMPORTANCE = ("weight", "taylor", "none")
 INDUCED_FILE = "induced.safetensors"
@@ -422,41 +422,3 @@ def induce(opts: InduceOptions, runtime: Runtime | None = None, workers: int = 2
     rt.barrier()
     result = Trainer(opts.train_options(), rt, workers=workers, in_memory=in_memory).run(resume=resume, log=log)
     return None if result is None else {"induce": summary, "eval": result}
-
-
-def dense_options(opts: TrainOptions) -> TrainOptions:
-    """The dense warm-up's training for a recipe with `dense_epochs`: a plain ViT of the XL width in OUT/dense."""
-    return dataclasses.replace(opts, out=Path(opts.out) / "dense", epochs=opts.recipe.dense_epochs, dense_epochs=0,
-                               baseline="XL", mode="sum", weights=None, distill="none", mixnmatch_prob=0.0)
-
-
-def train_matvit(opts: TrainOptions, runtime: Runtime | None = None, workers: int = 2, in_memory: bool = False,
-                 resume: bool = False, log=print) -> dict | None:
-    """`Trainer(opts).run`, after a dense warm-up when the recipe has one (`dense_epochs`): a plain ViT of the XL
-    width trained for that many epochs in OUT/dense (reused when `resume` finds it finished), its FFN neurons
-    ordered by `weight` into OUT/induced.safetensors, then the joint training from those weights. eval.json's
-    `train_seconds` counts both trainings."""
-    epochs = opts.recipe.dense_epochs
-    if not epochs:
-        return Trainer(opts, runtime, workers, in_memory).run(resume=resume, log=log)
-    rt = runtime or Runtime(torch.device("cpu"))
-    out = Path(opts.out)
-    dense = dense_options(opts)
-    if resume and finished_run(dense.out, dense):
-        log(f"reusing the finished dense warm-up in {dense.out}")
-    else:
-        log(f"dense warm-up: a plain ViT of the XL width for {epochs} epochs in {dense.out}")
-        Trainer(dense, rt, workers, in_memory).run(resume=resume, log=log)
-    init = out / INDUCED_FILE
-    if rt.main:
-        model, _ = checkpoint.load(dense.out)
-        reorder(model, orders_of(weight_scores(model)))
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, init)
-    rt.barrier()
-    result = Trainer(opts, rt, workers, in_memory, init=init).run(resume=resume, log=log)
-    if result is not None:
-        seconds = json.loads((dense.out / "eval.json").read_text())["train_seconds"]
-        result["dense_warmup"] = {"run": str(dense.out), "epochs": epochs, "train_seconds": seconds}
-        result["train_seconds"] = round(result["train_seconds"] + seconds, 1)
-        (out / "eval.json").write_text(json.dumps(result, indent=2))
-    return result

@@ -29,10 +29,11 @@ from tqdm import tqdm
 
 from . import checkpoint, metrics, provenance, sources
 from . import spec as specs
-from .config import AUGMENTATIONS, DISTILLATIONS, HEADS, MatViTConfig, TrainRecipe, get_preset
+from .config import AUGMENTATIONS, DISTILLATIONS, HEADS, TrainRecipe
 from .errors import UserError, make_dir
 from .images import to_input
-from .model import MatViT
+from .nested import NestedModel, normalise
+from .registry import create, get_preset
 from .runtime import Runtime
 from .spec import Submodel
 
@@ -88,15 +89,15 @@ class TrainOptions:
         if self.weights is not None and len(self.weights) != len(names):
             raise UserError(f"--weights needs {len(names)} values ({', '.join(names)})")
 
-    def model_config(self, num_classes: int) -> MatViTConfig:
+    def model_config(self, num_classes: int):
+        """The preset's model config for `num_classes` classes (the baseline's, for a baseline)."""
         cfg = get_preset(self.preset).model
         cfg.num_classes = num_classes
         cfg.head = self.head or cfg.head
         if self.baseline is not None:
             if self.baseline not in cfg.granularities:
                 raise UserError(f"unknown baseline {self.baseline!r}; use one of {', '.join(cfg.granularities)}")
-            width = cfg.granularities[self.baseline]
-            cfg = dataclasses.replace(cfg, mlp_hidden=width, granularities={self.baseline: width})
+            cfg = cfg.baseline(self.baseline)
         return cfg
 
     def to_dict(self) -> dict:
@@ -180,9 +181,9 @@ def lr_lambda(total_steps: int, warmup_steps: int):
 
 
 class FeaturesAndLogits(torch.nn.Module):
-    """`MatViT.features_and_logits` as a module's forward, so that DDP and torch.compile see every pass."""
+    """`NestedModel.features_and_logits` as a module's forward, so that DDP and torch.compile see every pass."""
 
-    def __init__(self, model: MatViT) -> None:
+    def __init__(self, model: NestedModel) -> None:
         super().__init__()
         self.model = model
 
@@ -212,7 +213,7 @@ class Trainer:
             raise UserError(f"{opts.dataset} has {len(self.train_set)} training images, fewer than one batch of "
                             f"{self.recipe.batch_size}: lower --batch-size")
         torch.manual_seed(opts.seed)
-        self.model = MatViT(opts.model_config(len(self.train_set.classes)))
+        self.model = create(opts.model_config(len(self.train_set.classes)))
         init = init or (opts.init and Path(opts.init))
         if init and self.runtime.main:  # DDP starts every process from the main process's weights
             self._load_init(init)
@@ -399,7 +400,7 @@ class Trainer:
 
 
 @torch.inference_mode()
-def embed_source(model: MatViT, source: sources.Source, spec: Submodel, device: torch.device | str = "cpu",
+def embed_source(model: NestedModel, source: sources.Source, spec: Submodel, device: torch.device | str = "cpu",
                  workers: int = 0, batch_size: int = 256,
                  desc: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Embeddings (L2-normalised), logits and labels of every image of `source`, in order, streamed."""
@@ -408,7 +409,7 @@ def embed_source(model: MatViT, source: sources.Source, spec: Submodel, device: 
                           disable=desc is None or None):
         if len(y):
             feats, out = model.features_and_logits(to_input(images).to(device), spec)
-            emb.append(F.normalize(feats.float(), dim=-1).cpu().numpy())
+            emb.append(normalise(feats.float()).cpu().numpy())
             logits.append(out.float().cpu().numpy())
             labels.append(y.numpy())
     if not emb:
@@ -416,13 +417,13 @@ def embed_source(model: MatViT, source: sources.Source, spec: Submodel, device: 
     return np.concatenate(emb), np.concatenate(logits), np.concatenate(labels)
 
 
-def evaluate_checkpoint(model: MatViT, train_set: sources.Source, test_set: sources.Source,
+def evaluate_checkpoint(model: NestedModel, train_set: sources.Source, test_set: sources.Source,
                         device: torch.device | str = "cpu", workers: int = 0) -> dict:
     """Top-1 on the test split and 1-NN with the train split as gallery, per trained granularity."""
     model.eval()
     result: dict = {"top1": {}, "knn1": {}}
-    for g in model.config.granularities:
-        spec = specs.uniform(g, model.config)
+    for g in model.granularities:
+        spec = model.spec(g)
         gallery, _, gallery_labels = embed_source(model, train_set, spec, device, workers, desc=f"gallery {g}")
         queries, logits, query_labels = embed_source(model, test_set, spec, device, workers, desc=f"queries {g}")
         result["top1"][g] = metrics.top1(logits, query_labels)

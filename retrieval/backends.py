@@ -27,9 +27,8 @@ import numpy as np
 import torch
 
 from matvit.errors import UserError
-from matvit.extract import Embedder, export
 from matvit.images import to_input
-from matvit.model import MatViT
+from matvit.nested import Embedding, NestedModel
 from matvit.spec import Submodel
 
 log = logging.getLogger(__name__)
@@ -58,12 +57,11 @@ def default_cache() -> Path:
     return Path(os.environ.get("MATVIT_CACHE") or Path.home() / ".cache" / "matvit") / "backends"
 
 
-def probe(model: MatViT, size: int = PROBE_SIZE, seed: int = 0) -> torch.Tensor:
+def probe(model: NestedModel, size: int = PROBE_SIZE, seed: int = 0) -> torch.Tensor:
     """The fixed probe batch every backend is checked on: seeded uint8 noise as model input."""
-    c = model.config
     generator = torch.Generator().manual_seed(seed)
-    return to_input(torch.randint(0, 256, (size, c.in_chans, c.img_size, c.img_size), generator=generator,
-                                  dtype=torch.uint8))
+    shape = (size, model.channels, model.image_size, model.image_size)
+    return to_input(torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8))
 
 
 def min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -85,20 +83,20 @@ def median_latency_ms(fn: Runner, images: torch.Tensor, warmup: int = 3, repeats
 
 
 # --- the backends ----------------------------------------------------------------------------------
-def eager(embedder: Embedder) -> Runner:
+def eager(embedder: Embedding) -> Runner:
     def run(images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return embedder(images)
     return run
 
 
-def compiled(embedder: Embedder) -> Runner:
+def compiled(embedder: Embedding) -> Runner:
     """`torch.compile` of the extracted submodel for single queries; other batch sizes run eager (dynamo
     specialises on the batch size, and a recompile takes seconds: never inside a request)."""
     import torch._dynamo
     import torch._inductor.config
 
-    # every extracted submodel shares Embedder.forward, whose compiled graphs count against one limit
+    # every extracted submodel shares Embedding.forward, whose compiled graphs count against one limit
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._inductor.config.compile_threads = 1  # no pool of compile workers left competing for the cores
     module = torch.compile(embedder, dynamic=False)  # static shapes: each submodel its own graph
@@ -109,8 +107,8 @@ def compiled(embedder: Embedder) -> Runner:
     return run
 
 
-def onnx_file(model: MatViT, fingerprint: str, spec: Submodel, cache: Path, int8: bool = False) -> Path:
-    """The cached ONNX file of `spec` (exported by `matvit.extract.export`; `int8`: its dynamic int8
+def onnx_file(model: NestedModel, fingerprint: str, spec: Submodel, cache: Path, int8: bool = False) -> Path:
+    """The cached ONNX file of `spec` (exported by `NestedModel.export`; `int8`: its dynamic int8
     quantization), written once per checkpoint fingerprint and spec, atomically."""
     directory = Path(cache) / fingerprint / spec.id
     path = directory / ("model-int8.onnx" if int8 else "model.onnx")
@@ -121,7 +119,7 @@ def onnx_file(model: MatViT, fingerprint: str, spec: Submodel, cache: Path, int8
     try:
         source = directory / "model.onnx"
         if not source.exists():
-            export(model, spec, work, onnx=True, fingerprint=fingerprint)
+            model.export(spec, work, onnx=True, fingerprint=fingerprint)
             source = work / "model.onnx"
         if int8:
             from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -159,7 +157,7 @@ def onnx_runner(path: Path, threads: int | None = None) -> Runner:
     return run
 
 
-def build(name: str, model: MatViT, fingerprint: str, spec: Submodel, embedder: Embedder, device: torch.device,
+def build(name: str, model: NestedModel, fingerprint: str, spec: Submodel, embedder: Embedding, device: torch.device,
           cache: Path | None = None) -> Runner:
     """The runner of backend `name` for `spec` (unchecked: see `check`)."""
     if name == "eager":

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from matvit.spec import Submodel
+
 
 @dataclass
 class Encoded:
@@ -43,11 +45,11 @@ class Batcher:
         self.slots = threading.Semaphore(slots)
         self.max_wait_s = max_wait_ms / 1e3
         self.max_batch = max_batch
-        self._gathering: dict[str, list[Encoded]] = {}  # spec -> the batch still open for it
+        self._gathering: dict[Submodel, list[Encoded]] = {}  # spec -> the batch still open for it
         self._decoding = 0  # requests between `encode`'s call and their joining a batch
         self._changed = threading.Condition()
 
-    def encode(self, load: Callable[[], torch.Tensor], spec: str) -> Encoded:
+    def encode(self, load: Callable[[], torch.Tensor], spec: Submodel) -> Encoded:
         """Embeddings of the images `load()` returns (uint8 N x C x H x W), encoded with `spec` together with
         those of concurrent requests for the same spec. `load` runs here, counted as decoding."""
         with self._changed:
@@ -73,7 +75,7 @@ class Batcher:
             raise request.error
         return request
 
-    def _lead(self, spec: str, batch: list[Encoded]) -> None:
+    def _lead(self, spec: Submodel, batch: list[Encoded]) -> None:
         with self._changed:
             self._changed.wait_for(lambda: self._decoding == 0 or sum(len(r.images) for r in batch) >= self.max_batch,
                                    timeout=self.max_wait_s)

@@ -71,18 +71,18 @@ def candidates(encoder: Encoder, which: str) -> list[Submodel]:
     each spec once, in order."""
     out: list[Submodel] = []
     for item in which.split(";"):
-        out += FAMILIES[item](encoder.config) if item in FAMILIES else [encoder.spec(item)]
+        out += FAMILIES[item](encoder.model) if item in FAMILIES else [encoder.spec(item)]
     return list(dict.fromkeys(out))
 
 
 def measure(encoder: Encoder, spec: Submodel | str, repeats: int = 15) -> dict:
     """Parameters and GFLOPs (embedding path, and with the classifier head), the backend chosen to serve
     it (see `Encoder.select`), and that backend's median latency at batch 1 and 32 on this machine."""
-    cfg, spec = encoder.config, encoder.spec(spec)
+    spec = encoder.spec(spec)
     trials = encoder.select(spec, repeats)
     backend = encoder.serving(spec)
     runner = encoder.runner(spec)
-    one = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size, device=encoder.runtime.device)
+    one = torch.zeros(1, encoder.channels, encoder.image_size, encoder.image_size, device=encoder.runtime.device)
     return {"params": encoder.params(spec), "gflops": encoder.gflops(spec),
             "params_with_head": encoder.params(spec, head=True), "gflops_with_head": encoder.gflops(spec, head=True),
             "backend": backend,

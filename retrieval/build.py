@@ -43,7 +43,7 @@ def build(encoder: Encoder, source: GallerySource, index: str | Path | Store, su
             return {}
         if embedded is None:
             return finished(store, live)
-        manifest = {"fingerprint": encoder.fingerprint, "submodel": spec.text, "dim": encoder.config.embed_dim,
+        manifest = {"fingerprint": encoder.fingerprint, "submodel": spec.text, "dim": encoder.dim,
                     "metric": "inner_product", "source": source.description, "roots": [], "classes": [],
                     "next_id": 0, "created_at": now()}
         smallest = smallest_encode_ms(encoder) if index_key == "auto" else None

@@ -173,8 +173,8 @@ def labelled(retriever, dataset: str, split: str, count: int | None = None, data
              seed: int = 0) -> tuple:
     """(images, class names, sources) of `count` seeded draws from a dataset split at the model's input size (all
     of it without `count`): the labelled queries `measure` takes."""
-    cfg = retriever.encoder.config
-    found = data.load(dataset, split, cfg.img_size, cfg.in_chans, data_dir)
+    encoder = retriever.encoder
+    found = data.load(dataset, split, encoder.image_size, encoder.channels, data_dir)
     rows = np.arange(len(found.images)) if count is None else np.sort(
         np.random.default_rng(seed).choice(len(found.images), min(count, len(found.images)), replace=False))
     return (found.images[rows], [found.classes[int(found.labels[i])] for i in rows],

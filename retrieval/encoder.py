@@ -1,8 +1,8 @@
 """The encoder: images to L2-normalised embeddings with any submodel, each served by an extracted model.
 
-Extracted models are physically smaller plain timm ViTs, cached per spec (bounded, least recently
-used dropped first), each run by a backend (`retrieval.backends`): the encoder's `backend`, or with
-`auto` the one `select` (or a stored profile, through `serve`) chose for that spec; eager until then.
+Extracted models are physically smaller standalone models (`NestedModel.extract`), cached per spec
+(bounded, least recently used dropped first), each run by a backend (`retrieval.backends`): the encoder's
+`backend`, or with `auto` the one `select` (or a stored profile, through `serve`) chose for that spec; eager until then.
 Encoding changes no shared state, so threads may encode with different specs at once.
 """
 
@@ -17,9 +17,7 @@ import numpy as np
 import torch
 
 from matvit import checkpoint, metrics
-from matvit import spec as specs
-from matvit.extract import Embedder, extract
-from matvit.model import MatViT
+from matvit.nested import Embedding, NestedModel
 from matvit.runtime import Runtime
 from matvit.spec import Submodel
 
@@ -33,18 +31,17 @@ class Encoder:
     """A checkpoint's submodels as embedding functions, on the runtime's device and precision (CPU fp32 by
     default). `backend`: one of `retrieval.backends.CHOICES`; `backend_cache`: where ONNX files are kept."""
 
-    def __init__(self, model: MatViT, meta: dict | None = None, cache_size: int = 8,
+    def __init__(self, model: NestedModel, meta: dict | None = None, cache_size: int = 8,
                  runtime: Runtime | None = None, backend: str = "eager", backend_cache: Path | None = None) -> None:
         self.runtime = runtime or Runtime(torch.device("cpu"))
         self.model = model.eval()
         self.meta = meta or {}
-        self.config = model.config
         self.fingerprint = checkpoint.fingerprint(model)
         self.classes: list[str] = self.meta.get("classes") or []
         self.cache_size = cache_size
         self.backend = backends.check_name(backend)
         self.backend_cache = backend_cache
-        self._cache: OrderedDict[str, Embedder] = OrderedDict()
+        self._cache: OrderedDict[str, Embedding] = OrderedDict()
         self._runners: OrderedDict[tuple[str, str], Runner] = OrderedDict()
         self._serving: dict[str, str] = {}  # spec id -> the backend that serves it, once checked
         self._planned: dict[str, str] = {}  # spec id -> the backend a stored profile chose, checked at first use
@@ -62,14 +59,31 @@ class Encoder:
     def spec(self, text: str | Submodel) -> Submodel:
         return self.model.spec(text)
 
-    def embedder(self, spec: str | Submodel) -> Embedder:
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+    @property
+    def channels(self) -> int:
+        return self.model.channels
+
+    @property
+    def dim(self) -> int:
+        """Length of every submodel's embedding."""
+        return self.model.embedding_dim
+
+    @property
+    def depth(self) -> int:
+        return self.model.depth
+
+    def embedder(self, spec: str | Submodel) -> Embedding:
         """The extracted model for `spec` (built on first use, then cached)."""
         spec = self.spec(spec)
         with self._lock:
             if spec.id in self._cache:
                 self._cache.move_to_end(spec.id)
                 return self._cache[spec.id]
-        embedder = Embedder(extract(self.model, spec)).eval().to(self.runtime.device)
+        embedder = self.model.extract(spec).eval().to(self.runtime.device)
         with self._lock:
             self._cache[spec.id] = embedder
             while len(self._cache) > self.cache_size:
@@ -180,12 +194,12 @@ class Encoder:
             return metrics.run_batched(self.runner(spec), images, batch_size, desc, self.runtime.device)
 
     def named(self) -> list[Submodel]:
-        return specs.named(self.config)
+        return self.model.named()
 
     def gflops(self, spec: str | Submodel, head: bool = False) -> float:
         """Forward GFLOPs per image of the embedding path (with the classifier head when `head`)."""
-        return specs.forward_flops(self.config, self.spec(spec), head) / 1e9
+        return self.model.forward_flops(spec, head) / 1e9
 
     def params(self, spec: str | Submodel, head: bool = False) -> int:
         """Parameters of the embedding path (with the classifier head when `head`)."""
-        return specs.num_params(self.config, self.spec(spec), head)
+        return self.model.num_params(spec, head)

@@ -24,6 +24,7 @@ from PIL import Image
 from matvit import data
 from matvit import images as imageio
 from matvit.errors import UserError
+from matvit.spec import Submodel
 
 from . import budget as budgets
 from . import build
@@ -43,12 +44,23 @@ class EmbeddingError(UserError):
 class Choice:
     """The submodel a query ran with, why, and the backend that encodes with it."""
 
-    id: str
-    spec: str
+    submodel: Submodel
     gflops: float
     params: int
     reason: str
     backend: str = "eager"
+
+    @property
+    def id(self) -> str:
+        return self.submodel.id
+
+    @property
+    def spec(self) -> str:
+        return self.submodel.text
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "spec": self.spec, "gflops": self.gflops, "params": self.params,
+                "reason": self.reason, "backend": self.backend}
 
 
 @dataclass
@@ -62,7 +74,7 @@ class Result:
     cascade: dict | None = None  # with the cascade: the submodels that ran, their GFLOPs together, the confidence
 
     def to_dict(self) -> dict:
-        out = {"results": self.neighbours, "submodel": vars(self.submodel), "timings_ms": self.timings_ms,
+        out = {"results": self.neighbours, "submodel": self.submodel.to_dict(), "timings_ms": self.timings_ms,
                "encode_batch": self.encode_batch}
         return out if self.cascade is None else {**out, "cascade": self.cascade}
 
@@ -164,8 +176,10 @@ class Retriever:
         else:
             spec = self.encoder.spec("XL" if submodel is None else submodel)  # "" is a bad spec, not XL
             reason = "default (XL)" if submodel is None else "requested"
-        return Choice(spec.id, spec.text, self.encoder.gflops(spec), self.encoder.params(spec), reason,
-                      self.encoder.serving(spec))
+        return self._choice(spec, reason)
+
+    def _choice(self, spec: Submodel, reason: str) -> Choice:
+        return Choice(spec, self.encoder.gflops(spec), self.encoder.params(spec), reason, self.encoder.serving(spec))
 
     def backends(self) -> dict[str, str]:
         """The backend serving each profiled (or named) submodel, by spec text."""
@@ -188,8 +202,8 @@ class Retriever:
     def decode(self, sources: list) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Image files (paths or bytes) as the model's input and their original sizes, decoded within the limits,
         one decode slot per image."""
-        cfg = self.encoder.config
-        decoded = [self._decode(imageio.decode, source, cfg.img_size, cfg.in_chans, self.max_pixels,
+        size, channels = self.encoder.image_size, self.encoder.channels
+        decoded = [self._decode(imageio.decode, source, size, channels, self.max_pixels,
                                 self.max_decode_bytes) for source in sources]
         return torch.stack([image for image, _ in decoded]), [size for _, size in decoded]
 
@@ -251,7 +265,7 @@ class Retriever:
             decoded.append(time.perf_counter())
             return batch
 
-        encoded = self.batcher.encode(load, choice.spec)
+        encoded = self.batcher.encode(load, choice.submodel)
         t2 = time.perf_counter()
         scores, ids = self.nearest(encoded.embeddings, k, search_params, index)
         t3 = time.perf_counter()
@@ -279,8 +293,8 @@ class Retriever:
         images = sources if isinstance(sources, torch.Tensor) else self.decode(list(sources))[0]
         spent = {"decode": time.perf_counter() - start, "queue": 0.0, "encode": 0.0, "search": 0.0, "metadata": 0.0}
         waiting, final, ran = np.arange(len(images)), {}, [[] for _ in range(len(images))]
-        for i, text in enumerate(policy.stages):
-            encoded = self.batcher.encode(lambda rows=waiting: images[rows], text)
+        for i, spec in enumerate(self.encoder.spec(text) for text in policy.stages):
+            encoded = self.batcher.encode(lambda rows=waiting: images[rows], spec)
             t0 = time.perf_counter()
             scores, ids = self.nearest(encoded.embeddings, max(k, cascades.VOTES), search_params, index)
             t1 = time.perf_counter()
@@ -292,9 +306,9 @@ class Retriever:
             sure = cascades.confidence(policy.signal, scores, cascades.label_codes(neighbours, cascades.VOTES))
             stop = sure >= (policy.thresholds[i] if i < len(policy.thresholds) else -np.inf)
             for row, query in enumerate(waiting):
-                ran[query].append(text)
+                ran[query].append(spec)
                 if stop[row]:
-                    final[query] = (neighbours[row][:k], float(sure[row]), text, encoded.batch_images)
+                    final[query] = (neighbours[row][:k], float(sure[row]), spec, encoded.batch_images)
             waiting = waiting[~stop]
             if not len(waiting):
                 break
@@ -302,12 +316,10 @@ class Retriever:
         timings = {key: round(v * 1e3 / len(images), 3) for key, v in spent.items()}
         results = []
         for query in range(len(images)):
-            hits, sure, text, batch = final[query]
-            spec = self.encoder.spec(text)
-            choice = Choice(spec.id, spec.text, self.encoder.gflops(spec), self.encoder.params(spec),
-                            f"cascade: confident enough at {spec.text}", self.encoder.serving(spec))
+            hits, sure, spec, batch = final[query]
+            choice = self._choice(spec, f"cascade: confident enough at {spec.text}")
             results.append(Result(hits, choice, timings, batch, {
-                "ran": ran[query], "gflops": sum(self.encoder.gflops(s) for s in ran[query]),
+                "ran": [s.text for s in ran[query]], "gflops": sum(self.encoder.gflops(s) for s in ran[query]),
                 "confidence": round(sure, 4)}))
         return results
 

@@ -41,8 +41,8 @@ from PIL import Image
 
 from app.api import Settings
 from matvit import checkpoint, data, images, provenance
-from matvit.config import get_preset
 from matvit.model import MatViT
+from matvit.registry import get_preset
 from retrieval import build
 from retrieval.encoder import Encoder
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from matvit import checkpoint
-from matvit.config import get_preset
 from matvit.model import MatViT
+from matvit.registry import get_preset
 
 
 def main() -> None:

@@ -13,9 +13,9 @@ from app.bench import speed, speed_models, speed_report
 from app.cli import main
 from matvit import checkpoint
 from matvit import spec as specs
-from matvit.config import get_preset
 from matvit.errors import UserError
 from matvit.model import MatViT
+from matvit.registry import get_preset
 
 TINY = "matvit-tiny-digits"
 
@@ -125,13 +125,14 @@ def test_checkpoint_is_timed_and_trains_its_preset(tmp_path, monkeypatch):
 
 def test_mixes_are_monotone_and_spread_between_s_and_xl():
     cfg = get_preset("matvit-ti16").model
-    chosen = speed_models.mixes(cfg, 4)
-    flops = [specs.forward_flops(cfg, s, head=False) for s in chosen]
-    lo, hi = (specs.forward_flops(cfg, specs.uniform(g, cfg), head=False) for g in ("S", "XL"))
+    model = MatViT(cfg)
+    chosen = speed_models.mixes(model, 4)
+    flops = [model.forward_flops(s) for s in chosen]
+    lo, hi = (model.forward_flops(g) for g in ("S", "XL"))
     monotone = {s.text for s in specs.monotone(cfg)}
     assert len({s.text for s in chosen}) == 4 and all(s.text in monotone and not s.uniform for s in chosen)
     assert flops == sorted(flops) and lo < flops[0] and flops[-1] < hi
-    assert [s.text for s in speed_models.timed_specs(cfg, 4)][-1] == "XL"
+    assert [s.text for s in speed_models.timed_specs(model, 4)][-1] == "XL"
 
 
 def test_options_are_checked(tmp_path):

@@ -132,7 +132,7 @@ def test_random_checkpoint_script_writes_a_loadable_checkpoint_of_the_preset(tmp
     subprocess.run([sys.executable, str(script), "--preset", "matvit-tiny-digits", "--out", str(tmp_path)],
                    check=True, capture_output=True)
     encoder = Encoder.load(tmp_path)
-    assert encoder.config.img_size == 8 and [s.text for s in encoder.named()] == ["S", "M", "L", "XL"]
+    assert encoder.image_size == 8 and [s.text for s in encoder.named()] == ["S", "M", "L", "XL"]
     assert json.loads((tmp_path / "config.json").read_text())["weights"] == "random (seed 0)"
 
 

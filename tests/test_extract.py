@@ -9,11 +9,11 @@ import onnxruntime as ort
 import torch
 
 from matvit import spec as specs
-from matvit.extract import export, extract, load_standalone
+from matvit.extract import load_standalone
 
 
 def test_extracted_model_is_physically_smaller(trained):
-    small = extract(trained, "S")
+    small = trained.extract("S").features.vit
     assert small.blocks[0].mlp.fc1.weight.shape == (16, 32)
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in trained.parameters())
 
@@ -22,7 +22,7 @@ def test_export_embeddings_equal_the_nested_model(trained, tmp_path):
     x = torch.randn(6, 1, 8, 8)
     for text in ("XL", "S", "S,M,L,XL", "M,S,XL,L"):
         spec = specs.parse(text, trained.config)
-        out = export(trained, spec, tmp_path / spec.id)
+        out = trained.export(spec, tmp_path / spec.id)
         config = json.loads((out / "config.json").read_text())
         assert config["mlp_hidden_features"] == list(spec.widths)
         vit = load_standalone(out)
@@ -52,7 +52,7 @@ with torch.no_grad():
 
 def test_export_loads_with_timm_and_safetensors_only(trained, tmp_path):
     """The loader docs/exporting.md shows, run in a fresh interpreter that never imports the project."""
-    out = export(trained, "S,S,M,XL", tmp_path / "mix")
+    out = trained.export("S,S,M,XL", tmp_path / "mix")
     x = torch.randn(3, 1, 8, 8)
     np.save(out / "x.npy", x.numpy())
     script = tmp_path / "loader.py"
@@ -64,7 +64,7 @@ def test_export_loads_with_timm_and_safetensors_only(trained, tmp_path):
 
 
 def test_onnx_export_matches_onnxruntime(trained, tmp_path):
-    out = export(trained, "M", tmp_path / "onnx", onnx=True)
+    out = trained.export("M", tmp_path / "onnx", onnx=True)
     x = torch.randn(4, 1, 8, 8)
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(["embeddings"], {"images": x.numpy()})[0]

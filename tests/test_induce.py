@@ -13,11 +13,11 @@ from timm.models.vision_transformer import VisionTransformer
 from app.cli import main
 from matvit import checkpoint, sources
 from matvit import induce as ind
-from matvit.config import get_preset
 from matvit.errors import UserError
 from matvit.images import to_input
 from matvit.induce import InduceError, InduceOptions
 from matvit.model import MatViT
+from matvit.registry import get_preset
 from matvit.train import Trainer, TrainOptions, evaluate_checkpoint
 from scripts.studies.induce import find_reference
 
@@ -267,14 +267,13 @@ def test_bench_writes_each_step_and_skips_what_it_is_told(tmp_path):
 
 
 def test_the_full_recipe_row_counts_its_dense_warm_up(tmp_path, small_digits, monkeypatch):
-    from matvit import config
-    from matvit.induce import train_matvit
+    from matvit import config, registry, warmup
     from scripts.studies.induce import Bench, InduceBenchOptions
 
     warm = config.Preset(_config(), config.TrainRecipe(epochs=1, batch_size=32, augment="none", dense_epochs=1))
-    monkeypatch.setitem(config.PRESETS, PRESET, warm)
+    monkeypatch.setitem(registry.PRESETS, PRESET, warm)
     full = tmp_path / "full"
-    train_matvit(TrainOptions(PRESET, "digits", full), **QUIET)
+    warmup.train(TrainOptions(PRESET, "digits", full), **QUIET)
     opts = InduceBenchOptions(dataset="digits", preset=PRESET, out=tmp_path / "out", epochs=1, dense_epochs=1,
                               importances=("weight",), scratch=False, cache=tmp_path / "runs", full_run=full,
                               log=lambda s: None)

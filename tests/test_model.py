@@ -1,12 +1,13 @@
 """The nested model: slicing equals masking, and XL is exactly a plain timm ViT."""
 
+import threading
+
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from matvit import spec as specs
-from matvit.config import MatViTConfig, get_preset
-from matvit.extract import extract
-from matvit.model import COSINE_SCALE, MatViT, NestedMlp
+from matvit.model import COSINE_SCALE, MatViT, MatViTConfig, NestedMlp
+from matvit.registry import get_preset
 
 
 def masked_forward(model: MatViT, x: torch.Tensor, spec) -> torch.Tensor:
@@ -19,7 +20,7 @@ def masked_forward(model: MatViT, x: torch.Tensor, spec) -> torch.Tensor:
         return fn
     handles = [b.mlp.act.register_forward_hook(hook(w)) for b, w in zip(model.blocks, spec.widths, strict=True)]
     try:
-        return model(x, None)
+        return model(x, "XL")
     finally:
         for h in handles:
             h.remove()
@@ -57,44 +58,30 @@ def test_embed_is_normalised_prelogits_cls_feature():
     x = torch.randn(4, 1, 8, 8)
     emb = model.embed(x, "M")
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(4))
-    with model.submodel("M"):
-        cls = model.forward_features(x)[:, 0]
+    cls = model.forward_features(x, "M")[:, 0]
     torch.testing.assert_close(emb, torch.nn.functional.normalize(cls, dim=-1))
 
 
-def test_submodel_context_restores_full_width():
-    model = _model()
-    with model.submodel("S"):
-        assert all(b.mlp.width == 16 for b in model.blocks)
-    assert all(b.mlp.width is None for b in model.blocks)
-
-
-def test_forward_without_spec_runs_the_enclosing_submodel():
+def test_the_widths_are_an_argument_of_the_forward_and_leave_no_state():
     model = _model()
     x = torch.randn(3, 1, 8, 8)
-    with model.submodel("S"):
-        inside = model(x)
-        inside_embed = model.features_and_logits(x)[0]
-    torch.testing.assert_close(inside, model(x, "S"), rtol=0, atol=0)
-    torch.testing.assert_close(inside_embed, model.features_and_logits(x, "S")[0], rtol=0, atol=0)
-    assert all(b.mlp.width is None for b in model.blocks)
-    torch.testing.assert_close(model(x), model(x, "XL"), rtol=0, atol=0)
+    want = {text: model(x, text) for text in ("S", "M", "S,M,L,XL", "XL")}
+    torch.testing.assert_close(model(x), want["XL"], rtol=0, atol=0)
+    torch.testing.assert_close(model(x, specs.parse("S,M,L,XL", model.config)), want["S,M,L,XL"], rtol=0, atol=0)
+    got: dict[str, list[torch.Tensor]] = {text: [] for text in want}
 
-
-def test_nested_submodel_contexts_restore_the_outer_widths():
-    model = _model()
-    x = torch.randn(3, 1, 8, 8)
-    mix = specs.parse("S,M,L,XL", model.config)
-    with model.submodel(mix):
-        with model.submodel("M"):
-            assert [b.mlp.width for b in model.blocks] == [32] * 4
-            torch.testing.assert_close(model(x), model(x, "M"), rtol=0, atol=0)
-        assert [b.mlp.width for b in model.blocks] == list(mix.widths)
-        torch.testing.assert_close(model(x, "S"), model(x, specs.uniform("S", model.config)), rtol=0, atol=0)
-        assert [b.mlp.width for b in model.blocks] == list(mix.widths)
-        after_inner = model(x)
-    torch.testing.assert_close(after_inner, model(x, mix), rtol=0, atol=0)
-    assert all(b.mlp.width is None for b in model.blocks)
+    def run(text: str) -> None:
+        with torch.no_grad():
+            for _ in range(20):
+                got[text].append(model(x, text))
+    threads = [threading.Thread(target=run, args=(text,)) for text in want]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for text, outs in got.items():  # threads with different specs at once, each gets its own submodel's output
+        for out in outs:
+            torch.testing.assert_close(out, want[text], rtol=1e-5, atol=1e-5)
 
 
 def test_ffn_width_is_exact_when_mlp_hidden_is_not_a_multiple_of_embed_dim():
@@ -109,7 +96,7 @@ def test_ffn_width_is_exact_when_mlp_hidden_is_not_a_multiple_of_embed_dim():
     assert config.granularities == {"S": 15, "M": 30, "L": 60, "XL": 120}
     x = torch.randn(2, 1, 8, 8)
     for text in ("XL", "S,L"):
-        standalone = extract(model, text)
+        standalone = model.extract(text).features.vit
         assert [b.mlp.fc1.out_features for b in standalone.blocks] == list(model.spec(text).widths)
         with torch.no_grad():
             torch.testing.assert_close(standalone(x), model(x, text))

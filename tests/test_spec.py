@@ -7,9 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from matvit import spec as specs
-from matvit.config import get_preset
-from matvit.extract import extract
 from matvit.model import MatViT
+from matvit.registry import get_preset
 
 
 @pytest.fixture
@@ -67,18 +66,18 @@ def test_one_layer_specs_change_one_layer_each_way(fmnist):
 def test_params_and_flops_match_the_extracted_module(preset, text):
     cfg = get_preset(preset).model
     spec = specs.monotone(cfg)[17] if text == "monotone-mix" else specs.parse(text, cfg)
-    vit = extract(MatViT(cfg), spec)
-    assert specs.num_params(cfg, spec) == sum(p.numel() for p in vit.parameters())
+    model = MatViT(cfg)
+    vit = model.extract(spec).features.vit
+    assert model.num_params(spec, head=True) == sum(p.numel() for p in vit.parameters())
     for block in vit.blocks:  # the counter does not see CPU's fused attention kernel; count its matmuls
         block.attn.fused_attn = False
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         vit(torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size))
-    assert specs.forward_flops(cfg, spec) == counter.get_total_flops()
+    assert model.forward_flops(spec, head=True) == counter.get_total_flops()
 
 
 def test_paper_presets_are_constructible_shapes():
-    cfg = get_preset("matvit-b16").model
-    xl, s = specs.uniform("XL", cfg), specs.uniform("S", cfg)
-    assert 85e6 < specs.num_params(cfg, xl) < 88e6
-    assert specs.num_params(cfg, s) < specs.num_params(cfg, xl)
+    model = MatViT(get_preset("matvit-b16").model)
+    assert 85e6 < model.num_params("XL", head=True) < 88e6
+    assert model.num_params("S", head=True) < model.num_params("XL", head=True)

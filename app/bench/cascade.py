@@ -28,8 +28,8 @@ import torch
 
 from matvit import provenance
 from matvit import spec as specs
-from matvit.config import get_preset
 from matvit.model import MatViT
+from matvit.registry import get_preset
 from retrieval import cascade
 from retrieval.encoder import Encoder
 from retrieval.retriever import Retriever
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> dict:
                 for t in args.target.split(",")]
     policies[0].save(retriever.store.files / cascade.CASCADE_FILE)
     tested = cascade.measure(retriever, *test, stages, args.signal)
-    mixnmatch = cascade.measure(retriever, *test, [s.text for s in specs.monotone(retriever.encoder.config)],
+    mixnmatch = cascade.measure(retriever, *test, [s.text for s in specs.monotone(retriever.encoder.model)],
                                 args.signal)
     report = {**provenance.record(), "dataset": args.dataset, "index": str(args.index),
               "checkpoint": str(args.checkpoint), "backends": {s: retriever.encoder.serving(s) for s in stages},

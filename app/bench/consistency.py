@@ -26,10 +26,12 @@ import numpy as np
 from app.options import floats, ints
 from matvit import checkpoint, data, metrics, provenance
 from matvit import spec as specs
-from matvit.config import AUGMENTATIONS, GRANULARITY_NAMES, PRESETS, get_preset
+from matvit.config import AUGMENTATIONS, GRANULARITY_NAMES
 from matvit.errors import UserError
-from matvit.induce import dense_options, train_matvit
+from matvit.registry import PRESETS, get_preset
 from matvit.train import TrainOptions, finished_run, option_differences
+from matvit.warmup import dense_options
+from matvit.warmup import train as train_with_warmup
 from retrieval.budget import measure
 from retrieval.encoder import Encoder
 from retrieval.grid import grid_from_embeddings
@@ -100,7 +102,7 @@ def train_cached(train_opts: TrainOptions, log=print, reuse: bool = True) -> flo
         warm_up = train_opts.recipe.dense_epochs and _resumable(run / "dense", dense_options(train_opts))
         resume = reuse and bool(_resumable(run, train_opts) or warm_up)
         log(f"{'continuing' if resume else 'training'} {run.name} ({train_opts.recipe.epochs} epochs) in {run}")
-        train_matvit(train_opts, resume=resume, log=log)
+        train_with_warmup(train_opts, resume=resume, log=log)
     return float(json.loads((run / "eval.json").read_text())["train_seconds"])
 
 
@@ -147,10 +149,9 @@ def train_options(opts: BenchOptions, seed: int, baseline: str | None) -> TrainO
 def embed_named(encoder: Encoder, dataset: str, data_dir: Path | None, label: str):
     """The dataset's train split (the gallery) and test split (the queries), and both embedded by every trained
     granularity: `(gallery, queries, {spec: gallery embeddings}, {spec: query embeddings})`."""
-    cfg = encoder.config
-    gallery = data.load(dataset, "train", cfg.img_size, cfg.in_chans, data_dir)
-    queries = data.load(dataset, "test", cfg.img_size, cfg.in_chans, data_dir)
-    named = specs.named(cfg)
+    gallery = data.load(dataset, "train", encoder.image_size, encoder.channels, data_dir)
+    queries = data.load(dataset, "test", encoder.image_size, encoder.channels, data_dir)
+    named = encoder.named()
     g = {s.text: encoder.encode(gallery.images, s, desc=f"{label} gallery {s.text}") for s in named}
     q = {s.text: encoder.encode(queries.images, s, desc=f"{label} queries {s.text}") for s in named}
     return gallery, queries, g, q

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-
 from retrieval.index import TRAIN_SAMPLE
 
 from .index_measure import (

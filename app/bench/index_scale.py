@@ -149,9 +149,8 @@ def embeddings(opts: ScaleOptions, encoder: Encoder) -> Embeddings:
         opts.log(f"embeddings from {cache}")
         return _load_embeddings(cache, cached[0], json.loads((cache / f"gallery-{cached[0]}.json").read_text()))
     meta_path = cache / f"gallery-{n}.json"
-    cfg = encoder.config
-    train = data.load(opts.dataset, "train", cfg.img_size, cfg.in_chans, opts.data_dir)
-    test = data.load(opts.dataset, "test", cfg.img_size, cfg.in_chans, opts.data_dir)
+    train = data.load(opts.dataset, "train", encoder.image_size, encoder.channels, opts.data_dir)
+    test = data.load(opts.dataset, "test", encoder.image_size, encoder.channels, opts.data_dir)
     copies = math.ceil(n / len(train))
     (cache / "copies").mkdir(parents=True, exist_ok=True)
     seconds = 0.0
@@ -167,7 +166,7 @@ def embeddings(opts: ScaleOptions, encoder: Encoder) -> Embeddings:
         (cache / "copies" / f".{path.name}").rename(path)
         rate = len(images) / (time.perf_counter() - start)
         opts.log(f"embedded gallery copy {c + 1}/{copies} ({rate:,.0f} images/s)")
-    gallery = np.lib.format.open_memmap(cache / f".gallery-{n}.npy", "w+", np.float32, (n, cfg.embed_dim))
+    gallery = np.lib.format.open_memmap(cache / f".gallery-{n}.npy", "w+", np.float32, (n, encoder.dim))
     for c in range(copies):
         lo = c * len(train)
         gallery[lo:min(n, lo + len(train))] = np.load(cache / "copies" / f"copy-{c:04d}.npy")[:n - lo]
@@ -304,7 +303,7 @@ class Bench:
         truth = self.truth(n)
         classes = self.encoder.classes or [str(c) for c in range(int(self.emb.labels.max()) + 1)]
         added = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-        img = self.encoder.config.img_size
+        img = self.encoder.image_size
         rows = [(i, f"{self.opts.dataset}:gallery:{i}", None, 0, int(label), img, img, added)
                 for i, label in enumerate(self.emb.labels[:n].tolist())]
         manifest = {"fingerprint": self.encoder.fingerprint, "submodel": "XL", "dim": self.dim,

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from matvit import data, provenance
-from matvit import spec as specs
 from matvit.images import to_png
 from retrieval import build
 from retrieval.encoder import Encoder
@@ -40,9 +39,9 @@ def query_latency(retriever: Retriever, files: list[Path], spec: str) -> dict:
 def run(checkpoint: Path, dataset: str, index: Path, out: Path, queries: int = 200) -> dict:
     """Build `index` from the train split, time everything, write `out`.json and `out`.md; returns the report."""
     encoder = Encoder.load(checkpoint)
-    cfg = encoder.config
-    train = build.DatasetSource(dataset, "train", cfg.img_size, cfg.in_chans)
-    test = data.load(dataset, "test", cfg.img_size, cfg.in_chans)
+    size, channels = encoder.image_size, encoder.channels
+    train = build.DatasetSource(dataset, "train", size, channels)
+    test = data.load(dataset, "test", size, channels)
     report = {"dataset": dataset, "checkpoint": str(checkpoint), "fingerprint": encoder.fingerprint, "queries": queries,
               **provenance.record()}
 
@@ -57,11 +56,11 @@ def run(checkpoint: Path, dataset: str, index: Path, out: Path, queries: int = 2
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(to_png(img))
             files.append(path)
-        folder = build.FolderSource(Path(tmp) / "gallery", cfg.img_size, cfg.in_chans, workers=2)
+        folder = build.FolderSource(Path(tmp) / "gallery", size, channels, workers=2)
         report["build_from_png_files"] = build.build(encoder, folder, Path(tmp) / "index")
         retriever = Retriever(index, encoder=encoder)
         report["query_latency_ms"] = {}
-        for spec in specs.named(cfg):
+        for spec in encoder.named():
             row = query_latency(retriever, files[:queries], spec.text)
             report["query_latency_ms"][spec.text] = {**row, "gflops": round(encoder.gflops(spec), 5),
                                                       "params": encoder.params(spec)}

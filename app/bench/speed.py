@@ -7,11 +7,11 @@ by repeat, is not. Every figure here is such a ratio (the absolute milliseconds 
 For each model (a preset with seeded random weights, or a trained checkpoint):
 
 1. Nesting costs nothing: embedding throughput of the nested MatViT at XL, and of each extracted submodel
-   (`matvit.extract.extract`), against a plain timm ViT built with the same widths (`build_standalone`);
+   (`MatViT.extract`), against a plain timm ViT built with the same widths (`build_standalone`);
    the nested MatViT at the smaller specs is shown too. Target >= 0.97, batch 1 and batch B.
 2. Smaller is really faster: latency(spec) / latency(XL) against GFLOPs(spec) / GFLOPs(XL) (the embedding
-   path, `matvit.spec.forward_flops`) for S, M, L and Mix'n'Match specs of the monotone family, for the
-   extracted models (what the retriever encodes with) and the nested model under `model.submodel(spec)`.
+   path, `MatViT.forward_flops`) for S, M, L and Mix'n'Match specs of the monotone family, for the
+   extracted models (what the retriever encodes with) and the nested model (`model.embed(x, spec)`).
    Target: within 15% of the FLOP ratio at batch B, 25% at batch 1. A least-squares fit
    ms = fixed + slope x GFLOPs over the specs says how much of a forward does not shrink with the FFN.
 3. Indexing: `retrieval.build.build` images/s on the first N images of a dataset against the pure XL
@@ -44,16 +44,16 @@ from pathlib import Path
 import torch
 
 from matvit import data, provenance
-from matvit import spec as specs
-from matvit.config import GRANULARITY_NAMES, PRESETS, get_preset
+from matvit.config import GRANULARITY_NAMES
 from matvit.errors import UserError
 from matvit.images import to_input
+from matvit.nested import Embedding
+from matvit.registry import PRESETS, get_preset
 
 from . import steps
 from .speed_models import (
     Call,
     Subject,
-    embed,
     ffn_share,
     first_images,
     fit,
@@ -212,21 +212,22 @@ class Bench:
     # 1 and 2: nesting and smaller specs
     def timing_step(self, s: Subject) -> dict:
         o, cfg = self.opts, s.config
-        spec_list = timed_specs(cfg, o.mixes)
+        spec_list = timed_specs(s.model, o.mixes)
         settings = self._settings("timing", model=s.name, fingerprint=s.fingerprint, batch=o.batch,
                                   repeats=o.repeats, repeats_batched=o.repeats_batched,
                                   specs=[x.text for x in spec_list])
         path = self.out / "steps" / f"{s.slug}-timing.json"
         if (saved := self._cached(path, settings)) is not None:
             return saved
-        from matvit.extract import build_standalone, extract
+        from matvit.extract import Features, build_standalone
 
         start, row = time.perf_counter(), {"settings": settings, **self._begin()}
-        extracted = {x.id: extract(s.model, x) for x in spec_list}
+        extracted = {x.id: s.model.extract(x) for x in spec_list}
         torch.manual_seed(o.seed + 1)
-        plain = {x.id: build_standalone(cfg.timm_kwargs(), list(x.widths)).eval() for x in spec_list}
+        plain = {x.id: Embedding(Features(build_standalone(cfg.timm_kwargs(), list(x.widths)))).eval()
+                 for x in spec_list}
         xl = spec_list[-1]
-        flops = {x.id: specs.forward_flops(cfg, x, head=False) for x in spec_list}
+        flops = {x.id: s.model.forward_flops(x) for x in spec_list}
         batches = {}
         for b, repeats in ((1, o.repeats), (o.batch, o.repeats_batched)):
             self.log(f"[{s.slug}-timing] batch {b}: {3 * len(spec_list)} models x {repeats} repeats")
@@ -244,7 +245,7 @@ class Bench:
                 rows.append({
                     "spec": sp.text, "gflops": round(flops[k] / 1e9, 5),
                     "flop_ratio": round(flops[k] / flops[xl.id], 4),
-                    "params": specs.num_params(cfg, sp, head=False),
+                    "params": s.model.num_params(sp),
                     "ms": {kind: median_ms(t[f"{kind}:{k}"]) for kind in ("nested", "extracted", "plain")},
                     # throughput against the plain timm ViT of the same widths = its time over ours
                     "throughput_vs_plain": {kind: round(ratio(t, f"plain:{k}", f"{kind}:{k}"), 4)
@@ -259,7 +260,7 @@ class Bench:
             batches[str(b)] = {"batch": b, "repeats": repeats, "rows": rows, "fit_extracted": ext_fit,
                                "calls_timed": {name: len(vs) for name, vs in t.items()}}
         row.update({"model": s.name, "weights": s.weights, "fingerprint": s.fingerprint, "preset": s.preset,
-                    "config": cfg.to_dict(), "tokens": tokens(cfg), "ffn_share_of_flops": round(ffn_share(cfg), 4),
+                    "config": cfg.to_dict(), "tokens": tokens(cfg), "ffn_share_of_flops": round(ffn_share(s.model), 4),
                     "batches": batches, "load_1min_at_end": load_average(),
                     "step_seconds": round(time.perf_counter() - start, 1), **provenance.record()})
         return self._write(path, row)
@@ -272,20 +273,19 @@ class Bench:
         path = self.out / "steps" / f"{s.slug}-index.json"
         if (saved := self._cached(path, settings)) is not None:
             return saved
-        from matvit.extract import extract
         from retrieval import build
         from retrieval.encoder import Encoder
 
         start, row = time.perf_counter(), {"settings": settings, **self._begin()}
-        vit = extract(s.model, "XL")
+        xl = s.model.extract("XL")
         b = o.index_batch
         n = o.index_images
         if not n:  # about INDEX_SECONDS of XL forward, whole batches
             probe = torch.zeros(min(b, 32), cfg.in_chans, cfg.img_size, cfg.img_size)
             with torch.inference_mode():
-                embed(vit, probe)
+                xl(probe)
                 t0 = time.perf_counter()
-                embed(vit, probe)
+                xl(probe)
                 rate = len(probe) / (time.perf_counter() - t0)
             n = min(max(INDEX_LIMITS[0], round(rate * INDEX_SECONDS)), INDEX_LIMITS[1])
         gallery = first_images(s.dataset, "test", n, cfg, o.data_dir)
@@ -298,7 +298,7 @@ class Bench:
         def forward() -> None:
             with torch.inference_mode():
                 for i in range(0, n, b):
-                    embed(vit, x[i:i + b])
+                    xl(x[i:i + b])
 
         def build_index() -> None:
             where = Path(tempfile.mkdtemp(dir=scratch))

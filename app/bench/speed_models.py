@@ -13,7 +13,10 @@ import torch.nn.functional as F
 
 from matvit import data
 from matvit import spec as specs
-from matvit.config import GRANULARITY_NAMES, MatViTConfig, get_preset
+from matvit.config import GRANULARITY_NAMES
+from matvit.model import MatViT, MatViTConfig
+from matvit.nested import Embedding
+from matvit.registry import get_preset
 from matvit.spec import Submodel
 
 Call = Callable[[], object]
@@ -24,7 +27,7 @@ class Subject:
     """A model whose speed is measured: a preset with seeded random weights, or a trained checkpoint."""
 
     name: str
-    model: torch.nn.Module  # a MatViT
+    model: MatViT
     weights: str  # "random (seed N)" or the checkpoint path
     fingerprint: str
     dataset: str  # images for indexing
@@ -44,7 +47,6 @@ def subjects(presets: tuple[str, ...], checkpoint_dir: Path | None, dataset: str
     """Each preset with weights of `seed`, then the trained checkpoint; `dataset` (default: the checkpoint's, else
     fashion-mnist) gives the images for indexing."""
     from matvit import checkpoint
-    from matvit.model import MatViT
 
     for name in presets:
         torch.manual_seed(seed)
@@ -57,12 +59,12 @@ def subjects(presets: tuple[str, ...], checkpoint_dir: Path | None, dataset: str
                       dataset or meta.get("dataset") or "fashion-mnist", meta.get("preset"))
 
 
-def mixes(config: MatViTConfig, n: int) -> list[Submodel]:
+def mixes(model: MatViT, n: int) -> list[Submodel]:
     """`n` Mix'n'Match specs of the monotone family (widths never shrink with depth: MatFormer's recipe for
     submodels on the accuracy-compute Pareto front), at GFLOPs evenly spaced between S and XL."""
-    flops = lambda s: specs.forward_flops(config, s, head=False)  # noqa: E731
-    lo, hi = flops(specs.uniform("S", config)), flops(specs.uniform("XL", config))
-    pool = [s for s in specs.monotone(config) if not s.uniform]
+    flops = model.forward_flops
+    lo, hi = flops("S"), flops("XL")
+    pool = [s for s in specs.monotone(model) if not s.uniform]
     chosen: list[Submodel] = []
     for i in range(1, n + 1):
         target = lo + (hi - lo) * i / (n + 1)
@@ -72,37 +74,29 @@ def mixes(config: MatViTConfig, n: int) -> list[Submodel]:
     return sorted(chosen, key=flops)
 
 
-def timed_specs(config: MatViTConfig, n_mixes: int) -> list[Submodel]:
+def timed_specs(model: MatViT, n_mixes: int) -> list[Submodel]:
     """S, M, L, the Mix'n'Match specs, XL: cheapest first."""
-    named = [specs.uniform(g, config) for g in GRANULARITY_NAMES if g in config.granularities]
-    return sorted(named[:-1] + mixes(config, n_mixes), key=lambda s: specs.forward_flops(config, s, False)) + named[-1:]
+    named = [model.spec(g) for g in GRANULARITY_NAMES if g in model.granularities]
+    return sorted(named[:-1] + mixes(model, n_mixes), key=model.forward_flops) + named[-1:]
 
 
-def embed(vit: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The embedding path of a timm ViT: pre-logits CLS feature after the final norm, L2-normalised."""
-    return F.normalize(vit.forward_head(vit.forward_features(x), pre_logits=True), dim=-1)
+def plain_call(embedding: Embedding, x: torch.Tensor) -> Call:
+    return lambda: embedding(x)
 
 
-def plain_call(vit: torch.nn.Module, x: torch.Tensor) -> Call:
-    return lambda: embed(vit, x)
-
-
-def nested_call(model, spec: Submodel, x: torch.Tensor) -> Call:
-    def call() -> torch.Tensor:
-        with model.submodel(spec):
-            return embed(model, x)
-    return call
+def nested_call(model: MatViT, spec: Submodel, x: torch.Tensor) -> Call:
+    return lambda: model.embed(x, spec)
 
 
 def tokens(config: MatViTConfig) -> int:
     return (config.img_size // config.patch_size) ** 2 + 1
 
 
-def ffn_share(config: MatViTConfig) -> float:
+def ffn_share(model: MatViT) -> float:
     """The FFNs' share of XL's embedding-path FLOPs: the most any narrower FFN can save."""
-    xl = specs.uniform("XL", config)
+    xl, config = model.spec("XL"), model.config
     t, d = tokens(config), config.embed_dim
-    return sum(4 * t * d * w for w in xl.widths) / specs.forward_flops(config, xl, head=False)
+    return sum(4 * t * d * w for w in xl.widths) / model.forward_flops(xl)
 
 
 def fit(points: list[tuple[float, float]]) -> dict:

@@ -114,8 +114,8 @@ def markdown(r: dict) -> str:
         "",
         f"Method: {r['method']} Absolute milliseconds are recorded but are noisy on a shared CPU: read the ratios. "
         f"The retriever and build-index encode with the **{r['retriever_uses']}** standalone ViT "
-        "(`matvit.extract.extract`, cached per spec by `retrieval.encoder.Encoder`); the nested rows time the "
-        "MatViT itself under `model.submodel(spec)`.",
+        "(`MatViT.extract`, cached per spec by `retrieval.encoder.Encoder`); the nested rows time the "
+        "MatViT itself given the spec (`model.embed(x, spec)`).",
         "",
     ]
     for model in r["models"]:

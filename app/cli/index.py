@@ -20,10 +20,10 @@ def _check_gallery(args: argparse.Namespace) -> None:
 def _source(args, encoder):
     from retrieval import build
 
-    cfg = encoder.config
+    size, channels = encoder.image_size, encoder.channels
     if args.images:
-        return build.FolderSource(args.images, cfg.img_size, cfg.in_chans, workers=args.workers)
-    return build.open_gallery(args.dataset, args.split, cfg.img_size, cfg.in_chans, args.data_dir, args.workers)
+        return build.FolderSource(args.images, size, channels, workers=args.workers)
+    return build.open_gallery(args.dataset, args.split, size, channels, args.data_dir, args.workers)
 
 
 def _on_disk(args: argparse.Namespace) -> dict:

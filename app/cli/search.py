@@ -80,8 +80,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     if store:
         if not args.dataset:
             raise UserError("--index needs --dataset (a labelled query split) to measure accuracy")
-        cfg = encoder.config
-        queries = data.load(args.dataset, args.split, cfg.img_size, cfg.in_chans, args.data_dir)
+        queries = data.load(args.dataset, args.split, encoder.image_size, encoder.channels, args.data_dir)
         accuracy = budget.index_accuracy(store.open(), encoder, queries)
     result = budget.profile(encoder, budget.candidates(encoder, args.submodels), accuracy)
     out = args.out or (store.files / budget.PROFILE_FILE if store else None)
@@ -133,9 +132,8 @@ def cmd_eval_grid(args: argparse.Namespace) -> None:
     from retrieval.grid import grid
 
     encoder = Encoder.load(args.index_checkpoint)
-    cfg = encoder.config
-    gallery = data.load(args.dataset, "train", cfg.img_size, cfg.in_chans, args.data_dir)
-    queries = data.load(args.dataset, "test", cfg.img_size, cfg.in_chans, args.data_dir)
+    gallery = data.load(args.dataset, "train", encoder.image_size, encoder.channels, args.data_dir)
+    queries = data.load(args.dataset, "test", encoder.image_size, encoder.channels, args.data_dir)
     result = grid(encoder, gallery, queries, candidates(encoder, args.index_submodels),
                   candidates(encoder, args.query_submodels))
     result.update({"dataset": args.dataset, "fingerprint": encoder.fingerprint, **provenance.record()})

@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 from app import options
-from matvit.config import AUGMENTATIONS, DISTILLATIONS, HEADS, PRESETS
+from matvit.config import AUGMENTATIONS, DISTILLATIONS, HEADS
+from matvit.registry import PRESETS
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from matvit import runtime
-    from matvit.induce import train_matvit
+    from matvit import runtime, warmup
     from matvit.train import TrainOptions
 
     opts = TrainOptions(
@@ -23,7 +23,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         init=args.init and str(args.init), seed=args.seed,
     )
     with runtime.start(args.device, args.precision, args.compile) as rt:
-        result = train_matvit(opts, rt, workers=args.workers, in_memory=args.in_memory, resume=args.resume)
+        result = warmup.train(opts, rt, workers=args.workers, in_memory=args.in_memory, resume=args.resume)
     if result is None:  # not the main process of a torchrun group
         return
     print(f"{'granularity':<12}{'top-1':>8}{'1-NN':>8}")
@@ -56,11 +56,10 @@ def cmd_induce(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from matvit import checkpoint
-    from matvit.extract import export
 
     model, meta = checkpoint.load(args.checkpoint)
     spec = model.spec(args.submodel)
-    export(model, spec, args.out, onnx=args.onnx, classes=meta.get("classes"), source_fingerprint=meta["fingerprint"])
+    model.export(spec, args.out, onnx=args.onnx, classes=meta.get("classes"), source_fingerprint=meta["fingerprint"])
     print(json.dumps({"out": str(args.out), "submodel": spec.text, "mlp_hidden_features": list(spec.widths),
                       "onnx": args.onnx}))
 

@@ -25,7 +25,7 @@ from app.bench.consistency import embed_named, options_json, train_cached
 from app.bench.consistency_report import MIXNMATCH_MISS, misses_by_mix, mixnmatch_below
 from matvit import metrics, provenance
 from matvit import spec as specs
-from matvit.config import PRESETS, get_preset
+from matvit.registry import PRESETS, get_preset
 from matvit.train import TrainOptions
 from retrieval.encoder import Encoder
 from retrieval.grid import grid_from_embeddings
@@ -86,8 +86,7 @@ def measure_option(opts: AlignOptions, name: str, log=print) -> dict:
     seconds = train_cached(train_opts, log)
     encoder = Encoder.load(train_opts.out)
     gallery, queries, g, q = embed_named(encoder, opts.dataset, opts.data_dir, name)
-    cfg = encoder.config
-    xl = specs.named(cfg)[-1].text
+    xl = encoder.named()[-1].text
     grid = grid_from_embeddings(g, q, gallery.labels, queries.labels, (xl, xl))["grid"]
     row = {"settings": settings, "option": name, "what": OPTIONS[name][0], "epochs": train_opts.recipe.epochs,
            "seed": opts.seed, **origin, "train_seconds": seconds,
@@ -95,7 +94,7 @@ def measure_option(opts: AlignOptions, name: str, log=print) -> dict:
            "grid": {i: {j: cell["knn1"] for j, cell in cols.items()} for i, cols in grid.items()}}
     if name in opts.mixnmatch:
         row["mixnmatch"] = []
-        for spec in specs.monotone(cfg):
+        for spec in specs.monotone(encoder.model):
             emb = q[spec.text] if spec.text in q else encoder.encode(queries.images, spec, desc=f"{name} {spec.text}")
             row["mixnmatch"].append({"spec": spec.text, "gflops": encoder.gflops(spec),
                                      "knn1": metrics.knn1(g[xl], gallery.labels, emb, queries.labels)})

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from matvit import checkpoint, data, metrics, provenance
-from matvit.config import get_preset
 from matvit.images import to_input
 from matvit.model import MatViT
+from matvit.registry import get_preset
 from retrieval import backends
 from retrieval.encoder import Encoder
 

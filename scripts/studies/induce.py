@@ -31,9 +31,9 @@ from matplotlib.figure import Figure
 from app.bench import steps
 from matvit import checkpoint, data, provenance
 from matvit import spec as specs
-from matvit.config import PRESETS, get_preset
 from matvit.induce import InduceOptions, induce, prepare, prepared
 from matvit.model import MatViT
+from matvit.registry import PRESETS, get_preset
 from matvit.train import Trainer, TrainOptions, finished_run
 from retrieval.encoder import Encoder
 from retrieval.grid import grid_from_embeddings

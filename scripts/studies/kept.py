@@ -12,12 +12,11 @@ from pathlib import Path
 from app.bench import steps
 from app.bench.consistency import matvit_run_name
 from matvit import data, metrics, provenance
-from matvit.config import MatViTConfig
 from matvit.errors import UserError
-from matvit.spec import Submodel
+from matvit.spec import Nesting, Submodel
 from retrieval.encoder import Encoder
 
-Family = Callable[[MatViTConfig], list[Submodel]]
+Family = Callable[[Nesting], list[Submodel]]
 
 
 def step_matvit(step: dict, cache: Path) -> Path:
@@ -32,13 +31,13 @@ def query_xl_index(run: Path, step: dict, family: Family) -> list[dict]:
     """Each spec of `family(config)` querying the XL index of the train split of the MatViT at `run` (test split,
     1-NN, GFLOPs of the embedding path)."""
     encoder = Encoder.load(run)
-    cfg, s = encoder.config, step["settings"]["matvit"]
+    s = step["settings"]["matvit"]
     data_dir = s["data_dir"] and Path(s["data_dir"])
-    gallery, queries = (data.load(s["dataset"], split, cfg.img_size, cfg.in_chans, data_dir)
+    gallery, queries = (data.load(s["dataset"], split, encoder.image_size, encoder.channels, data_dir)
                         for split in ("train", "test"))
     xl = encoder.encode(gallery.images, "XL", desc="gallery XL")
     rows = []
-    for spec in family(cfg):
+    for spec in family(encoder.model):
         emb = encoder.encode(queries.images, spec, desc=f"queries {spec.text}")
         rows.append({"spec": spec.text, "params": encoder.params(spec), "gflops": encoder.gflops(spec),
                      "knn1": metrics.knn1(xl, gallery.labels, emb, queries.labels)})

@@ -1,0 +1,112 @@
+"""The model seam: everything the product uses from a nested model, whatever its backbone.
+
+A nested model holds one encoder per submodel spec (`matvit.spec.Submodel`: a granularity per layer).
+Retrieval, serving and the benchmarks use only this interface; a backbone is one module holding its config,
+its `NestedModel` subclass and its presets, plus an entry in `matvit.registry`.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from . import spec as specs
+from .spec import Submodel
+
+
+def normalise(features: torch.Tensor) -> torch.Tensor:
+    """Retrieval embeddings: features L2-normalised (the index ranks by inner product, i.e. cosine)."""
+    return F.normalize(features, dim=-1)
+
+
+class Embedding(torch.nn.Module):
+    """A standalone encoder's embedding path as a module: images in, L2-normalised embeddings out."""
+
+    def __init__(self, features: torch.nn.Module) -> None:
+        super().__init__()
+        self.features = features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return normalise(self.features(images))
+
+
+class NestedModel(torch.nn.Module, abc.ABC):
+    """A model whose submodels (one granularity per layer) share its weights and its embedding space.
+
+    The config (`config_class`) is a dataclass with `to_dict`/`from_dict` and at least `img_size`, `in_chans`,
+    `num_classes`, `depth` and `granularities` (name -> width of a nested layer, smallest first).
+    """
+
+    family: ClassVar[str]
+    config_class: ClassVar[type]
+    config: Any
+
+    @classmethod
+    def from_config(cls, config: dict) -> NestedModel:
+        return cls(cls.config_class.from_dict(config))
+
+    # --- shape ---------------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return self.config.depth
+
+    @property
+    def granularities(self) -> dict[str, int]:
+        return self.config.granularities
+
+    @property
+    def image_size(self) -> int:
+        return self.config.img_size
+
+    @property
+    def channels(self) -> int:
+        return self.config.in_chans
+
+    @property
+    @abc.abstractmethod
+    def embedding_dim(self) -> int:
+        """Length of an embedding (the same for every submodel)."""
+
+    def spec(self, text: str | Submodel = "XL") -> Submodel:
+        """A spec of this model; a `Submodel` passes through unchanged, text is parsed once."""
+        return text if isinstance(text, Submodel) else specs.parse(text, self)
+
+    def named(self) -> list[Submodel]:
+        """The trained granularities as uniform specs, smallest first."""
+        return specs.named(self)
+
+    # --- compute -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def features_and_logits(self, images: torch.Tensor, spec: str | Submodel = "XL"
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embedding before normalisation and the classifier logits of float `images` at `spec`."""
+
+    def forward(self, images: torch.Tensor, spec: str | Submodel = "XL") -> torch.Tensor:
+        """Logits at `spec`."""
+        return self.features_and_logits(images, spec)[1]
+
+    def embed(self, images: torch.Tensor, spec: str | Submodel = "XL") -> torch.Tensor:
+        """L2-normalised retrieval embeddings of float `images` at `spec`."""
+        return normalise(self.features_and_logits(images, spec)[0])
+
+    @abc.abstractmethod
+    def extract(self, spec: str | Submodel) -> Embedding:
+        """A standalone, physically smaller copy of `spec`'s embedding path, in eval mode."""
+
+    @abc.abstractmethod
+    def export(self, spec: str | Submodel, out: Path, onnx: bool = False, **extra) -> Path:
+        """Write `spec` as a standalone model (`model.safetensors` + `config.json`, plus `model.onnx` with
+        embeddings out when `onnx`) that loads without this project; `extra` goes into the config."""
+
+    # --- cost ----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def forward_flops(self, spec: str | Submodel, head: bool = False) -> int:
+        """Matmul FLOPs of one image's forward at `spec` (2 per multiply-add), with the classifier when `head`."""
+
+    @abc.abstractmethod
+    def num_params(self, spec: str | Submodel, head: bool = False) -> int:
+        """Parameters of `spec`'s extracted model, with the classifier when `head`."""
