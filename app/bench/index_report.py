@@ -7,7 +7,8 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from retrieval.index import TRAIN_SAMPLE
+
+from retrieval.faiss_store import TRAIN_SAMPLE
 
 from .index_measure import (
     AUGMENTATION,
