@@ -9,7 +9,8 @@ decays a_t, and the shared B_t, C_t (d_state values) to
 Mamba2 calls it with x = dt * x and a = dt * A. The chunked form (Dao and Gu, "Transformers are SSMs", 2024,
 Sec. 6) cuts the sequence into chunks of `chunk_size`: inside a chunk the outputs are a masked quadratic form
 (attention-like, decays as the mask); chunk to chunk only the d_state x headdim states pass, so the cost is
-linear in the length. It runs on any device and differentiates with autograd.
+linear in the length. It runs on any device and differentiates with autograd; its products are two-operand
+einsums (matmuls), whose FLOPs `matvit.mamba` counts; a sequence of one chunk skips the chunk-to-chunk part.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ import torch
 import torch.nn.functional as F
 
 
-def segsum(a: torch.Tensor) -> torch.Tensor:
-    """(..., T) -> (..., T, T): entry [i, j] is a_{j+1} + ... + a_i for j <= i (0 on the diagonal), -inf above
-    it. Summed from the a's themselves, not as a difference of cumulative sums, which loses precision."""
-    t = a.size(-1)
-    ones = torch.ones(t, t, dtype=torch.bool, device=a.device)
-    terms = a[..., :, None].expand(*a.shape, t).masked_fill(~torch.tril(ones, -1), 0.0)  # [k, j] = a_k for k > j
-    return terms.cumsum(-2).masked_fill(~torch.tril(ones), float("-inf"))
+def decays(cum: torch.Tensor) -> torch.Tensor:
+    """(..., T) cumulative log decays -> (..., T, T): entry [i, j] is exp(a_{j+1} + ... + a_i) for j <= i (1 on the
+    diagonal), 0 above it; taken as exp(cum_i - cum_j), as Mamba2's kernels do inside a chunk."""
+    t = cum.size(-1)
+    upper = ~torch.tril(torch.ones(t, t, dtype=torch.bool, device=cum.device))
+    return torch.exp((cum[..., :, None] - cum[..., None, :]).masked_fill(upper, float("-inf")))
 
 
 def chunked(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -44,20 +44,21 @@ def chunked(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, 
 
     # Inside each chunk: y_l = sum_{s <= l} (C_l . B_s) exp(a_{s+1} + ... + a_l) x_s.
     scores = c @ b.transpose(-1, -2)  # (batch, chunks, l, s)
-    weights = scores[:, None] * torch.exp(segsum(a))  # (batch, heads, chunks, l, s)
-    y = torch.einsum("bhcls,bcshp->bclhp", weights, x)
+    y = torch.einsum("bhcls,bcshp->bclhp", scores[:, None] * decays(cum), x)  # weights: (batch, heads, chunks, l, s)
+    if n == 1:
+        return y.reshape(batch, q, heads, headdim)[:, :length]
 
     # Each chunk's own end state (what its inputs leave, decayed to the chunk's end): (batch, chunks, heads, p, n).
-    decay_to_end = torch.exp(cum[..., -1:] - cum)  # (batch, heads, chunks, q)
-    states = torch.einsum("bcln,bhcl,bclhp->bchpn", b, decay_to_end, x)
+    decay_to_end = torch.exp(cum[..., -1:] - cum).permute(0, 2, 3, 1)  # (batch, chunks, q, heads)
+    states = torch.einsum("bcln,bclhp->bchpn", b, x * decay_to_end[..., None])
 
     # Chunk to chunk: the state entering chunk k is the decayed sum of the end states of chunks before it.
-    carry = torch.exp(segsum(cum[..., -1]))  # [k, j]: decay over chunks j+1..k (each chunk's whole log decay)
+    carry = decays(cum[..., -1].cumsum(-1))  # [k, j]: the decay over chunks j+1..k
     ends = torch.einsum("bhkj,bjhpn->bkhpn", carry, states)  # the state at the end of chunk k ...
     entering = torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], dim=1)  # ... enters chunk k + 1
 
     # The entering state's contribution inside each chunk: C_l . (decay from the chunk's start to l) h.
-    y = y + torch.einsum("bcln,bchpn,bhcl->bclhp", c, entering, torch.exp(cum))
+    y = y + torch.einsum("bcln,bchpn->bclhp", c, entering) * torch.exp(cum).permute(0, 2, 3, 1)[..., None]
     return y.reshape(batch, n * q, heads, headdim)[:, :length]
 
 
