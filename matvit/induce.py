@@ -86,7 +86,8 @@ class InduceOptions:
             raise UserError("--importance-batches must be at least 1")
         if self.epochs is not None and self.epochs < 0:
             raise UserError("--epochs must be 0 (reorder only) or more")
-        get_preset(self.preset)
+        if not isinstance(get_preset(self.preset).model, MatViTConfig):
+            raise UserError(f"--preset {self.preset} is not a MatViT: induce makes a MatViT of a plain ViT")
 
     def train_options(self) -> TrainOptions:
         return TrainOptions(preset=self.preset, dataset=self.dataset, out=Path(self.out), data_dir=self.data_dir,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import model
+from . import mamba, model
 from .config import Preset
 from .errors import UserError
 from .nested import NestedModel
@@ -27,6 +27,7 @@ def register(family: type[NestedModel], presets: dict[str, Preset] | None = None
 
 
 register(model.MatViT, model.PRESETS)
+register(mamba.MatMamba, mamba.PRESETS)
 
 
 def family_of(config) -> type[NestedModel]:

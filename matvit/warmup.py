@@ -14,7 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 from . import checkpoint
+from .errors import UserError
 from .induce import INDUCED_FILE, orders_of, reorder, weight_scores
+from .model import MatViTConfig
+from .registry import get_preset
 from .runtime import Runtime
 from .train import Trainer, TrainOptions, finished_run
 
@@ -34,6 +37,9 @@ def train(opts: TrainOptions, runtime: Runtime | None = None, workers: int = 2, 
     epochs = opts.recipe.dense_epochs
     if not epochs:
         return Trainer(opts, runtime, workers, in_memory).run(resume=resume, log=log)
+    if not isinstance(get_preset(opts.preset).model, MatViTConfig):
+        raise UserError(f"--dense-epochs: the dense warm-up orders a ViT's FFN neurons, and --preset {opts.preset} "
+                        "is not a MatViT; pass --dense-epochs 0")
     rt = runtime or Runtime(torch.device("cpu"))
     out = Path(opts.out)
     dense = dense_options(opts)
