@@ -14,7 +14,7 @@ from retrieval.encoder import Encoder
 def test_export_through_the_cli(trained_dir, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(trained_dir), "--submodel", "S,M,L,XL", "--out", str(tmp_path)]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["mlp_hidden_features"] == [16, 32, 64, 128]
+    assert printed["widths"] == [16, 32, 64, 128]
     assert (tmp_path / "model.safetensors").is_file()
 
 

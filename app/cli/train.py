@@ -60,7 +60,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     model, meta = checkpoint.load(args.checkpoint)
     spec = model.spec(args.submodel)
     model.export(spec, args.out, onnx=args.onnx, classes=meta.get("classes"), source_fingerprint=meta["fingerprint"])
-    print(json.dumps({"out": str(args.out), "submodel": spec.text, "mlp_hidden_features": list(spec.widths),
+    print(json.dumps({"out": str(args.out), "submodel": spec.text, "widths": list(spec.widths),
                       "onnx": args.onnx}))
 
 
