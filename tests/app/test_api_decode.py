@@ -14,7 +14,7 @@ from PIL import Image
 from matvit import images
 from retrieval import build
 from retrieval.encoder import Encoder
-from tests.test_api import make_client
+from tests.app.test_api import make_client
 
 
 def encoded(pixels: np.ndarray, fmt: str = "PNG") -> bytes:

@@ -26,7 +26,7 @@ from retrieval import build
 from retrieval.encoder import Encoder
 from retrieval.retriever import Retriever
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "app" / "demo.py")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 MAGENTA = (255, 0, 255)

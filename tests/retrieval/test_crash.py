@@ -32,7 +32,7 @@ from retrieval.encoder import Encoder
 from retrieval.faiss_store import GalleryIndex
 from retrieval.store import CRASH_AT, DiskFull, IndexBusy, is_disk_full, writer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CHUNK = 4  # images per chunk file: 20 images make 5 chunks
 
 # where each write is killed; the points from `version.switched` on come after the new version is live
@@ -47,11 +47,11 @@ CASES = [(write, point) for write, points in POINTS.items() for point in points]
 
 
 class Runner:
-    """`tests/crashrun.py`: each command in a new process (a fork of one that imported matvit once)."""
+    """`tests/retrieval/crashrun.py`: each command in a new process (a fork of one that imported matvit once)."""
 
     def __init__(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
-        self.process = subprocess.Popen([sys.executable, "-m", "tests.crashrun"], cwd=ROOT, env=env, text=True,
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.retrieval.crashrun"], cwd=ROOT, env=env, text=True,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def __call__(self, request: dict, crash_at: str | None = None) -> dict:

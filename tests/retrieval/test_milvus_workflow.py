@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 from matvit import data
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
 
 
