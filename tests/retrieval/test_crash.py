@@ -51,8 +51,8 @@ class Runner:
 
     def __init__(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
-        self.process = subprocess.Popen([sys.executable, "-m", "tests.retrieval.crashrun"], cwd=ROOT, env=env, text=True,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.retrieval.crashrun"], cwd=ROOT, env=env,
+                                        text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def __call__(self, request: dict, crash_at: str | None = None) -> dict:
         env = {CRASH_AT: crash_at} if crash_at else {}
