@@ -21,12 +21,12 @@ safetensors and this module with `matvit/ssd.py` (nothing of the nested model or
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from timm.layers import DropPath, PatchEmbed
 from . import ssd
 from .config import HEADS, Preset, TrainRecipe, default_granularities
 from .errors import UserError, make_dir
-from .nested import Embedding, NestedModel
+from .nested import Embedding, NestedConfig, NestedModel
 from .spec import Submodel
 
 COSINE_SCALE = 16.0  # as MatViT's cosine head: logits are this times the cosine to each class weight
@@ -44,9 +44,11 @@ NORM_EPS = 1e-5
 
 
 @dataclass
-class MatMambaConfig:
+class MatMambaConfig(NestedConfig):
     """Shape of a MatMamba-Vision: `depth` Mamba2 blocks of model width `embed_dim` whose inner widths nest the
     widths in `granularities` (default: d_inner / 8, / 4, / 2, / 1)."""
+
+    width_field: ClassVar[str] = "d_inner"
 
     img_size: int = 224
     patch_size: int = 16
@@ -91,17 +93,6 @@ class MatMambaConfig:
                     num_classes=self.num_classes, embed_dim=self.embed_dim, d_state=self.d_state,
                     headdim=self.headdim, d_conv=self.d_conv, chunk_size=self.chunk_size, head=self.head)
 
-    def baseline(self, name: str) -> MatMambaConfig:
-        """The plain MatMamba of granularity `name`'s inner width (an independently trained baseline)."""
-        width = self.granularities[name]
-        return dataclasses.replace(self, d_inner=width, granularities={name: width})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> MatMambaConfig:
-        return cls(**d)
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

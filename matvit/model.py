@@ -10,10 +10,10 @@ This module holds the family's config, model and presets; `extract.py` its stand
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,15 +22,17 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from . import extract
 from .config import HEADS, Preset, TrainRecipe, default_granularities
-from .nested import Embedding, NestedModel
+from .nested import Embedding, NestedConfig, NestedModel
 from .spec import Submodel
 
 COSINE_SCALE = 16.0  # a cosine head's logits are this times the cosine to each class weight
 
 
 @dataclass
-class MatViTConfig:
+class MatViTConfig(NestedConfig):
     """Shape of a MatViT: a timm ViT whose FFNs nest the widths in `granularities`."""
+
+    width_field: ClassVar[str] = "mlp_hidden"
 
     img_size: int = 224
     patch_size: int = 16
@@ -69,17 +71,6 @@ class MatViTConfig:
             class_token=True,
         )
 
-    def baseline(self, name: str) -> MatViTConfig:
-        """The plain ViT of granularity `name`'s FFN width (an independently trained baseline)."""
-        width = self.granularities[name]
-        return dataclasses.replace(self, mlp_hidden=width, granularities={name: width})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> MatViTConfig:
-        return cls(**d)
 
 
 

@@ -8,6 +8,7 @@ its `NestedModel` subclass and its presets, plus an entry in `matvit.registry`.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,6 +22,24 @@ from .spec import Submodel
 def normalise(features: torch.Tensor) -> torch.Tensor:
     """Retrieval embeddings: features L2-normalised (the index ranks by inner product, i.e. cosine)."""
     return F.normalize(features, dim=-1)
+
+
+class NestedConfig:
+    """What a family's config dataclass shares: the dict round trip of a checkpoint's `config.json`, and the
+    config of an independently trained baseline of one granularity (its nested width, `width_field`, cut to it)."""
+
+    width_field: ClassVar[str]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls(**d)
+
+    def baseline(self, name: str):
+        width = self.granularities[name]
+        return dataclasses.replace(self, **{self.width_field: width}, granularities={name: width})
 
 
 class Embedding(torch.nn.Module):

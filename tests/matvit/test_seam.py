@@ -3,11 +3,11 @@ build-index, search with a submodel and a budget, serve) with no other change.""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -22,13 +22,15 @@ from app.cli import main
 from matvit import checkpoint, data, registry
 from matvit.config import Preset, TrainRecipe, default_granularities
 from matvit.errors import make_dir
-from matvit.nested import Embedding, NestedModel
+from matvit.nested import Embedding, NestedConfig, NestedModel
 from matvit.spec import Submodel
 
 
 @dataclass
-class ToyConfig:
+class ToyConfig(NestedConfig):
     """A residual MLP over the flattened image, its hidden layers nested like MatFormer's FFNs."""
+
+    width_field: ClassVar[str] = "hidden"
 
     img_size: int = 8
     in_chans: int = 1
@@ -41,17 +43,6 @@ class ToyConfig:
 
     def __post_init__(self) -> None:
         self.granularities = self.granularities or default_granularities(self.hidden)
-
-    def baseline(self, name: str) -> ToyConfig:
-        width = self.granularities[name]
-        return dataclasses.replace(self, hidden=width, granularities={name: width})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ToyConfig:
-        return cls(**d)
 
 
 class ToyFeatures(torch.nn.Module):
