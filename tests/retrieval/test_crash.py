@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 from matvit import data
-from retrieval import build, commit, jobs
+from retrieval import build, commit, embedding, jobs
 from retrieval.encoder import Encoder
 from retrieval.faiss_store import GalleryIndex
 from retrieval.store import CRASH_AT, DiskFull, IndexBusy, is_disk_full, writer
@@ -381,7 +381,7 @@ def test_a_full_disk_in_build_and_add_undoes_the_write_and_says_so(step, world, 
     idx = shutil.copytree(world["starts"]["add"], tmp_path / "index")
     before, listing = snapshot(idx), _listing(idx)
     source = build.FolderSource(Path(world["writes"]["add"](idx)["argv"][-1]), 8, 1, workers=0)
-    monkeypatch.setattr(build, "CHUNK", 4)
+    monkeypatch.setattr(embedding, "CHUNK", 4)
     for write in (lambda: build.add(encoder, source, idx, batch_size=2),
                   lambda: build.build(encoder, source, idx, index_key="Flat", batch_size=2)):
         with monkeypatch.context() as m:

@@ -8,7 +8,7 @@ import torch
 
 from matvit import checkpoint, data
 from matvit.errors import UserError
-from retrieval import build
+from retrieval import build, embedding
 from retrieval.budget import Budget, BudgetError, candidates, choose
 from retrieval.encoder import Encoder
 from retrieval.faiss_store import GalleryIndex
@@ -65,7 +65,7 @@ def test_wrong_checkpoint_is_refused(digits_index, trained, tmp_path):
 def test_interrupted_build_keeps_old_index_and_resume_finishes_it(encoder, tmp_path, monkeypatch):
     build.build(encoder, build.DatasetSource("digits", "test", 8, 1), tmp_path)
     assert GalleryIndex.open(tmp_path).count == 360
-    monkeypatch.setattr(build, "CHUNK", 100)
+    monkeypatch.setattr(embedding, "CHUNK", 100)
     calls = []
     original = Encoder.encode
 
