@@ -216,12 +216,12 @@ def measure_matvit(opts: BenchOptions, seed: int, log=print) -> dict:
     start = time.perf_counter()
     gallery, queries, mg, mq = embed_named(matvit, opts.dataset, opts.data_dir, "MatViT")
     mixnmatch = []
-    for spec in specs.monotone(matvit.config):
+    for spec in specs.monotone(matvit.model):
         emb = mq[spec.text] if spec.text in mq else matvit.encode(queries.images, spec)
         mixnmatch.append({"spec": spec.text, "params": matvit.params(spec), "gflops": matvit.gflops(spec),
                           "knn1": metrics.knn1(mg["XL"], gallery.labels, emb, queries.labels)})
     return {"grid": grid_from_embeddings(mg, mq, gallery.labels, queries.labels), "mixnmatch": mixnmatch,
-            "cost": {s.text: measure(matvit, s, opts.latency_repeats) for s in specs.named(matvit.config)},
+            "cost": {s.text: measure(matvit, s, opts.latency_repeats) for s in matvit.named()},
             "train_seconds": seconds, "trained_on": trained_on(run.out), "commit": None,
             "measure_seconds": time.perf_counter() - start, "classes": len(gallery.classes),
             "data": (gallery, queries)}

@@ -128,7 +128,7 @@ def test_eval_grid_cli(trained_dir, tmp_path, capsys):
 
 
 def test_random_checkpoint_script_writes_a_loadable_checkpoint_of_the_preset(tmp_path):
-    script = Path(__file__).resolve().parent.parent / "scripts" / "random_checkpoint.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "random_checkpoint.py"
     subprocess.run([sys.executable, str(script), "--preset", "matvit-tiny-digits", "--out", str(tmp_path)],
                    check=True, capture_output=True)
     encoder = Encoder.load(tmp_path)
@@ -147,6 +147,6 @@ def test_the_parser_imports_no_heavy_library(call):
     code = (f"import sys, app.cli\ntry:\n    {call}\nexcept SystemExit:\n    pass\n"
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent.parent)
+                          cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -15,7 +15,7 @@ from PIL import Image
 
 from matvit import images
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def encoded(img: Image.Image, fmt: str, **options) -> bytes:

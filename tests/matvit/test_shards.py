@@ -173,7 +173,7 @@ def test_folder_images_are_copied_byte_for_byte(tmp_path):
 
 
 def test_make_shards_script(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("make_shards", Path(__file__).parent.parent / "scripts" /
+    spec = importlib.util.spec_from_file_location("make_shards", Path(__file__).resolve().parents[2] / "scripts" /
                                                   "make_shards.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

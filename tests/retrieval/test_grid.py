@@ -15,7 +15,7 @@ from matvit.metrics import knn_metrics
 from retrieval.encoder import Encoder
 from retrieval.grid import grid, grid_from_embeddings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Twelve gallery items, embedded as the 12 basis vectors, so a query's scores over the gallery are its own
 # coordinates: writing a query as a ranking of gallery positions fixes its neighbours exactly.

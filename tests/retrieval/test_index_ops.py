@@ -22,7 +22,7 @@ from retrieval.faiss_store import GalleryIndex
 from retrieval.retriever import Retriever
 from retrieval.store import IndexBusy, ItemImageRefused, ItemNotFound
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from retrieval.retriever import Retriever
 from retrieval.store import IndexBusy, IndexStoreError, ItemNotFound, open_store, rebuild, remove
 from retrieval.tuning import SearchParamError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
