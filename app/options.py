@@ -43,10 +43,10 @@ INDEX_KEY_HELP = ("auto, Flat, HNSW32, IVF1024,PQ32, ... (FAISS factory); for Mi
 
 
 def index_spec(text: str) -> str | Path:
-    """`--index`: a directory path, or a `milvus:` URI kept as typed (a Path would fold its `//`)."""
-    from retrieval.store import MILVUS_PREFIX
+    """`--index`: a store's location as typed (`retrieval.store.location`)."""
+    from retrieval.store import location
 
-    return text if text.startswith(MILVUS_PREFIX) else Path(text)
+    return location(text)
 
 
 def index(parser: argparse.ArgumentParser) -> None:

@@ -76,14 +76,9 @@ def cmd_index_rebuild(args: argparse.Namespace) -> None:
 
 
 def cmd_index_info(args: argparse.Namespace) -> None:
-    from retrieval.jobs import unfinished
-    from retrieval.store import open_store
+    from retrieval.store import info
 
-    store = open_store(args.index)
-    index = store.open()
-    info = {**index.manifest, "version": index.version, "deleted_pending_rebuild": index.pending_deletions,
-            "unfinished_build": unfinished(store.files, index.manifest), "advice": index.advice()}
-    print(json.dumps(info, indent=2))
+    print(json.dumps(info(args.index), indent=2))
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
