@@ -14,9 +14,9 @@ AUGMENTATIONS = ("none", "crop", "crop-flip")  # training images: as they are, r
 HEADS = ("linear", "cosine")
 
 
-def default_granularities(mlp_hidden: int) -> dict[str, int]:
-    """MatFormer's default nesting: S, M, L, XL use h/8, h/4, h/2 and h FFN neurons."""
-    return {name: mlp_hidden // 2 ** (3 - i) for i, name in enumerate(GRANULARITY_NAMES)}
+def default_granularities(width: int) -> dict[str, int]:
+    """MatFormer's default nesting: S, M, L, XL use 1/8, 1/4, 1/2 and all of a nested layer's width."""
+    return {name: width // 2 ** (3 - i) for i, name in enumerate(GRANULARITY_NAMES)}
 
 
 @dataclass

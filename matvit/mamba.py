@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import DropPath, PatchEmbed
 
 from . import ssd
-from .config import HEADS, Preset, TrainRecipe, default_granularities
+from .config import HEADS, Preset, TrainRecipe
 from .errors import UserError, make_dir
 from .nested import Embedding, NestedConfig, NestedModel
 from .spec import Submodel
@@ -67,15 +67,10 @@ class MatMambaConfig(NestedConfig):
     head: str = "linear"  # one of HEADS
 
     def __post_init__(self) -> None:
-        if self.head not in HEADS:
-            raise ValueError(f"unknown head {self.head!r}; use one of {', '.join(HEADS)}")
         if self.img_size % self.patch_size:
             raise ValueError(f"patch_size {self.patch_size} does not divide img_size {self.img_size}")
         self.d_inner = self.d_inner or round(self.expand * self.embed_dim)
-        self.granularities = dict(sorted((self.granularities or default_granularities(self.d_inner)).items(),
-                                         key=lambda kv: kv[1]))
-        if max(self.granularities.values()) > self.d_inner:
-            raise ValueError(f"a granularity is wider than d_inner ({self.d_inner})")
+        self.nest(HEADS)
         for name, width in self.granularities.items():
             if width <= 0 or width % self.headdim:
                 raise ValueError(f"granularity {name}'s inner width {width} is not a positive multiple of headdim "

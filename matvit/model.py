@@ -21,7 +21,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from . import extract
-from .config import HEADS, Preset, TrainRecipe, default_granularities
+from .config import HEADS, Preset, TrainRecipe
 from .nested import Embedding, NestedConfig, NestedModel
 from .spec import Submodel
 
@@ -47,13 +47,7 @@ class MatViTConfig(NestedConfig):
     head: str = "linear"  # one of HEADS
 
     def __post_init__(self) -> None:
-        if self.head not in HEADS:
-            raise ValueError(f"unknown head {self.head!r}; use one of {', '.join(HEADS)}")
-        if not self.granularities:
-            self.granularities = default_granularities(self.mlp_hidden)
-        self.granularities = dict(sorted(self.granularities.items(), key=lambda kv: kv[1]))
-        if max(self.granularities.values()) > self.mlp_hidden:
-            raise ValueError("a granularity is wider than mlp_hidden")
+        self.nest(HEADS)
 
     def timm_kwargs(self) -> dict:
         """Keyword arguments for timm's `VisionTransformer` (blocks get width `mlp_hidden`)."""

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import spec as specs
+from .config import default_granularities
 from .spec import Submodel
 
 
@@ -36,6 +37,17 @@ class NestedConfig:
     @classmethod
     def from_dict(cls, d: dict):
         return cls(**d)
+
+    def nest(self, heads: tuple[str, ...]) -> None:
+        """Check the head against `heads`; default the granularities to MatFormer's nesting of the nested width
+        (`width_field`), sort them smallest first and check that none is wider."""
+        if self.head not in heads:
+            raise ValueError(f"unknown head {self.head!r}; use one of {', '.join(heads)}")
+        width = getattr(self, self.width_field)
+        self.granularities = dict(sorted((self.granularities or default_granularities(width)).items(),
+                                         key=lambda kv: kv[1]))
+        if max(self.granularities.values()) > width:
+            raise ValueError(f"a granularity is wider than {self.width_field} ({width})")
 
     def baseline(self, name: str):
         width = self.granularities[name]

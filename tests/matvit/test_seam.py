@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from app.api import Settings, create_app
 from app.cli import main
 from matvit import checkpoint, data, registry
-from matvit.config import Preset, TrainRecipe, default_granularities
+from matvit.config import Preset, TrainRecipe
 from matvit.errors import make_dir
 from matvit.nested import Embedding, NestedConfig, NestedModel
 from matvit.spec import Submodel
@@ -42,7 +42,7 @@ class ToyConfig(NestedConfig):
     head: str = "linear"
 
     def __post_init__(self) -> None:
-        self.granularities = self.granularities or default_granularities(self.hidden)
+        self.nest(("linear",))
 
 
 class ToyFeatures(torch.nn.Module):
