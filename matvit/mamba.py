@@ -4,6 +4,9 @@ MatMamba (Shukla et al., 2024, https://arxiv.org/abs/2410.06718; code: github.co
 A ViT-like stack whose token mixers are Mamba2 blocks (no attention, no FFN): patch embedding, a class token
 appended AFTER the last patch (the scan is causal, so only the last token has seen every patch), learned
 positions, pre-norm residual blocks, final norm, head. The embedding is the class token after the final norm.
+The config's `summary` can move the class token to the middle of the patches (it then sees the first half only)
+or embed the mean of all tokens instead; `docs/results/class-token-fmnist` measures the three. A class token
+first would see no patch at all: its embedding would not depend on the image.
 
 Nesting, as the reference does it: at inner width k (a granularity's width; XL is `d_inner`), a mixer uses the
 first k channels of the input projection's z and x parts, the first k / headdim heads (their dt rows, dt bias,
@@ -39,6 +42,7 @@ from .errors import UserError, make_dir
 from .nested import Embedding, NestedConfig, NestedModel
 from .spec import Submodel
 
+SUMMARIES = ("end", "middle", "mean")  # the class token after the last patch or amid them; the mean of all tokens
 COSINE_SCALE = 16.0  # as MatViT's cosine head: logits are this times the cosine to each class weight
 NORM_EPS = 1e-5
 
@@ -65,8 +69,11 @@ class MatMambaConfig(NestedConfig):
     drop_path_rate: float = 0.0
     granularities: dict[str, int] = field(default_factory=dict)
     head: str = "linear"  # one of HEADS
+    summary: str = "end"  # one of SUMMARIES: what the embedding reads (see the module's docstring)
 
     def __post_init__(self) -> None:
+        if self.summary not in SUMMARIES:
+            raise ValueError(f"unknown summary {self.summary!r}; use one of {', '.join(SUMMARIES)}")
         if self.img_size % self.patch_size:
             raise ValueError(f"patch_size {self.patch_size} does not divide img_size {self.img_size}")
         self.d_inner = self.d_inner or round(self.expand * self.embed_dim)
@@ -86,7 +93,8 @@ class MatMambaConfig(NestedConfig):
         """Keyword arguments of the plain `MambaVision` of this shape (its widths given apart)."""
         return dict(img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans,
                     num_classes=self.num_classes, embed_dim=self.embed_dim, d_state=self.d_state,
-                    headdim=self.headdim, d_conv=self.d_conv, chunk_size=self.chunk_size, head=self.head)
+                    headdim=self.headdim, d_conv=self.d_conv, chunk_size=self.chunk_size, head=self.head,
+                    summary=self.summary)
 
 
 
@@ -187,20 +195,23 @@ class MambaBlock(torch.nn.Module):
 class MambaVision(torch.nn.Module):
     """A plain Mamba2 vision model whose block i has inner width `widths[i]`: what a MatMamba spec exports to.
 
-    `forward_features` gives the embedding (the class token, appended after the last patch, after the final
-    norm); `forward` the logits. `load` reads an exported directory.
+    `forward_features` gives the embedding (after the final norm: the class token, appended after the last patch,
+    or set among the patches, or the mean of all tokens, as `summary` says); `forward` the logits. `load` reads an
+    exported directory.
     """
 
     mixer_class: type[Mamba2Mixer] = Mamba2Mixer
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, num_classes: int, embed_dim: int, d_state: int,
                  headdim: int, d_conv: int, chunk_size: int, widths: list[int], head: str = "linear",
-                 drop_path_rate: float = 0.0) -> None:
+                 drop_path_rate: float = 0.0, summary: str = "end") -> None:
         super().__init__()
-        self.head_kind = head
+        self.head_kind, self.summary = head, summary
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        patches = self.patch_embed.num_patches
+        self.cls_index = patches // 2 if summary == "middle" else patches
         self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = torch.nn.Parameter(torch.randn(1, self.patch_embed.num_patches + 1, embed_dim) * 0.02)
+        self.pos_embed = torch.nn.Parameter(torch.randn(1, patches + 1, embed_dim) * 0.02)
         rates = torch.linspace(0, drop_path_rate, len(widths)).tolist()
         self.blocks = torch.nn.ModuleList(
             MambaBlock(embed_dim, self.mixer_class(embed_dim, w, d_state, headdim, d_conv, chunk_size, len(widths)),
@@ -210,11 +221,12 @@ class MambaVision(torch.nn.Module):
         torch.nn.init.zeros_(self.head.bias)
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(images)
-        return torch.cat([x, self.cls_token.expand(x.size(0), -1, -1)], dim=1) + self.pos_embed
+        x, i = self.patch_embed(images), self.cls_index
+        return torch.cat([x[:, :i], self.cls_token.expand(x.size(0), -1, -1), x[:, i:]], dim=1) + self.pos_embed
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x)[:, -1]
+        x = self.norm(x)
+        return x.mean(1) if self.summary == "mean" else x[:, self.cls_index]
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         x = self.tokens(images)
@@ -382,6 +394,7 @@ PRESETS: dict[str, Preset] = {  # this family's named shapes (see `matvit.regist
                        headdim=24, expand=1.5),
         TrainRecipe(epochs=15, batch_size=128, lr=1e-3, warmup_epochs=1, augment="none"),
     ),
+    "matmamba-ti16": _paper(192, 16),  # not in the paper: matvit-ti16's width and patch at its parameter count
     "matmamba-vision-35m": _paper(512, 16),
     "matmamba-vision-135m": _paper(1024, 32),
 }

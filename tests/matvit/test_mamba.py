@@ -75,9 +75,10 @@ def test_slicing_equals_the_masked_full_width_oracle():
                                   masked_features(model, images, model.spec("XL").widths), atol=1e-3)
 
 
-@pytest.mark.parametrize("head", ["linear", "cosine"])
-def test_the_extracted_model_equals_the_nested_one(head):
-    model = tiny(head=head)
+@pytest.mark.parametrize("head, summary", [("linear", "end"), ("cosine", "end"), ("linear", "middle"),
+                                           ("linear", "mean")])
+def test_the_extracted_model_equals_the_nested_one(head, summary):
+    model = tiny(head=head, summary=summary)
     images = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     for text in ("S", "M", "L", "XL", "S,M,L,XL"):
         extracted = model.extract(text)
@@ -109,7 +110,8 @@ def test_params_and_flops_match_the_extracted_module(preset, text):
 
 
 def test_paper_presets_are_constructible_shapes():
-    for preset, low, high in (("matmamba-vision-35m", 35e6, 37e6), ("matmamba-vision-135m", 133e6, 136e6)):
+    for preset, low, high in (("matmamba-ti16", 5.9e6, 6.0e6), ("matmamba-vision-35m", 35e6, 37e6),
+                              ("matmamba-vision-135m", 133e6, 136e6)):
         cfg = registry.get_preset(preset).model
         assert cfg.granularities == {"S": cfg.d_inner // 8, "M": cfg.d_inner // 4, "L": cfg.d_inner // 2,
                                      "XL": cfg.d_inner}
@@ -125,14 +127,32 @@ def test_a_headdim_that_splits_a_granularity_is_refused():
         MatMambaConfig(embed_dim=32, headdim=8, granularities={"S": 8, "XL": 128})
 
 
+@pytest.mark.parametrize("summary, sees_last_patches", [("end", True), ("middle", False), ("mean", True)])
+def test_the_causal_scan_hides_later_patches_from_a_class_token_amid_them(summary, sees_last_patches):
+    model = tiny(summary=summary)
+    images = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    changed = images.clone()
+    changed[:, :, 6:] += 1.0  # the last row of 2x2 patches, after the middle of the sequence
+    with torch.no_grad():
+        moved = (model.embed(changed, "XL") - model.embed(images, "XL")).abs().max().item()
+    assert (moved > 1e-3) == sees_last_patches
+    assert model.cls_index == (8 if summary == "middle" else 16)
+
+
+def test_an_unknown_summary_is_refused():
+    with pytest.raises(ValueError, match="unknown summary 'first'; use one of end, middle, mean"):
+        MatMambaConfig(embed_dim=32, headdim=8, summary="first")
+
+
 def test_export_loads_with_the_standalone_class_and_as_onnx(tmp_path):
     import onnxruntime as ort
 
-    model = tiny()
+    model = tiny(summary="middle")
     images = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     out = model.export("S,M,L,XL", tmp_path / "export", onnx=True, note="kept")
     config = json.loads((out / "config.json").read_text())
     assert config["family"] == "matmamba" and config["widths"] == [8, 16, 32, 64] and config["note"] == "kept"
+    assert config["mamba_kwargs"]["summary"] == "middle"
     loaded = MambaVision.load(out)
     session = ort.InferenceSession(str(out / "model.onnx"))
     with torch.no_grad():
