@@ -270,6 +270,7 @@ class MatMamba(MambaVision, NestedModel):
     """
 
     family = "matmamba"
+    label = "MatMamba"
     config_class = MatMambaConfig
     mixer_class = NestedMamba2Mixer
 
@@ -309,6 +310,11 @@ class MatMamba(MambaVision, NestedModel):
     def extract(self, spec: str | Submodel) -> Embedding:
         """`spec`'s embedding path as a standalone, physically smaller `MambaVision`."""
         return Embedding(Features(self.standalone(spec))).eval()
+
+    def plain(self, spec: str | Submodel) -> Embedding:
+        """An untrained plain `MambaVision` of `spec`'s widths."""
+        return Embedding(Features(MambaVision(**self.config.standalone_kwargs(), widths=list(self.spec(spec).widths))
+                                  )).eval()
 
     def export(self, spec: str | Submodel, out: Path, onnx: bool = False, **extra) -> Path:
         """`model.safetensors` + `config.json` of `spec`'s `MambaVision` (see `MambaVision.load`), and `model.onnx`

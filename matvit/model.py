@@ -100,6 +100,7 @@ class MatViT(VisionTransformer, NestedModel):
     """
 
     family = "matvit"
+    label = "MatViT"
     config_class = MatViTConfig
 
     def __init__(self, config: MatViTConfig) -> None:
@@ -133,6 +134,11 @@ class MatViT(VisionTransformer, NestedModel):
         """A plain timm ViT of `spec`'s widths holding the sliced weights, as an embedding module."""
         widths = list(self.spec(spec).widths)
         return Embedding(extract.Features(extract.sliced(self.state_dict(), self.config.timm_kwargs(), widths)))
+
+    def plain(self, spec: str | Submodel) -> Embedding:
+        """An untrained plain timm ViT of `spec`'s widths."""
+        vit = extract.build_standalone(self.config.timm_kwargs(), list(self.spec(spec).widths))
+        return Embedding(extract.Features(vit)).eval()
 
     def export(self, spec: str | Submodel, out: Path, onnx: bool = False, **extra) -> Path:
         spec = self.spec(spec)

@@ -73,6 +73,7 @@ class NestedModel(torch.nn.Module, abc.ABC):
     """
 
     family: ClassVar[str]
+    label: ClassVar[str]  # the family's name in reports ("MatViT")
     config_class: ClassVar[type]
     config: Any
 
@@ -129,6 +130,11 @@ class NestedModel(torch.nn.Module, abc.ABC):
         """A standalone, physically smaller copy of `spec`'s embedding path, in eval mode."""
 
     @abc.abstractmethod
+    def plain(self, spec: str | Submodel) -> Embedding:
+        """An untrained standalone model of `spec`'s widths built directly, without the nesting (what a user would
+        build by hand): the reference `extract`'s model must run as fast as."""
+
+    @abc.abstractmethod
     def export(self, spec: str | Submodel, out: Path, onnx: bool = False, **extra) -> Path:
         """Write `spec` as a standalone model (`model.safetensors` + `config.json`, plus `model.onnx` with
         embeddings out when `onnx`) that loads without this project; `extra` goes into the config."""
@@ -141,3 +147,13 @@ class NestedModel(torch.nn.Module, abc.ABC):
     @abc.abstractmethod
     def num_params(self, spec: str | Submodel, head: bool = False) -> int:
         """Parameters of `spec`'s extracted model, with the classifier when `head`."""
+
+    def nested_share(self) -> float:
+        """The share of XL's FLOPs that the nested widths hold: the most a narrower submodel can save. Every
+        family's FLOPs are linear in the nested width, so the rest is their extrapolation to width 0 from the
+        smallest and largest granularities."""
+        widths = self.granularities
+        small, large = min(widths, key=widths.get), max(widths, key=widths.get)
+        (w_small, f_small), (w_large, f_large) = ((widths[g], self.forward_flops(g)) for g in (small, large))
+        fixed = f_small - (f_large - f_small) * w_small / (w_large - w_small)
+        return 1 - fixed / f_large

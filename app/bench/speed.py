@@ -6,18 +6,20 @@ Absolute times on a shared CPU are noise; a ratio of two models timed in the sam
 by repeat, is not. Every figure here is such a ratio (the absolute milliseconds are recorded beside it).
 For each model (a preset with seeded random weights, or a trained checkpoint):
 
-1. Nesting costs nothing: embedding throughput of the nested MatViT at XL, and of each extracted submodel
-   (`MatViT.extract`), against a plain timm ViT built with the same widths (`build_standalone`);
-   the nested MatViT at the smaller specs is shown too. Target >= 0.97, batch 1 and batch B.
+Any model family behind `matvit.nested` (MatViT, MatMamba):
+
+1. Nesting costs nothing: embedding throughput of the nested model at XL, and of each extracted submodel
+   (`extract`), against a plain model built directly with the same widths (`plain`: timm's ViT, `MambaVision`);
+   the nested model at the smaller specs is shown too. Target >= 0.97, batch 1 and batch B.
 2. Smaller is really faster: latency(spec) / latency(XL) against GFLOPs(spec) / GFLOPs(XL) (the embedding
-   path, `MatViT.forward_flops`) for S, M, L and Mix'n'Match specs of the monotone family, for the
+   path, `forward_flops`) for S, M, L and Mix'n'Match specs of the monotone family, for the
    extracted models (what the retriever encodes with) and the nested model (`model.embed(x, spec)`).
    Target: within 15% of the FLOP ratio at batch B, 25% at batch 1. A least-squares fit
-   ms = fixed + slope x GFLOPs over the specs says how much of a forward does not shrink with the FFN.
+   ms = fixed + slope x GFLOPs over the specs says how much of a forward does not shrink with the nested width.
 3. Indexing: `retrieval.build.build` images/s on the first N images of a dataset against the pure XL
    forward (the extracted XL ViT on the same images, already converted to float, same batch size); >= 0.9.
-4. Training: a `matvit.train.Trainer` epoch over the first N training images, MatViT (all granularities
-   jointly) against the sum of the four per-width baselines' epochs; <= 1.0.
+4. Training: a `matvit.train.Trainer` epoch over the first N training images, the nested model (all granularities
+   jointly, "joint") against the sum of the four per-width baselines' epochs; <= 1.0.
 
 Each time is the median of the calls timed in R rounds with the compared models interleaved (the order
 rotated every round) after a warm-up; a ratio is the ratio of two such medians from the same rounds. torch
@@ -47,14 +49,12 @@ from matvit import data, provenance
 from matvit.config import GRANULARITY_NAMES
 from matvit.errors import UserError
 from matvit.images import to_input
-from matvit.nested import Embedding
 from matvit.registry import PRESETS, get_preset
 
 from . import steps
 from .speed_models import (
     Call,
     Subject,
-    ffn_share,
     first_images,
     fit,
     nested_call,
@@ -69,6 +69,7 @@ MIN_SAMPLE_SECONDS = 0.2  # a model is called as often in a row as takes about t
 MAX_CALLS = 50
 INDEX_SECONDS = 8.0  # default indexing size: about this many seconds of XL forward
 INDEX_LIMITS = (64, 8192)
+JOINT = "joint"  # the training row of the nested model (all granularities at once), beside the baselines S .. XL
 RETRIEVER_PATH = "extracted"  # retrieval.encoder.Encoder encodes with extracted standalone models (DESIGN.md)
 
 
@@ -219,13 +220,10 @@ class Bench:
         path = self.out / "steps" / f"{s.slug}-timing.json"
         if (saved := self._cached(path, settings)) is not None:
             return saved
-        from matvit.extract import Features, build_standalone
-
         start, row = time.perf_counter(), {"settings": settings, **self._begin()}
         extracted = {x.id: s.model.extract(x) for x in spec_list}
         torch.manual_seed(o.seed + 1)
-        plain = {x.id: Embedding(Features(build_standalone(cfg.timm_kwargs(), list(x.widths)))).eval()
-                 for x in spec_list}
+        plain = {x.id: s.model.plain(x) for x in spec_list}
         xl = spec_list[-1]
         flops = {x.id: s.model.forward_flops(x) for x in spec_list}
         batches = {}
@@ -247,7 +245,7 @@ class Bench:
                     "flop_ratio": round(flops[k] / flops[xl.id], 4),
                     "params": s.model.num_params(sp),
                     "ms": {kind: median_ms(t[f"{kind}:{k}"]) for kind in ("nested", "extracted", "plain")},
-                    # throughput against the plain timm ViT of the same widths = its time over ours
+                    # throughput against the plain model of the same widths = its time over ours
                     "throughput_vs_plain": {kind: round(ratio(t, f"plain:{k}", f"{kind}:{k}"), 4)
                                             for kind in ("nested", "extracted")},
                     "latency_ratio": {kind: round(ratio(t, f"{kind}:{k}", f"{kind}:{xl.id}"), 4)
@@ -259,8 +257,10 @@ class Bench:
             ext_fit["fixed_share_of_xl"] = round(ext_fit["fixed_ms"] / rows[-1]["ms"]["extracted"], 4)
             batches[str(b)] = {"batch": b, "repeats": repeats, "rows": rows, "fit_extracted": ext_fit,
                                "calls_timed": {name: len(vs) for name, vs in t.items()}}
-        row.update({"model": s.name, "weights": s.weights, "fingerprint": s.fingerprint, "preset": s.preset,
-                    "config": cfg.to_dict(), "tokens": tokens(cfg), "ffn_share_of_flops": round(ffn_share(s.model), 4),
+        row.update({"model": s.name, "family": s.model.label, "weights": s.weights, "fingerprint": s.fingerprint,
+                    "preset": s.preset, "config": cfg.to_dict(), "tokens": tokens(cfg),
+                    "nested_width": {"field": cfg.width_field, "xl": max(s.model.granularities.values())},
+                    "nested_share_of_flops": round(s.model.nested_share(), 4),
                     "batches": batches, "load_1min_at_end": load_average(),
                     "step_seconds": round(time.perf_counter() - start, 1), **provenance.record()})
         return self._write(path, row)
@@ -335,28 +335,29 @@ class Bench:
         trainers = {}
         try:
             for g in (None, *GRANULARITY_NAMES):
-                name = "MatViT" if g is None else g
+                name = JOINT if g is None else g
                 t = Trainer(TrainOptions(preset=preset, dataset=dataset, out=scratch / name, data_dir=o.data_dir,
                                          epochs=1, batch_size=o.train_batch, dense_epochs=0, baseline=g, seed=o.seed))
                 full = t.train_set.set
                 t.train_set = InMemory(data.ImageSet(full.images[:o.train_images], full.labels[:o.train_images],
                                                      full.classes, full.sources[:o.train_images]))
                 trainers[name] = t
-            steps = len(trainers["MatViT"].train_set) // o.train_batch
+            steps = len(trainers[JOINT].train_set) // o.train_batch
             for t in trainers.values():  # warm-up: two steps each
                 t.steps_per_epoch = min(2, steps)
                 t.train_epoch()
                 t.steps_per_epoch = steps
-            self.log(f"[train-{preset}] MatViT and four baselines, {steps} steps each x {o.train_repeats} repeats")
+            self.log(f"[train-{preset}] joint and four baselines, {steps} steps each x {o.train_repeats} repeats")
             samples = interleaved({k: t.train_epoch for k, t in trainers.items()}, o.train_repeats, warmup=0)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         epoch = {k: statistics.median(v) for k, v in samples.items()}
-        together = sum(v for k, v in epoch.items() if k != "MatViT")
-        row.update({"preset": preset, "dataset": dataset, "images": steps * o.train_batch, "batch": o.train_batch,
-                    "steps_per_epoch": steps, "mode": trainers["MatViT"].opts.mode,
+        together = sum(v for k, v in epoch.items() if k != JOINT)
+        row.update({"preset": preset, "family": trainers[JOINT].model.label, "dataset": dataset,
+                    "images": steps * o.train_batch, "batch": o.train_batch, "steps_per_epoch": steps,
+                    "mode": trainers[JOINT].opts.mode,
                     "epoch_s": {k: round(v, 3) for k, v in epoch.items()},
-                    "baselines_sum_s": round(together, 3), "ratio": round(epoch["MatViT"] / together, 4),
+                    "baselines_sum_s": round(together, 3), "ratio": round(epoch[JOINT] / together, 4),
                     "samples_s": {k: [round(v, 3) for v in vs] for k, vs in samples.items()},
                     "load_1min_at_end": load_average(), "step_seconds": round(time.perf_counter() - start, 1),
                     **provenance.record()})
@@ -445,11 +446,11 @@ def cmd_speed(args: argparse.Namespace) -> None:
 def add_parser(bench_subparsers) -> None:
     """Register `matvit bench speed` under the `bench` subcommand's subparsers."""
     q = bench_subparsers.add_parser(
-        "speed", help="ratios timed side by side: nested vs plain ViT, latency vs FLOPs per submodel, build-index vs "
+        "speed", help="ratios timed side by side: nested vs plain model, latency vs FLOPs per submodel, build-index vs "
                       "forward, joint training vs baselines")
     q.add_argument("--preset", action="append", choices=list(PRESETS),
                    help="a preset timed with seeded random weights (repeat for several)")
-    q.add_argument("--checkpoint", type=Path, help="a trained MatViT checkpoint directory to time as well")
+    q.add_argument("--checkpoint", type=Path, help="a trained checkpoint directory (any family) to time as well")
     q.add_argument("--out", type=Path, required=True,
                    help="results directory (speed.json, speed.md, speed.png, steps/)")
     q.add_argument("--dataset",

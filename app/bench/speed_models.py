@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from matvit import data
 from matvit import spec as specs
 from matvit.config import GRANULARITY_NAMES
-from matvit.model import MatViT, MatViTConfig
-from matvit.nested import Embedding
-from matvit.registry import get_preset
+from matvit.nested import Embedding, NestedModel
+from matvit.registry import create, get_preset
 from matvit.spec import Submodel
 
 Call = Callable[[], object]
@@ -27,14 +26,14 @@ class Subject:
     """A model whose speed is measured: a preset with seeded random weights, or a trained checkpoint."""
 
     name: str
-    model: MatViT
+    model: NestedModel
     weights: str  # "random (seed N)" or the checkpoint path
     fingerprint: str
     dataset: str  # images for indexing
     preset: str | None  # the preset it was built from (a checkpoint's config says)
 
     @property
-    def config(self) -> MatViTConfig:
+    def config(self):
         return self.model.config
 
     @property
@@ -50,7 +49,7 @@ def subjects(presets: tuple[str, ...], checkpoint_dir: Path | None, dataset: str
 
     for name in presets:
         torch.manual_seed(seed)
-        model = MatViT(get_preset(name).model).eval()
+        model = create(get_preset(name).model).eval()
         yield Subject(name, model, f"random (seed {seed})", checkpoint.fingerprint(model),
                       dataset or "fashion-mnist", name)
     if checkpoint_dir is not None:
@@ -59,7 +58,7 @@ def subjects(presets: tuple[str, ...], checkpoint_dir: Path | None, dataset: str
                       dataset or meta.get("dataset") or "fashion-mnist", meta.get("preset"))
 
 
-def mixes(model: MatViT, n: int) -> list[Submodel]:
+def mixes(model: NestedModel, n: int) -> list[Submodel]:
     """`n` Mix'n'Match specs of the monotone family (widths never shrink with depth: MatFormer's recipe for
     submodels on the accuracy-compute Pareto front), at GFLOPs evenly spaced between S and XL."""
     flops = model.forward_flops
@@ -74,7 +73,7 @@ def mixes(model: MatViT, n: int) -> list[Submodel]:
     return sorted(chosen, key=flops)
 
 
-def timed_specs(model: MatViT, n_mixes: int) -> list[Submodel]:
+def timed_specs(model: NestedModel, n_mixes: int) -> list[Submodel]:
     """S, M, L, the Mix'n'Match specs, XL: cheapest first."""
     named = [model.spec(g) for g in GRANULARITY_NAMES if g in model.granularities]
     return sorted(named[:-1] + mixes(model, n_mixes), key=model.forward_flops) + named[-1:]
@@ -84,19 +83,12 @@ def plain_call(embedding: Embedding, x: torch.Tensor) -> Call:
     return lambda: embedding(x)
 
 
-def nested_call(model: MatViT, spec: Submodel, x: torch.Tensor) -> Call:
+def nested_call(model: NestedModel, spec: Submodel, x: torch.Tensor) -> Call:
     return lambda: model.embed(x, spec)
 
 
-def tokens(config: MatViTConfig) -> int:
+def tokens(config) -> int:
     return (config.img_size // config.patch_size) ** 2 + 1
-
-
-def ffn_share(model: MatViT) -> float:
-    """The FFNs' share of XL's embedding-path FLOPs: the most any narrower FFN can save."""
-    xl, config = model.spec("XL"), model.config
-    t, d = tokens(config), config.embed_dim
-    return sum(4 * t * d * w for w in xl.widths) / model.forward_flops(xl)
 
 
 def fit(points: list[tuple[float, float]]) -> dict:
@@ -109,7 +101,7 @@ def fit(points: list[tuple[float, float]]) -> dict:
 NATIVE = {"digits": (8, 1), "fashion-mnist": (28, 1)}
 
 
-def first_images(dataset: str, split: str, n: int, config: MatViTConfig, data_dir: Path | None) -> data.ImageSet:
+def first_images(dataset: str, split: str, n: int, config, data_dir: Path | None) -> data.ImageSet:
     """The first `n` images of a split at the model's size (a built-in read at its native size, only those `n`
     resized, as `data.load` resizes)."""
     size, chans = NATIVE.get(dataset, (config.img_size, config.in_chans))

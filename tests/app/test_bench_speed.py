@@ -18,32 +18,35 @@ from matvit.model import MatViT
 from matvit.registry import get_preset
 
 TINY = "matvit-tiny-digits"
+FAMILIES = {TINY: "MatViT", "matmamba-tiny-digits": "MatMamba"}
 
 
-def tiny_options(out: Path, **changes) -> speed.SpeedOptions:
-    base = dict(out=out, presets=(TINY,), dataset="digits", threads=1, batch=4, repeats=1, repeats_batched=1,
-                mixes=2, index_images=40, index_batch=16, index_repeats=1, train_presets=(TINY,), train_images=32,
+def tiny_options(out: Path, preset: str = TINY, **changes) -> speed.SpeedOptions:
+    base = dict(out=out, presets=(preset,), dataset="digits", threads=1, batch=4, repeats=1, repeats_batched=1,
+                mixes=2, index_images=40, index_batch=16, index_repeats=1, train_presets=(preset,), train_images=32,
                 train_batch=16, train_repeats=1, max_load=None, log=lambda s: None)
     return speed.SpeedOptions(**{**base, **changes})
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> tuple[Path, dict]:
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def finished(request, tmp_path_factory) -> tuple[Path, dict, str]:
+    """The whole benchmark on a tiny preset of each family."""
     out = tmp_path_factory.mktemp("speed")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(speed, "MIN_SAMPLE_SECONDS", 0.0)
-        result = speed.run(tiny_options(out))
-    return out, result
+        result = speed.run(tiny_options(out, request.param))
+    return out, result, request.param
 
 
 def test_report_has_every_section_and_ratio(finished):
-    out, r = finished
+    out, r, preset = finished
     assert json.loads((out / "speed.json").read_text()) == r
     assert r["threads"] == 1 and r["torch"] == torch.__version__ and r["commit"] and r["machine"]["cpu"]
     assert r["command"] and r["retriever_uses"] == "extracted"
     (model,) = r["models"]
-    assert model["model"] == TINY
+    assert model["model"] == preset
     timing = model["timing"]
+    assert timing["family"] == FAMILIES[preset] and 0.5 < timing["nested_share_of_flops"] < 1
     assert set(timing["batches"]) == {"1", "4"}
     for b in timing["batches"].values():
         names = [row["spec"] for row in b["rows"]]
@@ -62,14 +65,15 @@ def test_report_has_every_section_and_ratio(finished):
     assert index["images"] == 40 and index["ratio"] == pytest.approx(
         index["build_images_per_s"] / index["forward_images_per_s"], rel=0.01)
     (train,) = r["training"]
-    assert set(train["epoch_s"]) == {"MatViT", "S", "M", "L", "XL"} and train["steps_per_epoch"] == 2
+    assert set(train["epoch_s"]) == {"joint", "S", "M", "L", "XL"} and train["steps_per_epoch"] == 2
+    assert train["family"] == FAMILIES[preset]
     # epoch_s and baselines_sum_s are rounded to 1 ms; the ratio is computed before rounding
-    matvit, together = train["epoch_s"]["MatViT"], train["baselines_sum_s"]
+    matvit, together = train["epoch_s"]["joint"], train["baselines_sum_s"]
     assert (matvit - 5e-4) / (together + 5e-4) - 1e-4 <= train["ratio"] <= (matvit + 5e-4) / (together - 5e-4) + 1e-4
 
 
 def test_targets_are_evaluated(finished):
-    _, r = finished
+    _, r, _ = finished
     by_section = {s: [t for t in r["targets"] if t["section"] == s] for s in (1, 2, 5)}
     assert len(by_section[1]) == 2 and len(by_section[2]) == 4 and len(by_section[5]) == 2
     for t in by_section[1]:
@@ -83,9 +87,9 @@ def test_targets_are_evaluated(finished):
 
 
 def test_markdown_written(finished):
-    out, r = finished
+    out, r, preset = finished
     md = (out / "speed.md").read_text()
-    for text in ("# Speed", "Command: `", "Commit: `", "torch threads", "## matvit-tiny-digits", "### Batch 1",
+    for text in ("# Speed", "Command: `", "Commit: `", "torch threads", f"## {preset}", FAMILIES[preset], "### Batch 1",
                  "### Batch 4", "Indexing:", "## Training", "## Targets", "## Reading", "noisy on a shared CPU"):
         assert text in md
     assert md.count("| `") == 12  # one row per spec and batch
@@ -93,19 +97,19 @@ def test_markdown_written(finished):
 
 
 def test_steps_resume_without_measuring_again(finished, monkeypatch):
-    out, r = finished
+    out, r, preset = finished
     assert sorted(p.name for p in (out / "steps").glob("*.json")) == [
-        f"{TINY}-index.json", f"{TINY}-timing.json", f"train-{TINY}.json"]
+        f"{preset}-index.json", f"{preset}-timing.json", f"train-{preset}.json"]
 
     def no_timing(*args, **kwargs):
         raise AssertionError("measured again")
 
     monkeypatch.setattr(speed, "interleaved", no_timing)
-    again = speed.run(tiny_options(out))
+    again = speed.run(tiny_options(out, preset))
     assert again["models"] == r["models"] and again["training"] == r["training"]
     assert again["load_check"] == r["load_check"] and "load_1min" in again["load_check"]  # kept by the first step
     with pytest.raises(AssertionError, match="measured again"):  # other settings: that step is measured afresh
-        speed.run(tiny_options(out, repeats=2))
+        speed.run(tiny_options(out, preset, repeats=2))
 
 
 def test_checkpoint_is_timed_and_trains_its_preset(tmp_path, monkeypatch):

@@ -109,6 +109,19 @@ def test_params_and_flops_match_the_extracted_module(preset, text):
     assert model.forward_flops("S") < model.forward_flops("XL") / 4
 
 
+@pytest.mark.parametrize("preset", ["matmamba-small-fmnist", "matmamba-ti16"])
+def test_the_nested_share_leaves_out_what_every_width_computes(preset):
+    cfg = registry.get_preset(preset).model
+    model = MatMamba(cfg)
+    t, d, n = cfg.tokens, cfg.embed_dim, cfg.d_state
+    q = min(cfg.chunk_size, t)
+    fixed = 2 * (t - 1) * d * cfg.in_chans * cfg.patch_size**2 + cfg.depth * (  # patches; B and C, and C.B per chunk
+        2 * t * d * 2 * n + 2 * -(-t // q) * q * q * n)
+    assert model.nested_share() == pytest.approx(1 - fixed / model.forward_flops("XL"), rel=1e-9)
+    vision = model.plain("S").features.vision
+    assert type(vision) is MambaVision and vision.blocks[0].mixer.d_inner == cfg.d_inner // 8
+
+
 def test_paper_presets_are_constructible_shapes():
     for preset, low, high in (("matmamba-ti16", 5.9e6, 6.0e6), ("matmamba-vision-35m", 35e6, 37e6),
                               ("matmamba-vision-135m", 133e6, 136e6)):

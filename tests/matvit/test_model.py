@@ -116,3 +116,20 @@ def test_cosine_head_scores_the_embedding_by_its_cosine_to_each_class_weight():
     assert MatViTConfig.from_dict(config.to_dict()).head == "cosine"
     old = {k: v for k, v in config.to_dict().items() if k != "head"}  # a config saved before heads existed
     assert MatViTConfig.from_dict(old).head == "linear"
+
+
+def test_the_nested_share_is_the_ffns_share_of_the_flops():
+    model = MatViT(get_preset("matvit-ti16").model)
+    c = model.config
+    tokens = (c.img_size // c.patch_size) ** 2 + 1
+    ffns = sum(2 * 2 * tokens * c.embed_dim * w for w in model.spec("XL").widths)
+    assert abs(model.nested_share() - ffns / model.forward_flops("XL")) < 1e-9
+
+
+def test_plain_is_an_untrained_timm_vit_of_the_widths():
+    model = MatViT(get_preset("matvit-tiny-digits").model)
+    plain = model.plain("S,M,L,XL")
+    vit = plain.features.vit
+    assert type(vit) is VisionTransformer
+    assert [b.mlp.fc1.out_features for b in vit.blocks] == list(model.spec("S,M,L,XL").widths)
+    assert plain(torch.zeros(2, 1, 8, 8)).shape == (2, model.embedding_dim)

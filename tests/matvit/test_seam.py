@@ -63,6 +63,7 @@ class ToyFeatures(torch.nn.Module):
 
 class ToyNested(NestedModel):
     family = "toy-mlp"
+    label = "ToyMLP"
     config_class = ToyConfig
 
     def __init__(self, config: ToyConfig) -> None:
@@ -95,6 +96,9 @@ class ToyNested(NestedModel):
             state[key] = value.clone()
         small.load_state_dict(state)
         return Embedding(small).eval()
+
+    def plain(self, spec: str | Submodel) -> Embedding:
+        return Embedding(ToyFeatures(self.config, self.spec(spec).widths)).eval()
 
     def export(self, spec, out: Path, onnx: bool = False, **extra) -> Path:
         spec, out = self.spec(spec), make_dir(out)
