@@ -28,7 +28,7 @@ from matvit import checkpoint, data, metrics, provenance
 from matvit import spec as specs
 from matvit.config import AUGMENTATIONS, GRANULARITY_NAMES
 from matvit.errors import UserError
-from matvit.registry import PRESETS, get_preset
+from matvit.registry import PRESETS, family_of, get_preset
 from matvit.train import TrainOptions, finished_run, option_differences
 from matvit.warmup import dense_options
 from matvit.warmup import train as train_with_warmup
@@ -287,7 +287,7 @@ def measure_seed(opts: BenchOptions, seed: int, log=print) -> dict:
            "train_seconds": {"matvit": mpart["train_seconds"], "baseline": part["train_seconds"]},
            "trained_on": {"matvit": mpart["trained_on"], "baseline": part["trained_on"]},
            "measure_seconds": round(mpart["measure_seconds"] + part.get("measure_seconds", 0.0), 1),
-           "classes": mpart["classes"]}
+           "classes": mpart["classes"], "family": family_label(opts.preset)}
     row["targets"] = targets(row)
     return steps.write(path, row)
 
@@ -313,7 +313,12 @@ def step_passes(row: dict) -> dict:
             "baseline": {g: passes(settings["baselines"][g]) for g in row["baselines"]}}
 
 
-def combine(rows: list[dict]) -> dict:
+def family_label(preset: str) -> str:
+    """How reports name the nested model of `preset` ("MatViT", "MatMamba")."""
+    return family_of(get_preset(preset).model).label
+
+
+def combine(rows: list[dict], family: str = "MatViT") -> dict:
     """The seeds' steps as one result: mean grids (with spreads), mean Mix'n'Match accuracy, the first measured
     costs, mean training seconds, every seed's row under `seeds`, and the targets on the means and per seed."""
     first = rows[0]
@@ -322,6 +327,7 @@ def combine(rows: list[dict]) -> dict:
     baselines = list(dict.fromkeys(g for r in rows for g in r["baselines"]))
     first_with = {g: next(r for r in rows if g in r["baselines"]) for g in baselines}
     result = {
+        "family": family,
         "seeds": [r["seed"] for r in rows],
         "matvit": {"map10_definition": first["matvit"]["map10_definition"],
                    "grid": _mean_grid([r["matvit"]["grid"] for r in rows])},
@@ -362,7 +368,8 @@ def run(opts: BenchOptions, log=print) -> dict:
     rows = [measure_seed(opts, seed, log) for seed in opts.seeds]
     result = {"dataset": opts.dataset, "preset": opts.preset, "epochs": recipe.epochs,
               "dense_epochs": recipe.dense_epochs or 0, "augment": recipe.augment,
-              "mixnmatch_prob": opts.mixnmatch_prob, "weights": opts.weights, **origin, **combine(rows)}
+              "mixnmatch_prob": opts.mixnmatch_prob, "weights": opts.weights, **origin,
+              **combine(rows, family_label(opts.preset))}
     (out / "consistency.json").write_text(json.dumps(result, indent=2))
     (out / "consistency.md").write_text(markdown(result))
     from .plots import consistency_grids_png, pareto_png

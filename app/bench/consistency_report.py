@@ -44,17 +44,17 @@ def targets(r: dict) -> list[dict]:
     """The five claims, each with the numbers that decide it; `met` is None where the baselines it needs were
     not trained."""
     m, b = r["matvit"]["grid"], r["baseline"]["grid"]
-    names = list(m)
+    names, label = list(m), family(r)
     out = []
     gaps = {g: m[g][g]["knn1"] - b[g][g]["knn1"] for g in names if g in b}
-    out.append({"target": "1. each MatViT diagonal cell within 1.0 point of its baseline",
+    out.append({"target": f"1. each {label} diagonal cell within 1.0 point of its baseline",
                 "met": all(v >= -0.01 for v in gaps.values()) if len(gaps) == len(names) else None,
                 "matvit_minus_baseline": gaps})
     xl_s, base_s = m["XL"]["S"]["knn1"], b.get("S", {}).get("S", {}).get("knn1")
-    out.append({"target": "2. MatViT index XL / query S >= baseline S on itself",
+    out.append({"target": f"2. {label} index XL / query S >= baseline S on itself",
                 "met": None if base_s is None else xl_s >= base_s, "matvit_xl_s": xl_s, "baseline_s_s": base_s})
     off = {f"{i}/{q}": m[i][q]["knn1"] - m[q][q]["knn1"] for i in names for q in names if i != q}
-    out.append({"target": "3. every MatViT off-diagonal cell within 2 points of its query submodel's diagonal",
+    out.append({"target": f"3. every {label} off-diagonal cell within 2 points of its query submodel's diagonal",
                 "met": all(v >= -0.02 for v in off.values()), "worst": min(off.values()) if off else 0.0})
     chance = 1.0 / r["classes"]
     boff = {f"{i}/{q}": b[i][q]["knn1"] for i in b for q in b[i] if i != q}
@@ -68,6 +68,11 @@ def targets(r: dict) -> list[dict]:
     return out
 
 
+def family(r: dict) -> str:
+    """The nested model's family as reports name it (results before MatMamba: MatViT)."""
+    return r.get("family", "MatViT")
+
+
 def _cell(c: dict) -> str:
     return f"{100 * c['knn1']:.2f}" + (f" ± {100 * c['knn1_std']:.2f}" if c.get("n", 1) > 1 else "")
 
@@ -76,12 +81,12 @@ def _verdict(met: bool | None) -> str:
     return "not measured" if met is None else "met" if met else "**missed**"
 
 
-def trained_on_lines(runs: list[dict]) -> list[str]:
+def trained_on_lines(runs: list[dict], label: str) -> list[str]:
     """Which CPU ran which training, for the steps that recorded it (older steps did not)."""
     where: dict[str, list[str]] = {}
     for run in runs:
         recorded = run.get("trained_on") or {}
-        trainings = [("MatViT", recorded.get("matvit")),
+        trainings = [(label, recorded.get("matvit")),
                      *((f"baseline {g}", t) for g, t in recorded.get("baseline", {}).items())]
         for name, t in trainings:
             if t:
@@ -91,20 +96,21 @@ def trained_on_lines(runs: list[dict]) -> list[str]:
 
 
 def passes_sentence(r: dict) -> str:
-    """How many passes over the data the MatViT and its baselines made (results from before passes were recorded
-    say nothing)."""
+    """How many passes over the data the nested model and its baselines made (results from before passes were
+    recorded say nothing)."""
     if "passes" not in r:
         return ""
-    mine, theirs = r["passes"]["matvit"], r["passes"]["baseline"]
+    mine, theirs, label = r["passes"]["matvit"], r["passes"]["baseline"], family(r)
     if set(theirs.values()) == {mine}:
-        return f" Every model makes the same {mine} passes over the data (the MatViT's warm-up included)."
-    return (f" **Unequal training**: the MatViT makes {mine} passes over the data, the baselines "
+        return (f" Every model makes the same {mine} passes over the data"
+                + (f" (the {label}'s warm-up included)." if r.get("dense_epochs") else "."))
+    return (f" **Unequal training**: the {label} makes {mine} passes over the data, the baselines "
             + ", ".join(f"{g} {n}" for g, n in theirs.items()) + ".")
 
 
 def markdown(r: dict) -> str:
     m, b = r["matvit"]["grid"], r["baseline"]["grid"]
-    names, runs = list(m), r["runs"]
+    names, runs, label = list(m), r["runs"], family(r)
     seeds = ", ".join(str(s) for s in r["seeds"])
     taken = [run for run in runs if run["baselines_from"]]
     reused = [run for run in runs if run.get("matvit_from")]
@@ -114,20 +120,20 @@ def markdown(r: dict) -> str:
     lines = [f"# Cross-consistency: {r['dataset']}, {r['preset']}, {epochs}, seed(s) {seeds}", "",
              f"Command: `{r['command']}`  ", f"Commit: `{r['commit']}` (each seed's own: `seeds` in the JSON)  ",
              f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}", "",
-             *trained_on_lines(runs),
+             *trained_on_lines(runs, label),
              *(["Baselines measured before: " + "; ".join(
                  f"seed {run['seed']} in `{run['baselines_from']}` at commit "
                  f"`{run['baseline_commit'][:12]}`" for run in taken), ""] if taken else []),
-             *(["MatViT measured before: " + "; ".join(
+             *([f"{label} measured before: " + "; ".join(
                  f"seed {run['seed']} in `{run['matvit_from']}` at commit "
                  f"`{run['matvit_commit'][:12]}`" for run in reused), ""] if reused else []),
              f"1-NN accuracy (%), mean over the seeds{spread}. Rows: index (gallery) encoder; columns: query "
-             "encoder. MatViT submodels, with the independently trained baseline of the same width in brackets on "
-             "the diagonal. MatViT of seed s trains with seed s; its baselines S, M, L, XL with seeds 4s+1 to 4s+4."
-             + (f" The MatViT starts its {r['epochs']} joint epochs from a dense ViT of XL's width trained for "
+             f"encoder. {label} submodels, with the independently trained baseline of the same width in brackets on "
+             f"the diagonal. {label} of seed s trains with seed s; its baselines S, M, L, XL with seeds 4s+1 to 4s+4."
+             + (f" The {label} starts its {r['epochs']} joint epochs from a dense ViT of XL's width trained for "
                 f"{r['dense_epochs']} epochs." if warm_up else "")
              + passes_sentence(r)
-             + (f" The MatViT trains with a random monotone Mix'n'Match spec in {r['mixnmatch_prob']:.0%} of the "
+             + (f" The {label} trains with a random monotone Mix'n'Match spec in {r['mixnmatch_prob']:.0%} of the "
                 "steps." if r.get("mixnmatch_prob") else "")
              + (" Its loss weights (S to XL): " + ", ".join(f"{w:g}" for w in r["weights"]) + "."
                 if r.get("weights") else "")
@@ -145,7 +151,7 @@ def markdown(r: dict) -> str:
         detail = ", ".join(f"{k}: {_fmt(v)}" for k, v in t.items() if k not in ("target", "met"))
         lines.append(f"- {_verdict(t['met'])}: {t['target']} ({detail})")
     if len(runs) > 1:
-        lines += ["", "## Per seed", "", "| seed | MatViT XL / S | baseline S (its seed) | "
+        lines += ["", "## Per seed", "", f"| seed | {label} XL / S | baseline S (its seed) | "
                   + " | ".join(f"target {k + 1}" for k in range(len(r["targets"]))) + " |",
                   "|---:|---:|---:|" + "---|" * len(r["targets"])]
         for run in runs:
@@ -157,8 +163,8 @@ def markdown(r: dict) -> str:
     lines += ["", *misses_by_mix(below, names[0], names[-1])]
     cost, base = r["cost"]["matvit"], r["cost"]["baseline"]
     same = all(base[g] == {k: cost[g][k] for k in base[g]} for g in base if g in cost)
-    lines += ["", "## Cost", "", f"MatViT's submodels, timed in the step of {r['cost_timed_in']}. "
-              + ("Each baseline has the shape (parameters and GFLOPs) of MatViT's submodel of its width, so it costs "
+    lines += ["", "## Cost", "", f"{label}'s submodels, timed in the step of {r['cost_timed_in']}. "
+              + (f"Each baseline has the shape (parameters and GFLOPs) of {label}'s submodel of its width, so it costs "
                  "the same." if same else "Baselines: " + ", ".join(
                      f"{g} {c['params']:,} params, {c['gflops']:.4f} GFLOPs" for g, c in base.items()) + "."),
               "", "| submodel | params | GFLOPs | ms (batch 1) | ms (batch 32) |", "|---|---:|---:|---:|---:|"]
@@ -166,11 +172,11 @@ def markdown(r: dict) -> str:
         lines.append(f"| {g} | {c['params']:,} | {c['gflops']:.4f} | {c['latency_ms_b1']:.2f} | "
                      f"{c['latency_ms_b32']:.2f} |")
     ts = r["train_seconds"]
-    lines += ["", "Training wall time (mean per seed): MatViT (all granularities jointly) "
+    lines += ["", f"Training wall time (mean per seed): {label} (all granularities jointly) "
               f"{ts['matvit'] / 60:.1f} min; the baselines {sum(ts['baseline'].values()) / 60:.1f} min together "
               f"({', '.join(f'{g} {s / 60:.1f}' for g, s in ts['baseline'].items())}). "
               f"Measuring (both grids, Mix'n'Match, costs) {r['measure_seconds'] / 60:.1f} min per seed.",
-              "", f"Mix'n'Match: {len(r['mixnmatch'])} monotone specs queried against the MatViT XL index "
+              "", f"Mix'n'Match: {len(r['mixnmatch'])} monotone specs queried against the {label} XL index "
               "(`pareto.png`).", "", "![grids](grid.png)", "", "![pareto](pareto.png)"]
     return "\n".join(lines) + "\n"
 

@@ -41,10 +41,10 @@ def grid_png(result: dict, path: Path) -> Path:
 
 
 def consistency_grids_png(r: dict, path: Path) -> None:
-    """MatViT's grid beside the baselines' grid, from a consistency result."""
+    """The nested model's grid beside the baselines' grid, from a consistency result."""
     fig = Figure(figsize=(11, 4.8), layout="tight")
     left, right = fig.subplots(1, 2)
-    heatmap(r["matvit"], left, "MatViT: 1-NN accuracy")
+    heatmap(r["matvit"], left, f"{r.get('family', 'MatViT')}: 1-NN accuracy")
     heatmap(r["baseline"], right, "Independent baselines: 1-NN accuracy")
     fig.savefig(path, dpi=120)
 

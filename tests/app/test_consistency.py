@@ -244,14 +244,25 @@ def test_another_matvit_recipe_takes_the_baselines_measured_before(tmp_path, sma
                                                                    out=tmp_path), 0))
 
 
+def test_a_matmamba_is_measured_and_named_as_one(tmp_path):
+    result = run(BenchOptions(dataset="digits", preset="matmamba-tiny-digits", out=tmp_path, epochs=1,
+                              baselines=["S", "XL"], cache=tmp_path / "runs", latency_repeats=1), log=lambda s: None)
+    assert result["family"] == "MatMamba" and list(result["matvit"]["grid"]) == ["S", "M", "L", "XL"]
+    assert len(result["mixnmatch"]) == 35 and result["passes"] == {"matvit": 1, "baseline": {"S": 1, "XL": 1}}
+    assert result["targets"][0]["target"].startswith("1. each MatMamba diagonal cell")
+    md = (tmp_path / "consistency.md").read_text()
+    assert "MatMamba submodels" in md and "MatViT" not in md
+    assert json.loads((tmp_path / "runs" / "seed-0" / "matvit" / "config.json").read_text())["family"] == "matmamba"
+
+
 def test_trainings_are_listed_under_the_cpu_they_ran_on():
     xeon, epyc = {"commit": "a", "cpu": "Intel Xeon"}, {"commit": "b", "cpu": "AMD EPYC"}
     runs = [{"seed": 0, "trained_on": {"matvit": xeon, "baseline": {"S": epyc}}},
             {"seed": 1, "trained_on": {"matvit": epyc, "baseline": {}}},
             {"seed": 2, "trained_on": None}]  # a step written before trainings recorded their CPU
-    line = consistency_report.trained_on_lines(runs)[0]
+    line = consistency_report.trained_on_lines(runs, "MatViT")[0]
     assert line.startswith("Trained on: Intel Xeon (seed 0 MatViT); AMD EPYC (seed 0 baseline S, seed 1 MatViT)")
-    assert consistency_report.trained_on_lines([{"seed": 0}]) == []
+    assert consistency_report.trained_on_lines([{"seed": 0}], "MatViT") == []
 
 
 def test_baselines_make_as_many_passes_as_the_matvit_warm_up_included(tmp_path):
