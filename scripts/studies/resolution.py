@@ -4,17 +4,17 @@ MatViT's attention (quadratic), and how each grows with the number of patches.
     python -m scripts.studies.resolution --out docs/results/resolution
 
 Two presets of similar size (default `matvit-ti16` and `matmamba-ti16`: width 192, patch 16, 5.7M and 6.0M
-parameters) with seeded random weights (timing only), rebuilt at each resolution (64, 128, 224 and 384 px: 16 to
-576 patches). At each resolution and batch size (1 and 32) the extracted embedding paths (`model.extract(spec)`,
-what the retriever runs) of S and XL of both models are timed interleaved (`app.bench.speed.interleaved`) on a
-fixed number of torch threads under `torch.inference_mode`; a time is the median of the timed calls, per call and
-per image. The report: a table per batch (milliseconds per image, MatMamba over MatViT, S over XL against the
-FLOP ratio), the log-log slope of milliseconds per image against patches (1: linear, 2: quadratic) and the
-crossover, the smallest measured resolution from which MatMamba is the faster at every larger one. Each
-(resolution, batch) is a step written to `OUT/steps/` when it ends and reused by a rerun with the same settings;
-`resolution.json`, `.md` and `.png` are rewritten after every step. The scan is quadratic inside a chunk
-(`chunk_size`, 256 tokens in the presets) and linear from chunk to chunk: `--chunk-size` sets it for the timed
-MatMamba.
+parameters with the classifier) with seeded random weights (timing only), rebuilt at each resolution (64, 128, 224
+and 384 px: 16 to 576 patches). At each resolution and batch size (1 and 32) the extracted embedding paths
+(`model.extract(spec)`, what the retriever runs) of S and XL of both models are timed interleaved
+(`app.bench.speed.interleaved`) on a fixed number of torch threads under `torch.inference_mode`; a time is the
+median of the timed calls, per call and per image. The report: a table per batch (milliseconds per image, MatMamba
+over MatViT, S over XL against the FLOP ratio), the log-log slope of milliseconds per image against patches (1:
+linear, 2: quadratic) and the crossover, the smallest measured resolution from which MatMamba is the faster at every
+larger one. Each (resolution, batch) is a step written to `OUT/steps/` when it ends and reused by a rerun with the
+same settings; `resolution.json`, `.md` and `.png` are rewritten after every step. The scan is quadratic inside a
+chunk (`chunk_size`, 256 tokens in the presets) and linear from chunk to chunk: `--chunk-size` sets it for the
+timed MatMamba.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from . import run as run_study
 
 ROLES = ("vit", "mamba")  # the attention model and the scan model, in the order of the tables' columns
 SPECS = ("S", "XL")
-NAMES = {"vit": "MatViT", "mamba": "MatMamba"}
 METHOD = ("Seeded random weights and inputs; torch.set_num_threads fixed (recorded). At each resolution and batch the "
           "four embedding paths (MatViT S and XL, MatMamba S and XL, each `model.extract(spec)`) are warmed up once, "
           "then timed in R rounds, interleaved (the order rotated every round; a call taking less than --min-seconds "
@@ -54,15 +53,15 @@ METHOD = ("Seeded random weights and inputs; torch.set_num_threads fixed (record
 def config_at(preset: str, size: int, chunk_size: int | None = None):
     """`preset`'s model config at `size` px (and, for a family with a scan, `chunk_size`), validated by the config's
     own round trip."""
-    d = registry.get_preset(preset).model.to_dict()
+    cfg = registry.get_preset(preset).model
+    d = cfg.to_dict()
     if size % d["patch_size"]:
         raise UserError(f"--resolutions: {size} px is not a multiple of {preset}'s patch size {d['patch_size']}")
     d["img_size"] = size
     if chunk_size is not None and "chunk_size" in d:
         d["chunk_size"] = chunk_size
-    cls = type(registry.get_preset(preset).model)
     try:
-        return cls.from_dict(d)
+        return type(cfg).from_dict(d)
     except ValueError as e:
         raise UserError(f"{preset} at {size} px: {e}") from e
 
@@ -96,10 +95,7 @@ def measure(args: argparse.Namespace, size: int, batch: int, log: Callable[[str]
     torch.set_num_threads(args.threads)
     start, load_start = time.perf_counter(), load_average()
     models = {role: build(getattr(args, role), size, args.seed, args.chunk_size) for role in ROLES}
-    channels = {m.config.in_chans for m in models.values()}
-    if len(channels) > 1:
-        raise UserError(f"--vit {args.vit} and --mamba {args.mamba} take different image channels ({channels})")
-    x = torch.randn(batch, channels.pop(), size, size, generator=torch.Generator().manual_seed(args.seed))
+    x = torch.randn(batch, models["vit"].channels, size, size, generator=torch.Generator().manual_seed(args.seed))
     paths = {f"{role}:{spec}": models[role].extract(spec) for role in ROLES for spec in SPECS}
     calls = {name: (lambda e=e: e(x)) for name, e in paths.items()}
     log(f"[{path.stem}] {len(calls)} embedding paths x {settings['repeats']} repeats")
@@ -320,6 +316,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     for size in args.resolutions:  # every size fits both presets before anything is timed
         for role in ROLES:
             config_at(getattr(args, role), size, args.chunk_size)
+    channels = {registry.get_preset(getattr(args, role)).model.in_chans for role in ROLES}
+    if len(channels) > 1:
+        raise UserError(f"--vit {args.vit} and --mamba {args.mamba} take images of different channels")
     (Path(args.out) / "steps").mkdir(parents=True, exist_ok=True)
     origin, rows, result = provenance.record(), [], {}
     for batch in args.batches:
