@@ -141,10 +141,11 @@ def test_a_distributed_run_resumes_where_it_stopped(tmp_path):
     assert [line["epoch"] for line in logged] == [2]  # the resumed run trained only the second epoch
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_on_cpu_trains_and_saves_fp32_weights(tmp_path, precision, small_digits):
+@pytest.mark.parametrize("preset, precision", [("matvit-tiny-digits", "bf16"), ("matvit-tiny-digits", "fp16"),
+                                               ("matmamba-tiny-digits", "bf16")])
+def test_mixed_precision_on_cpu_trains_and_saves_fp32_weights(tmp_path, preset, precision, small_digits):
     rt = runtime.Runtime(torch.device("cpu"), precision)
-    trainer = Trainer(TrainOptions("matvit-tiny-digits", "digits", tmp_path, epochs=3, batch_size=16), rt)
+    trainer = Trainer(TrainOptions(preset, "digits", tmp_path, epochs=3, batch_size=16), rt)
     x = to_input(trainer.train_set.images[:8])
     with rt.autocast():
         feats, logits = trainer.step_module(x, trainer.model.spec("S"))
