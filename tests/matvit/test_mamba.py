@@ -279,6 +279,39 @@ def test_train_with_every_recipe_option_resumes_to_the_uninterrupted_run(tmp_pat
     assert result["precision"] == "bf16" and set(result["knn1"]) == {"S", "M", "L", "XL"}
 
 
+def test_the_cascade_and_live_index_updates_while_serving(mamba_run, query, capsys):
+    """`matvit cascade` calibrates on a MatMamba's index, `search --cascade` and the API's mode=cascade follow it,
+    and items added and deleted through the API while it serves are found and then gone."""
+    run, index = mamba_run
+    assert main(["cascade", "--index", str(index), "--checkpoint", str(run), "--dataset", "digits", "--queries",
+                 "200", "--target", "0.99"]) == 0
+    stages = json.loads((index / "cascade.json").read_text())["stages"]
+    capsys.readouterr()
+    assert main(["search", "--index", str(index), "--checkpoint", str(run), "--image", str(query), "-k", "3",
+                 "--json", "--cascade"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    ran = printed["cascade"]["ran"]
+    assert ran == stages[:len(ran)] and printed["submodel"]["spec"] == ran[-1] and len(printed["results"]) == 3
+
+    image = png(np.full((8, 8), 255, dtype=np.uint8))  # a blank square: nothing like a digit
+    with TestClient(create_app(Settings(index=index, checkpoint=run), load_in_background=False)) as client:
+        r = client.post("/v1/search", files={"file": ("q.png", query.read_bytes(), "image/png")},
+                        data={"mode": "cascade", "k": "2"})
+        assert r.status_code == 200, r.text
+        assert r.json()["cascade"]["ran"] == stages[:len(r.json()["cascade"]["ran"])]
+        count = client.get("/v1/index").json()["count"]
+        r = client.post("/v1/items", files={"files": ("blank.png", image, "image/png")}, data={"labels": ["blank"]})
+        assert r.status_code == 201, r.text
+        added = r.json()["items"][0]["id"]
+        assert client.get("/v1/index").json()["count"] == count + 1
+        hits = client.post("/v1/search", files={"file": ("b.png", image, "image/png")}, data={"k": "1"}).json()
+        assert hits["results"][0]["id"] == added and hits["results"][0]["label"] == "blank"
+        assert client.delete(f"/v1/items/{added}").json() == {"deleted": [added]}
+        hits = client.post("/v1/search", files={"file": ("b.png", image, "image/png")}, data={"k": "50"}).json()
+        assert added not in [h["id"] for h in hits["results"]]
+        assert client.get("/v1/index").json()["count"] == count
+
+
 def test_a_matmamba_checkpoint_never_queries_a_matvit_index(mamba_run, query, tmp_path, capsys):
     run, _ = mamba_run
     torch.manual_seed(0)
