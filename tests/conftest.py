@@ -1,5 +1,5 @@
-"""Shared fixtures: a small MatViT trained briefly on scikit-learn's digits (seeded, CPU, seconds),
-and a folder of awkward images."""
+"""Shared fixtures: a small MatViT and a small MatMamba trained briefly on scikit-learn's digits (seeded, CPU,
+seconds), and a folder of awkward images."""
 
 from __future__ import annotations
 
@@ -59,6 +59,18 @@ def trained_dir(trainer):
 def trained(trained_dir):
     model, meta = checkpoint.load(trained_dir)
     return model
+
+
+@pytest.fixture(scope="session")
+def mamba_trained_dir(tmp_path_factory):
+    """A run of `matmamba-tiny-digits` through `matvit train`, 3 epochs: the MatMamba checkpoint the commands'
+    tests share."""
+    from app.cli import main
+
+    out = tmp_path_factory.mktemp("matmamba-run")
+    assert main(["train", "--preset", "matmamba-tiny-digits", "--dataset", "digits", "--out", str(out),
+                 "--epochs", "3"]) == 0
+    return out
 
 
 def write_odd_images(root):

@@ -36,8 +36,8 @@ def create_app(settings: Settings, load_in_background: bool = True) -> FastAPI:
 
     app = FastAPI(
         title="matvit", version="0.1.0", lifespan=lifespan,
-        description="Adaptive image retrieval: a gallery indexed once with MatViT's XL encoder, queried with "
-                    "whichever nested submodel fits the budget.",
+        description="Adaptive image retrieval: a gallery indexed once with a nested model's XL encoder (MatViT or "
+                    "MatMamba), queried with whichever nested submodel fits the budget.",
     )
     app.state.service = service
     app.add_middleware(BodyLimit, settings=settings)

@@ -20,7 +20,8 @@ GROUPS = (train, index, search, serve, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="matvit", description="Adaptive image retrieval on MatViT.")
+    parser = argparse.ArgumentParser(prog="matvit",
+                                     description="Adaptive image retrieval on nested models (MatViT, MatMamba).")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in GROUPS:
         group.add_parsers(sub)

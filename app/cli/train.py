@@ -66,7 +66,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register `train`, `induce` and `export` under `matvit`'s subcommands."""
-    p = sub.add_parser("train", help="train a MatViT (or a baseline ViT) and evaluate every granularity")
+    p = sub.add_parser("train", help="train a MatViT or a MatMamba (or a plain baseline) and evaluate every "
+                                     "granularity")
     p.add_argument("--preset", required=True, choices=list(PRESETS))
     p.add_argument("--dataset", required=True, help="digits, fashion-mnist, folder:PATH, csv:FILE or wds:PATTERN")
     p.add_argument("--data-dir", type=Path, help="where the Fashion-MNIST IDX files are")

@@ -41,6 +41,14 @@ def index_dir(trained_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def mamba_demo(mamba_trained_dir, tmp_path_factory):
+    """A MatMamba's digits index and its checkpoint."""
+    out = tmp_path_factory.mktemp("mamba-demo-index")
+    build.build(Encoder.load(mamba_trained_dir), build.DatasetSource("digits", "train", 8, 1), out)
+    return out, mamba_trained_dir
+
+
 def sixteen_bit_png(image: torch.Tensor) -> bytes:
     """A 1 x H x W uint8 image as a 16-bit grey PNG (mode I;16) that decodes back to the same 8-bit values."""
     buffer = io.BytesIO()
@@ -128,7 +136,15 @@ def test_a_missing_gallery_file_gets_a_placeholder(trained_dir, tmp_path):
     assert tile_image(retriever, by_name["a/0.png"]) is not None
 
 
-def test_demo_random_query_shows_results_and_s_vs_xl(demo_env):
+@pytest.fixture(params=["matvit", "matmamba"])
+def any_demo_env(request, monkeypatch, tmp_path):
+    """The demo's environment on a MatViT's index and checkpoint, or a MatMamba's."""
+    if request.param == "matvit":
+        return request.getfixturevalue("demo_env")
+    use(monkeypatch, *request.getfixturevalue("mamba_demo"), tmp_path / "no-results")
+
+
+def test_demo_random_query_shows_results_and_s_vs_xl(any_demo_env):
     at = AppTest.from_file(DEMO, default_timeout=120).run()
     assert not at.exception
     assert "1,437 items" in at.markdown[0].value

@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 from matvit import runtime
 from matvit.errors import UserError
 from matvit.images import to_input
-from matvit.model import MatViT
 from matvit.train import Trainer, TrainOptions
 from retrieval.encoder import Encoder
 from retrieval.faiss_store import GalleryIndex
@@ -34,8 +33,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(out, processes: int, epochs: int = 2) -> None:
-    command = ["-m", "matvit", "train", "--preset", "matvit-tiny-digits", "--dataset", "digits", "--epochs",
+def _train(out, processes: int, preset: str, epochs: int = 2) -> None:
+    command = ["-m", "matvit", "train", "--preset", preset, "--dataset", "digits", "--epochs",
                str(epochs), "--device", "cpu", "--out", str(out)]
     if processes > 1:
         command = ["-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port",
@@ -45,9 +44,10 @@ def _train(out, processes: int, epochs: int = 2) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    _train(tmp_path / "one", 1)
-    _train(tmp_path / "two", 2)
+@pytest.mark.parametrize("preset", ["matvit-tiny-digits", "matmamba-tiny-digits"])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, preset):
+    _train(tmp_path / "one", 1, preset)
+    _train(tmp_path / "two", 2, preset)
     one, two = (load_file(tmp_path / run / "model.safetensors") for run in ("one", "two"))
     assert one.keys() == two.keys()
     for key in one:
@@ -59,9 +59,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=key)
 
     # The loss of every granularity fell from the shared initialisation.
-    opts = TrainOptions("matvit-tiny-digits", "digits", tmp_path / "unused")
+    opts = TrainOptions(preset, "digits", tmp_path / "unused")
     trainer = Trainer(opts)  # seeded: the initial weights both runs started from
-    trained = MatViT(trainer.model.config)
+    trained = type(trainer.model)(trainer.model.config)
     trained.load_state_dict(two)
     x, y = to_input(trainer.train_set.images[:512]), trainer.train_set.labels[:512]
     with torch.no_grad():
@@ -141,10 +141,11 @@ def test_a_distributed_run_resumes_where_it_stopped(tmp_path):
     assert [line["epoch"] for line in logged] == [2]  # the resumed run trained only the second epoch
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_on_cpu_trains_and_saves_fp32_weights(tmp_path, precision, small_digits):
+@pytest.mark.parametrize("preset, precision", [("matvit-tiny-digits", "bf16"), ("matvit-tiny-digits", "fp16"),
+                                               ("matmamba-tiny-digits", "bf16")])
+def test_mixed_precision_on_cpu_trains_and_saves_fp32_weights(tmp_path, preset, precision, small_digits):
     rt = runtime.Runtime(torch.device("cpu"), precision)
-    trainer = Trainer(TrainOptions("matvit-tiny-digits", "digits", tmp_path, epochs=3, batch_size=16), rt)
+    trainer = Trainer(TrainOptions(preset, "digits", tmp_path, epochs=3, batch_size=16), rt)
     x = to_input(trainer.train_set.images[:8])
     with rt.autocast():
         feats, logits = trainer.step_module(x, trainer.model.spec("S"))
@@ -192,7 +193,9 @@ def _build_index(checkpoint_dir, gallery, out, processes: int) -> None:
         assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_two_processes_build_the_index_one_process_builds(trained_dir, tmp_path):
+@pytest.mark.parametrize("run", ["trained_dir", "mamba_trained_dir"])  # a MatViT's and a MatMamba's checkpoint
+def test_two_processes_build_the_index_one_process_builds(run, tmp_path, request):
+    trained_dir = request.getfixturevalue(run)
     gallery = tmp_path / "gallery"
     write_odd_images(gallery)
     for i in range(9):  # enough images for several batches per process

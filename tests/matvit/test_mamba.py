@@ -181,12 +181,9 @@ def png(pixels: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def mamba_run(tmp_path_factory):
+def mamba_run(mamba_trained_dir, tmp_path_factory):
     """A MatMamba of the tiny preset trained briefly on digits, and its index."""
-    root = tmp_path_factory.mktemp("matmamba")
-    run, index = root / "run", root / "index"
-    assert main(["train", "--preset", "matmamba-tiny-digits", "--dataset", "digits", "--out", str(run),
-                 "--epochs", "3"]) == 0
+    run, index = mamba_trained_dir, tmp_path_factory.mktemp("matmamba") / "index"
     assert main(["build-index", "--checkpoint", str(run), "--dataset", "digits", "--out", str(index),
                  "--workers", "0"]) == 0
     return run, index
@@ -245,6 +242,74 @@ def test_every_command_runs_on_a_matmamba_checkpoint(mamba_run, query, tmp_path,
     assert main(["eval-grid", "--index-checkpoint", str(run), "--dataset", "digits", "--index-submodels", "XL",
                  "--query-submodels", "S;XL", "--out", str(grid)]) == 0
     assert list(json.loads(grid.read_text())["grid"]["XL"]) == ["S", "XL"]
+
+
+def test_train_with_every_recipe_option_resumes_to_the_uninterrupted_run(tmp_path, small_digits, monkeypatch):
+    """`matvit train --mode sample --mixnmatch-prob 0.5 --distill both --precision bf16`, stopped in its second
+    epoch and finished by `--resume`, ends with the weights of the run that was never stopped."""
+    from safetensors.torch import load_file
+
+    from matvit.train import Trainer
+
+    def argv(out):
+        return ["train", "--preset", "matmamba-tiny-digits", "--dataset", "digits", "--out", str(tmp_path / out),
+                "--epochs", "2", "--batch-size", "16", "--mode", "sample", "--mixnmatch-prob", "0.5",
+                "--distill", "both", "--precision", "bf16", "--seed", "5"]
+
+    assert main(argv("straight")) == 0
+    original = Trainer.train_epoch
+
+    def stop_in_second_epoch(self):
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", stop_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv("resumed"))
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    assert not (tmp_path / "resumed" / "eval.json").exists()
+    assert main([*argv("resumed"), "--resume"]) == 0
+    straight, resumed = (load_file(tmp_path / out / "model.safetensors") for out in ("straight", "resumed"))
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    saved = json.loads((tmp_path / "resumed" / "config.json").read_text())
+    assert saved["family"] == "matmamba" and saved["train"]["mode"] == "sample"
+    assert saved["train"]["distill"] == "both" and saved["train"]["mixnmatch_prob"] == 0.5
+    result = json.loads((tmp_path / "resumed" / "eval.json").read_text())
+    assert result["precision"] == "bf16" and set(result["knn1"]) == {"S", "M", "L", "XL"}
+
+
+def test_the_cascade_and_live_index_updates_while_serving(mamba_run, query, capsys):
+    """`matvit cascade` calibrates on a MatMamba's index, `search --cascade` and the API's mode=cascade follow it,
+    and items added and deleted through the API while it serves are found and then gone."""
+    run, index = mamba_run
+    assert main(["cascade", "--index", str(index), "--checkpoint", str(run), "--dataset", "digits", "--queries",
+                 "200", "--target", "0.99"]) == 0
+    stages = json.loads((index / "cascade.json").read_text())["stages"]
+    capsys.readouterr()
+    assert main(["search", "--index", str(index), "--checkpoint", str(run), "--image", str(query), "-k", "3",
+                 "--json", "--cascade"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    ran = printed["cascade"]["ran"]
+    assert ran == stages[:len(ran)] and printed["submodel"]["spec"] == ran[-1] and len(printed["results"]) == 3
+
+    image = png(np.full((8, 8), 255, dtype=np.uint8))  # a blank square: nothing like a digit
+    with TestClient(create_app(Settings(index=index, checkpoint=run), load_in_background=False)) as client:
+        r = client.post("/v1/search", files={"file": ("q.png", query.read_bytes(), "image/png")},
+                        data={"mode": "cascade", "k": "2"})
+        assert r.status_code == 200, r.text
+        assert r.json()["cascade"]["ran"] == stages[:len(r.json()["cascade"]["ran"])]
+        count = client.get("/v1/index").json()["count"]
+        r = client.post("/v1/items", files={"files": ("blank.png", image, "image/png")}, data={"labels": ["blank"]})
+        assert r.status_code == 201, r.text
+        added = r.json()["items"][0]["id"]
+        assert client.get("/v1/index").json()["count"] == count + 1
+        hits = client.post("/v1/search", files={"file": ("b.png", image, "image/png")}, data={"k": "1"}).json()
+        assert hits["results"][0]["id"] == added and hits["results"][0]["label"] == "blank"
+        assert client.delete(f"/v1/items/{added}").json() == {"deleted": [added]}
+        hits = client.post("/v1/search", files={"file": ("b.png", image, "image/png")}, data={"k": "50"}).json()
+        assert added not in [h["id"] for h in hits["results"]]
+        assert client.get("/v1/index").json()["count"] == count
 
 
 def test_a_matmamba_checkpoint_never_queries_a_matvit_index(mamba_run, query, tmp_path, capsys):

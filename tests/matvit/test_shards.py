@@ -184,8 +184,9 @@ def test_make_shards_script(tmp_path, capsys):
                                               "--overwrite to replace them"
 
 
-def test_training_on_shards_end_to_end(digit_shards, tmp_path):
-    opts = TrainOptions(preset="matvit-tiny-digits", dataset=f"wds:{digit_shards}", out=tmp_path, epochs=1,
+@pytest.mark.parametrize("preset", ["matvit-tiny-digits", "matmamba-tiny-digits"])
+def test_training_on_shards_end_to_end(digit_shards, tmp_path, preset):
+    opts = TrainOptions(preset=preset, dataset=f"wds:{digit_shards}", out=tmp_path, epochs=1,
                         batch_size=64)
     trainer = Trainer(opts, workers=0)
     assert trainer.steps_per_epoch == 1437 // 64 and trainer.train_set.classes == [str(c) for c in range(10)]

@@ -105,8 +105,9 @@ def test_the_ranks_kth_batches_together_are_the_kth_global_batch(world):
     assert not torch.equal(other_epoch[0][0], alone[0][0])
 
 
-def test_training_streams_a_folder_end_to_end(digit_tree, tmp_path):
-    opts = TrainOptions("matvit-tiny-digits", f"folder:{digit_tree}", tmp_path, epochs=1, batch_size=16)
+@pytest.mark.parametrize("preset", ["matvit-tiny-digits", "matmamba-tiny-digits"])
+def test_training_streams_a_folder_end_to_end(digit_tree, tmp_path, preset):
+    opts = TrainOptions(preset, f"folder:{digit_tree}", tmp_path, epochs=1, batch_size=16)
     result = Trainer(opts, workers=1).run(log=lambda s: None)
     assert set(result["knn1"]) == {"S", "M", "L", "XL"}
     assert all(0.0 <= v <= 1.0 for v in result["top1"].values())
