@@ -1,0 +1,63 @@
+"""Search on embedding prefixes: full length is plain search, a funnel over everything is exact full search,
+prefixes are compared by their cosine, and a bad length is one line naming the valid ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from matvit.errors import UserError
+from matvit.metrics import search
+from retrieval import prefix
+
+
+def unit(rows: int, dim: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_the_full_length_is_plain_search():
+    gallery, queries = unit(200, 32, 0), unit(20, 32, 1)
+    scores, ids = prefix.exact(gallery, queries, 32, 5)
+    want_scores, want_ids = search(gallery, queries, 5)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+
+
+def test_a_prefix_is_compared_by_its_cosine():
+    gallery, queries = unit(100, 16, 2), unit(10, 16, 3)
+    scores, ids = prefix.exact(gallery, queries, 4, 3)
+    g, q = gallery[:, :4], queries[:, :4]
+    cosine = (q @ g.T) / np.linalg.norm(q, axis=1)[:, None] / np.linalg.norm(g, axis=1)[None]
+    np.testing.assert_array_equal(ids, np.argsort(-cosine, axis=1)[:, :3])
+    np.testing.assert_allclose(scores, np.take_along_axis(cosine, ids, axis=1), atol=1e-5)
+    assert np.all(np.isfinite(prefix.prefix(np.zeros((2, 8), np.float32), 4)))  # a zero prefix stays zero
+
+
+def test_a_funnel_over_the_whole_gallery_is_exact_full_search():
+    gallery, queries = unit(150, 24, 4), unit(15, 24, 5)
+    scores, ids = prefix.funnel(gallery, queries, 8, 5, shortlist=150)
+    want_scores, want_ids = search(gallery, queries, 5)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+
+
+def test_a_short_funnel_keeps_only_its_shortlist_in_full_order():
+    gallery, queries = unit(300, 24, 6), unit(12, 24, 7)
+    _, shortlist = prefix.exact(gallery, queries, 8, 20)
+    scores, ids = prefix.funnel(gallery, queries, 8, 5, shortlist=20)
+    assert all(set(row) <= set(s) for row, s in zip(ids, shortlist, strict=True))
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first, by the full vectors
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, gallery[ids]), atol=1e-5)
+
+
+@pytest.mark.parametrize("dims, allowed, message", [
+    (0, None, "dims 0 is not available: use 1 to 32"),
+    (64, None, "dims 64 is not available: use 1 to 32"),
+    (24, [8, 16, 32], "dims 24 is not available: use 8, 16, 32"),
+])
+def test_a_length_the_vectors_lack_is_refused_in_one_line(dims, allowed, message):
+    with pytest.raises(UserError, match=message):
+        prefix.check_dims(dims, 32, allowed)
+    with pytest.raises(UserError, match="shortlist"):
+        prefix.funnel(unit(10, 32, 8), unit(2, 32, 9), 8, 5, shortlist=4)
