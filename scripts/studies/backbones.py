@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser("scripts.studies.backbones", "MatMamba and MatViT side by side: accuracy, training cost and latency")
+    p = make_parser("scripts.studies.backbones",
+                    "MatMamba and MatViT side by side: accuracy, training cost and latency")
     p.add_argument("--vit-result", type=Path, required=True, help="the MatViT's consistency result directory")
     p.add_argument("--mamba-result", type=Path, required=True, help="the MatMamba's consistency result directory")
     p.add_argument("--speed", type=Path, required=True,
