@@ -16,9 +16,13 @@ def unit(rows: int, dim: int, seed: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def test_the_full_length_is_plain_search():
+@pytest.mark.parametrize("how", [
+    lambda g, q: prefix.exact(g, q, 32, 5),  # the full length
+    lambda g, q: prefix.funnel(g, q, 8, 5, shortlist=200),  # a shortlist of the whole gallery
+], ids=["full-length", "funnel-over-everything"])
+def test_the_full_length_and_a_funnel_over_everything_are_plain_search(how):
     gallery, queries = unit(200, 32, 0), unit(20, 32, 1)
-    scores, ids = prefix.exact(gallery, queries, 32, 5)
+    scores, ids = how(gallery, queries)
     want_scores, want_ids = search(gallery, queries, 5)
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_allclose(scores, want_scores, atol=1e-5)
@@ -32,14 +36,6 @@ def test_a_prefix_is_compared_by_its_cosine():
     np.testing.assert_array_equal(ids, np.argsort(-cosine, axis=1)[:, :3])
     np.testing.assert_allclose(scores, np.take_along_axis(cosine, ids, axis=1), atol=1e-5)
     assert np.all(np.isfinite(prefix.prefix(np.zeros((2, 8), np.float32), 4)))  # a zero prefix stays zero
-
-
-def test_a_funnel_over_the_whole_gallery_is_exact_full_search():
-    gallery, queries = unit(150, 24, 4), unit(15, 24, 5)
-    scores, ids = prefix.funnel(gallery, queries, 8, 5, shortlist=150)
-    want_scores, want_ids = search(gallery, queries, 5)
-    np.testing.assert_array_equal(ids, want_ids)
-    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
 
 
 def test_a_short_funnel_keeps_only_its_shortlist_in_full_order():
