@@ -80,7 +80,7 @@ def _tile_image(_retriever: Retriever, index: str, version: str, item_id: int) -
 def show_results(retriever: Retriever, result, true_label: str | None, columns: int = 5) -> None:
     c = result.submodel
     st.caption(f"**{c.spec}** · {c.gflops:.4f} GFLOPs · {c.params:,} parameters · "
-               f"encode {result.timings_ms['encode']:.1f} ms · {c.reason}")
+               f"encode {result.timings_ms['encode']:.1f} ms · {c.reason} · searched {result.search.text}")
     cols = st.columns(columns)
     for i, hit in enumerate(result.neighbours):
         mark = "" if true_label is None else (" ✅" if hit["label"] == true_label else " ❌")
@@ -129,6 +129,12 @@ def main() -> None:
             lo, hi = min(r["latency_ms_b1"] for r in rows), max(r["latency_ms_b1"] for r in rows)
             budget = Budget(ms=st.slider("Latency budget (ms, batch 1)", float(lo), float(hi * 1.5), float(hi)))
         k = st.slider("k", 1, 20, 10)
+        plan = None
+        if len(encoder.model.dims) > 1:  # a Matryoshka model: its prefixes may be searched
+            st.header("Search dimensions")
+            dims = st.select_slider("Dimensions", encoder.model.dims, value=encoder.dim)
+            funnel = st.checkbox("Funnel: re-rank the prefix's shortlist by the full vectors")
+            plan = retriever.search_plan(None if funnel else dims, dims if funnel else None, k)
 
     query, shown, true_label = None, None, None
     try:
@@ -140,7 +146,7 @@ def main() -> None:
             query, shown = queries.images[i:i + 1], to_hwc(queries.images[i])
             true_label = queries.classes[int(queries.labels[i])]
         if query is not None:
-            chosen = retriever.search(query, k=k, submodel=submodel, budget=budget)[0]
+            chosen = retriever.search(query, k=k, submodel=submodel, budget=budget, plan=plan)[0]
             small = retriever.search(query, k=k, submodel="S")[0]
             large = retriever.search(query, k=k, submodel="XL")[0]
     except UserError as e:

@@ -20,6 +20,11 @@ def ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
 
 
+def dims(text: str) -> list[int]:
+    """`--embed-dims`: comma-separated prefix lengths, or `none` (an empty list: the full embedding only)."""
+    return [] if text.strip().lower() == "none" else ints(text)
+
+
 def backend(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto",
                         help="query encoder backend: auto (default) serves each submodel with the fastest of eager, "

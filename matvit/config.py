@@ -34,6 +34,10 @@ class TrainRecipe:
     # A dense warm-up before the joint epochs (`matvit.warmup`): this many epochs of a plain ViT of the XL
     # width, whose FFN neurons are then ordered by weight. None: none.
     dense_epochs: int | None = None
+    # Matryoshka embedding dimensions (`matvit train --embed-dims`): every granularity's loss is also computed on
+    # each of these prefixes of the embedding, through the head's matching columns; the full length is always
+    # included. None: the full embedding only.
+    embed_dims: list[int] | None = None
 
 
 @dataclass

@@ -77,6 +77,7 @@ class InduceOptions:
     epochs: int | None = 2
     batch_size: int | None = None
     lr: float | None = None
+    embed_dims: list[int] | None = None  # Matryoshka prefix lengths of the joint fine-tuning; [] for none
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -91,7 +92,7 @@ class InduceOptions:
 
     def train_options(self) -> TrainOptions:
         return TrainOptions(preset=self.preset, dataset=self.dataset, out=Path(self.out), data_dir=self.data_dir,
-                            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, embed_dims=self.embed_dims,
                             init=str(Path(self.out) / INDUCED_FILE), seed=self.seed)
 
     def to_dict(self) -> dict:

@@ -39,11 +39,10 @@ from timm.layers import DropPath, PatchEmbed
 from . import ssd
 from .config import HEADS, Preset, TrainRecipe
 from .errors import UserError, make_dir
-from .nested import Embedding, NestedConfig, NestedModel
+from .nested import Embedding, NestedConfig, NestedModel, classify
 from .spec import Submodel
 
 SUMMARIES = ("end", "middle", "mean")  # the class token after the last patch or amid them; the mean of all tokens
-COSINE_SCALE = 16.0  # as MatViT's cosine head: logits are this times the cosine to each class weight
 NORM_EPS = 1e-5
 
 
@@ -70,6 +69,7 @@ class MatMambaConfig(NestedConfig):
     granularities: dict[str, int] = field(default_factory=dict)
     head: str = "linear"  # one of HEADS
     summary: str = "end"  # one of SUMMARIES: what the embedding reads (see the module's docstring)
+    embed_dims: list[int] | None = None  # Matryoshka prefix lengths the loss trains (see `NestedConfig`)
 
     def __post_init__(self) -> None:
         if self.summary not in SUMMARIES:
@@ -236,9 +236,7 @@ class MambaVision(torch.nn.Module):
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """The classifier on embeddings: linear, or the scaled cosine to each class weight (`head` "cosine")."""
-        if self.head_kind == "cosine":
-            return COSINE_SCALE * F.linear(F.normalize(features, dim=-1), F.normalize(self.head.weight, dim=-1))
-        return self.head(features)
+        return classify(features, self.head, self.head_kind)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits(self.forward_features(images))
@@ -322,7 +320,7 @@ class MatMamba(MambaVision, NestedModel):
         spec, out = self.spec(spec), make_dir(out)
         vision = self.standalone(spec)
         config = {"family": self.family, "mamba_kwargs": self.config.standalone_kwargs(),
-                  "widths": list(spec.widths), "submodel": spec.text, **extra}
+                  "widths": list(spec.widths), "submodel": spec.text, "embed_dims": self.dims, **extra}
         if onnx:
             write_onnx(Embedding(Features(vision)).eval(), self.config, out / "model.onnx")
         save_file({k: v.contiguous() for k, v in vision.state_dict().items()}, out / "model.safetensors")

@@ -25,8 +25,6 @@ from .config import HEADS, Preset, TrainRecipe
 from .nested import Embedding, NestedConfig, NestedModel
 from .spec import Submodel
 
-COSINE_SCALE = 16.0  # a cosine head's logits are this times the cosine to each class weight
-
 
 @dataclass
 class MatViTConfig(NestedConfig):
@@ -45,6 +43,7 @@ class MatViTConfig(NestedConfig):
     drop_path_rate: float = 0.0
     granularities: dict[str, int] = field(default_factory=dict)
     head: str = "linear"  # one of HEADS
+    embed_dims: list[int] | None = None  # Matryoshka prefix lengths the loss trains (see `NestedConfig`)
 
     def __post_init__(self) -> None:
         self.nest(HEADS)
@@ -123,9 +122,7 @@ class MatViT(VisionTransformer, NestedModel):
                             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-logits CLS feature after the final norm, and the classifier logits (the config's `head`)."""
         feats = self.forward_head(self.forward_features(images, spec), pre_logits=True)
-        if self.config.head == "cosine":
-            return feats, COSINE_SCALE * F.linear(F.normalize(feats, dim=-1), F.normalize(self.head.weight, dim=-1))
-        return feats, self.head(feats)
+        return feats, self.classify(feats)
 
     def forward(self, images: torch.Tensor, spec: str | Submodel = "XL") -> torch.Tensor:
         return self.features_and_logits(images, spec)[1]
@@ -143,7 +140,7 @@ class MatViT(VisionTransformer, NestedModel):
     def export(self, spec: str | Submodel, out: Path, onnx: bool = False, **extra) -> Path:
         spec = self.spec(spec)
         return extract.write(self.extract(spec).features.vit, out, self.config.timm_kwargs(), list(spec.widths),
-                             {"submodel": spec.text, **extra}, onnx)
+                             {"submodel": spec.text, "embed_dims": self.dims, **extra}, onnx)
 
     def num_params(self, spec: str | Submodel, head: bool = False) -> int:
         """Patch embedding to final norm, plus the classifier head when `head` (retrieval uses the embedding

@@ -19,15 +19,29 @@ from . import spec as specs
 from .config import default_granularities
 from .spec import Submodel
 
+COSINE_SCALE = 16.0  # a cosine head's logits are this times the cosine to each class weight
+
 
 def normalise(features: torch.Tensor) -> torch.Tensor:
     """Retrieval embeddings: features L2-normalised (the index ranks by inner product, i.e. cosine)."""
     return F.normalize(features, dim=-1)
 
 
+def classify(features: torch.Tensor, head: torch.nn.Linear, kind: str, dims: int | None = None) -> torch.Tensor:
+    """Logits of the first `dims` dimensions of the embeddings (all when None) through the head's matching weight
+    columns (Matryoshka's shared-weight head): `linear`, or `cosine`, the scaled cosine to each class weight."""
+    weight = head.weight[:, :dims]
+    features = features[..., :dims]
+    if kind == "cosine":
+        return COSINE_SCALE * F.linear(F.normalize(features, dim=-1), F.normalize(weight, dim=-1))
+    return F.linear(features, weight, head.bias)
+
+
 class NestedConfig:
-    """What a family's config dataclass shares: the dict round trip of a checkpoint's `config.json`, and the
-    config of an independently trained baseline of one granularity (its nested width, `width_field`, cut to it)."""
+    """What a family's config dataclass shares: the dict round trip of a checkpoint's `config.json`, the nested
+    widths and embedding dimensions, and the config of an independently trained baseline of one granularity (its
+    nested width, `width_field`, cut to it). Fields used here: `head`, `granularities`, `embed_dim` and
+    `embed_dims` (the Matryoshka prefix lengths the loss trains, the full `embed_dim` last; None: only the full)."""
 
     width_field: ClassVar[str]
 
@@ -48,6 +62,12 @@ class NestedConfig:
                                          key=lambda kv: kv[1]))
         if max(self.granularities.values()) > width:
             raise ValueError(f"a granularity is wider than {self.width_field} ({width})")
+        if self.embed_dims:
+            self.embed_dims = sorted({*self.embed_dims, self.embed_dim})
+            if self.embed_dims[0] < 1 or self.embed_dims[-1] > self.embed_dim:
+                raise ValueError(f"embedding dims must lie between 1 and embed_dim ({self.embed_dim})")
+        else:
+            self.embed_dims = None
 
     def baseline(self, name: str):
         width = self.granularities[name]
@@ -68,8 +88,9 @@ class Embedding(torch.nn.Module):
 class NestedModel(torch.nn.Module, abc.ABC):
     """A model whose submodels (one granularity per layer) share its weights and its embedding space.
 
-    The config (`config_class`) is a dataclass with `to_dict`/`from_dict` and at least `img_size`, `in_chans`,
-    `num_classes`, `depth` and `granularities` (name -> width of a nested layer, smallest first).
+    The config (`config_class`) is a `NestedConfig` dataclass with at least `img_size`, `in_chans`, `num_classes`,
+    `depth`, `granularities` (name -> width of a nested layer, smallest first), `embed_dim`, `embed_dims` and
+    `head`; the classifier is a `torch.nn.Linear` named `head` from the embedding to the classes.
     """
 
     family: ClassVar[str]
@@ -103,6 +124,12 @@ class NestedModel(torch.nn.Module, abc.ABC):
     def embedding_dim(self) -> int:
         """Length of an embedding (the same for every submodel)."""
 
+    @property
+    def dims(self) -> list[int]:
+        """The embedding prefix lengths the model was trained for (Matryoshka dims), shortest first, ending with
+        the full length."""
+        return list(self.config.embed_dims or [self.embedding_dim])
+
     def spec(self, text: str | Submodel = "XL") -> Submodel:
         """A spec of this model; a `Submodel` passes through unchanged, text is parsed once."""
         return text if isinstance(text, Submodel) else specs.parse(text, self)
@@ -116,6 +143,10 @@ class NestedModel(torch.nn.Module, abc.ABC):
     def features_and_logits(self, images: torch.Tensor, spec: str | Submodel = "XL"
                             ) -> tuple[torch.Tensor, torch.Tensor]:
         """The embedding before normalisation and the classifier logits of float `images` at `spec`."""
+
+    def classify(self, features: torch.Tensor, dims: int | None = None) -> torch.Tensor:
+        """The classifier's logits of `features`' first `dims` dimensions (all when None)."""
+        return classify(features, self.head, self.config.head, dims)
 
     def forward(self, images: torch.Tensor, spec: str | Submodel = "XL") -> torch.Tensor:
         """Logits at `spec`."""
@@ -137,7 +168,8 @@ class NestedModel(torch.nn.Module, abc.ABC):
     @abc.abstractmethod
     def export(self, spec: str | Submodel, out: Path, onnx: bool = False, **extra) -> Path:
         """Write `spec` as a standalone model (`model.safetensors` + `config.json`, plus `model.onnx` with
-        embeddings out when `onnx`) that loads without this project; `extra` goes into the config."""
+        embeddings out when `onnx`) that loads without this project; the config records `embed_dims` (`dims`), and
+        `extra` goes into it."""
 
     # --- cost ----------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -37,7 +37,7 @@ from .registry import create, get_preset
 from .runtime import Runtime
 from .spec import Submodel
 
-RECIPE_OVERRIDES = ("epochs", "batch_size", "lr", "augment", "dense_epochs")  # options that replace a preset's
+RECIPE_OVERRIDES = ("epochs", "batch_size", "lr", "augment", "dense_epochs", "embed_dims")  # replace a preset's
 
 
 @dataclass
@@ -53,6 +53,7 @@ class TrainOptions:
     lr: float | None = None
     augment: str | None = None  # one of AUGMENTATIONS
     dense_epochs: int | None = None  # 0 turns a preset's dense warm-up off
+    embed_dims: list[int] | None = None  # Matryoshka prefix lengths; [] turns a preset's off
     mode: str = "sum"  # sum | sample
     weights: list[float] | None = None  # per granularity, smallest first
     distill: str = "none"  # none | logits | embedding | relational | both (logits and embedding)
@@ -75,6 +76,7 @@ class TrainOptions:
         elif self.init is not None:
             raise UserError("--init and a dense warm-up both set the starting weights: drop --init or pass "
                             "--dense-epochs 0")
+        self.recipe.embed_dims = self._embed_dims(preset.model.embed_dim)
         if self.recipe.augment not in AUGMENTATIONS:
             raise UserError(f"unknown augmentation {self.recipe.augment!r}; use one of {', '.join(AUGMENTATIONS)}")
         if self.mode not in ("sum", "sample"):
@@ -89,11 +91,21 @@ class TrainOptions:
         if self.weights is not None and len(self.weights) != len(names):
             raise UserError(f"--weights needs {len(names)} values ({', '.join(names)})")
 
+    def _embed_dims(self, length: int) -> list[int] | None:
+        """The recipe's Matryoshka dims, checked, sorted and ending with the full `length`; None for the full
+        length only."""
+        dims = self.recipe.embed_dims or []
+        if any(not 1 <= d <= length for d in dims):
+            raise UserError(f"--embed-dims must lie between 1 and the embedding's length ({length}), or be none")
+        dims = sorted({*dims, length})
+        return dims if len(dims) > 1 else None
+
     def model_config(self, num_classes: int):
         """The preset's model config for `num_classes` classes (the baseline's, for a baseline)."""
         cfg = get_preset(self.preset).model
         cfg.num_classes = num_classes
         cfg.head = self.head or cfg.head
+        cfg.embed_dims = self.recipe.embed_dims
         if self.baseline is not None:
             if self.baseline not in cfg.granularities:
                 raise UserError(f"unknown baseline {self.baseline!r}; use one of {', '.join(cfg.granularities)}")
@@ -181,14 +193,16 @@ def lr_lambda(total_steps: int, warmup_steps: int):
 
 
 class FeaturesAndLogits(torch.nn.Module):
-    """`NestedModel.features_and_logits` as a module's forward, so that DDP and torch.compile see every pass."""
+    """`NestedModel.features_and_logits` as a module's forward, so that DDP and torch.compile see every pass, with
+    the logits of each shorter Matryoshka prefix of the embedding (`NestedModel.dims`) after them."""
 
     def __init__(self, model: NestedModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, spec: Submodel) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.features_and_logits(x, spec)
+    def forward(self, x: torch.Tensor, spec: Submodel) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        feats, logits = self.model.features_and_logits(x, spec)
+        return feats, logits, [self.model.classify(feats, d) for d in self.model.dims[:-1]]
 
 
 class Trainer:
@@ -278,8 +292,10 @@ class Trainer:
     # --- training ----------------------------------------------------------------------------
     def _loss(self, x, y, spec, teacher):
         with self.runtime.autocast():
-            feats, logits = self.step_module(x, spec)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.recipe.label_smoothing)
+            feats, logits, prefixes = self.step_module(x, spec)
+            # Matryoshka: the full embedding's loss plus each shorter prefix's, all weighted 1 (as MRL's default)
+            loss = sum(F.cross_entropy(out, y, label_smoothing=self.recipe.label_smoothing)
+                       for out in [logits, *prefixes])
             if teacher is not None and self.opts.distill in ("logits", "both"):
                 loss = loss + F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher[1], -1),
                                        log_target=True, reduction="batchmean")
@@ -316,7 +332,7 @@ class Trainer:
             student = p.granularity != largest
             if student and teacher is None and self.opts.distill != "none":
                 with torch.no_grad(), self.runtime.autocast():
-                    teacher = self.step_module(x, specs.uniform(largest, self.model.config))
+                    teacher = self.step_module(x, specs.uniform(largest, self.model.config))[:2]
             with self.runtime.no_sync(self.step_module, skip=i < len(plan) - 1):
                 loss, feats, logits = self._loss(x, labels, p.spec, teacher if student else None)
                 self.scaler.scale(p.weight * loss).backward()

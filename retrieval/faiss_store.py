@@ -45,6 +45,7 @@ import numpy as np
 from . import faiss_versions as versions
 from . import gpu, ondisk, store_common, tuning
 from .faiss_versions import FORMAT, read_current, write_version
+from .prefix import Plan, PrefixSearch
 from .store_common import REBUILD, auto_index_key, check_manifest, check_model, label_name, read_item_file
 from .store_errors import IndexCorrupt, IndexMissing, IndexStoreError
 from .store_writes import disk_space, writer
@@ -101,6 +102,8 @@ class GalleryIndex:
     lease: int | None = field(default=None, repr=False)
     gpu_index: faiss.Index | None = field(default=None, repr=False)  # a search copy on FAISS's GPUs, if any
     _local: threading.local = field(default_factory=threading.local, repr=False)  # a metadata connection per thread
+    _prefix: PrefixSearch | None = field(default=None, repr=False)
+    _prefix_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def open(cls, directory: Path) -> GalleryIndex:
@@ -187,6 +190,16 @@ class GalleryIndex:
         stored = tuning.Stored(*self.vectors()) if int(params.get("rerank", 1)) > 1 else None
         on_gpus = self.gpu_index if not len(self.deleted) else None
         return tuning.search(self.faiss_index, queries, k, params, self.deleted, stored, on_gpus)
+
+    def search_prefix(self, queries: np.ndarray, k: int, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of prefix or funnel search (`retrieval.prefix`) over the version's stored vectors, loaded
+        into memory on first use (deleted items left out)."""
+        with self._prefix_lock:
+            if self._prefix is None:
+                ids, vectors = self.vectors()
+                live = ~np.isin(ids, self.deleted)
+                self._prefix = PrefixSearch(vectors[live], ids[live])
+        return self._prefix.search(queries, k, plan)
 
     def _query(self, sql: str, args=()) -> list[sqlite3.Row]:
         """Rows of a read-only query, on this thread's connection to the version's metadata (opened once: a

@@ -45,6 +45,7 @@ from . import store_common, tuning
 from .milvus_client import NOT_LOADED, open_client
 from .milvus_client import milvus_errors as _milvus_errors
 from .milvus_kinds import milvus_index, milvus_search_params, tune
+from .prefix import Plan
 from .store_common import (
     COLUMNS,
     check_model,
@@ -127,6 +128,10 @@ class MilvusGallery:
             for col, hit in enumerate(list(found)[:k]):
                 ids[row, col], scores[row, col] = int(hit["id"]), float(hit["distance"])
         return scores, ids
+
+    def search_prefix(self, queries: np.ndarray, k: int, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+        raise IndexStoreError(f"{self.store.name} is a Milvus collection, which searches full vectors only: search "
+                              "a prefix of the dimensions (dims or funnel) in a FAISS index directory")
 
     def items(self, ids) -> dict[int, dict]:
         ids = sorted({int(i) for i in ids if 0 <= i < 2**63})

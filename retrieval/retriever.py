@@ -31,6 +31,7 @@ from . import build
 from . import cascade as cascades
 from .batching import Batcher
 from .encoder import Encoder
+from .prefix import Plan
 from .store import Gallery, IndexStoreError, ItemNotFound, Store, open_store, remove
 
 log = logging.getLogger(__name__)
@@ -69,13 +70,14 @@ class Result:
 
     neighbours: list[dict]
     submodel: Choice
+    search: Plan  # the dimensions searched
     timings_ms: dict = field(default_factory=dict)
     encode_batch: int = 1  # images encoded in one batch with this query's (micro-batching)
     cascade: dict | None = None  # with the cascade: the submodels that ran, their GFLOPs together, the confidence
 
     def to_dict(self) -> dict:
-        out = {"results": self.neighbours, "submodel": self.submodel.to_dict(), "timings_ms": self.timings_ms,
-               "encode_batch": self.encode_batch}
+        out = {"results": self.neighbours, "submodel": self.submodel.to_dict(), "search": self.search.to_dict(),
+               "timings_ms": self.timings_ms, "encode_batch": self.encode_batch}
         return out if self.cascade is None else {**out, "cascade": self.cascade}
 
 
@@ -199,6 +201,12 @@ class Retriever:
                        for s in self.encoder.named() if named and s.text not in have]
 
     # --- search -----------------------------------------------------------------------------
+    def search_plan(self, dims: int | None = None, funnel: int | None = None, k: int = 10,
+             shortlist: int | None = None) -> Plan:
+        """How to search: full vectors by default, exact search on a `dims`-prefix, or a `funnel`-prefix's
+        shortlist re-ranked by the full vectors; only the prefix lengths the model was trained for (`dims`)."""
+        return Plan.of(self.index.manifest["dim"], dims, funnel, k, shortlist, allowed=self.encoder.model.dims)
+
     def decode(self, sources: list) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Image files (paths or bytes) as the model's input and their original sizes, decoded within the limits,
         one decode slot per image."""
@@ -217,16 +225,17 @@ class Retriever:
         return function(*args) if self._decoder is None else self._decoder.submit(function, *args).result()
 
     def search_embeddings(self, embeddings: np.ndarray, k: int = 10, search_params: dict | None = None,
-                          index: Gallery | None = None) -> list[list[dict]]:
+                          index: Gallery | None = None, plan: Plan | None = None) -> list[list[dict]]:
         """Neighbours of ready-made embeddings (rows of the index's dimension, L2-normalised here)."""
         index = index or self.index
-        return self.hits(index, *self.nearest(embeddings, k, search_params, index))
+        return self.hits(index, *self.nearest(embeddings, k, search_params, index, plan))
 
     @staticmethod
-    def nearest(embeddings: np.ndarray, k: int, search_params: dict | None, index: Gallery) -> tuple:
+    def nearest(embeddings: np.ndarray, k: int, search_params: dict | None, index: Gallery,
+                plan: Plan | None = None) -> tuple:
         """(scores, ids) of the k nearest gallery vectors of each embedding (L2-normalised here, in float64 so
-        that large finite values do not overflow); `EmbeddingError` for one that is not finite as float32 or
-        has zero norm (it has no direction to search in)."""
+        that large finite values do not overflow), by `plan` (default: full search); `EmbeddingError` for one
+        that is not finite as float32 or has zero norm (it has no direction to search in)."""
         with np.errstate(over="ignore"):  # a value past float32's range becomes inf, refused below
             embeddings = np.asarray(embeddings, dtype=np.float32)
         if not np.isfinite(embeddings).all():
@@ -235,7 +244,10 @@ class Retriever:
         norms = np.linalg.norm(embeddings.astype(np.float64), axis=1, keepdims=True)
         if not (norms > 0).all():
             raise EmbeddingError("the embedding is all zeros: it has no direction to search in")
-        return index.search((embeddings / norms).astype(np.float32), k, search_params)
+        unit = (embeddings / norms).astype(np.float32)
+        if plan is None or plan == Plan(unit.shape[1]):
+            return index.search(unit, k, search_params)
+        return index.search_prefix(unit, k, plan)
 
     @staticmethod
     def hits(index: Gallery, scores: np.ndarray, ids: np.ndarray) -> list[list[dict]]:
@@ -251,11 +263,12 @@ class Retriever:
         return out
 
     def search(self, sources: list, k: int = 10, submodel: str | None = None, budget: budgets.Budget | None = None,
-               search_params: dict | None = None) -> list[Result]:
-        """Search with images (paths, bytes or uint8 C x H x W tensors). Timings are the request's, per image:
-        decode, queue (waiting for its batch to be encoded), encode (its batch), search (the index), metadata
-        (the neighbours' items), total."""
+               search_params: dict | None = None, plan: Plan | None = None) -> list[Result]:
+        """Search with images (paths, bytes or uint8 C x H x W tensors), by `plan` (default: full search; see
+        `search_plan`). Timings are the request's, per image: decode, queue (waiting for its batch to be encoded),
+        encode (its batch), search (the index), metadata (the neighbours' items), total."""
         index = self.index
+        plan = plan or self.search_plan(k=k)
         choice = self.choose(submodel, budget)
         t0 = time.perf_counter()
         decoded: list[float] = []
@@ -267,14 +280,14 @@ class Retriever:
 
         encoded = self.batcher.encode(load, choice.submodel)
         t2 = time.perf_counter()
-        scores, ids = self.nearest(encoded.embeddings, k, search_params, index)
+        scores, ids = self.nearest(encoded.embeddings, k, search_params, index, plan)
         t3 = time.perf_counter()
         neighbours = self.hits(index, scores, ids)
         t4 = time.perf_counter()
         timings = {"decode": decoded[0] - t0, "queue": encoded.queue_s, "encode": encoded.encode_s,
                    "search": t3 - t2, "metadata": t4 - t3, "total": t4 - t0}
         timings = {key: round(v * 1e3 / len(neighbours), 3) for key, v in timings.items()}
-        return [Result(hits, choice, timings, encoded.batch_images) for hits in neighbours]
+        return [Result(hits, choice, plan, timings, encoded.batch_images) for hits in neighbours]
 
     def cascade(self) -> cascades.Policy:
         """The cascade calibrated for this model beside the index (loaded once)."""
@@ -283,12 +296,13 @@ class Retriever:
         return self._cascade
 
     def search_cascade(self, sources: list, k: int = 10, search_params: dict | None = None,
-                       policy: cascades.Policy | None = None) -> list[Result]:
+                       policy: cascades.Policy | None = None, plan: Plan | None = None) -> list[Result]:
         """Search with the cascade (`retrieval.cascade`): every query is encoded with the first stage's submodel
         and again with the next one while its confidence stays under the stage's threshold. Each result names
         the submodel it stopped at; `cascade` lists those that ran. Timings are per image, all stages summed."""
         policy = policy or self.cascade()
         index = self.index
+        plan = plan or self.search_plan(k=k)
         start = time.perf_counter()
         images = sources if isinstance(sources, torch.Tensor) else self.decode(list(sources))[0]
         spent = {"decode": time.perf_counter() - start, "queue": 0.0, "encode": 0.0, "search": 0.0, "metadata": 0.0}
@@ -296,7 +310,7 @@ class Retriever:
         for i, spec in enumerate(self.encoder.spec(text) for text in policy.stages):
             encoded = self.batcher.encode(lambda rows=waiting: images[rows], spec)
             t0 = time.perf_counter()
-            scores, ids = self.nearest(encoded.embeddings, max(k, cascades.VOTES), search_params, index)
+            scores, ids = self.nearest(encoded.embeddings, max(k, cascades.VOTES), search_params, index, plan)
             t1 = time.perf_counter()
             neighbours = self.hits(index, scores, ids)
             spent["search"] += t1 - t0
@@ -318,7 +332,7 @@ class Retriever:
         for query in range(len(images)):
             hits, sure, spec, batch = final[query]
             choice = self._choice(spec, f"cascade: confident enough at {spec.text}")
-            results.append(Result(hits, choice, timings, batch, {
+            results.append(Result(hits, choice, plan, timings, batch, {
                 "ran": [s.text for s in ran[query]], "gflops": sum(self.encoder.gflops(s) for s in ran[query]),
                 "confidence": round(sure, 4)}))
         return results

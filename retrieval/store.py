@@ -27,6 +27,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from . import jobs, tuning
+from .prefix import Plan
 from .store_errors import (  # noqa: F401  (every store's errors are the interface's)
     DiskFull,
     IndexBusy,
@@ -64,6 +65,9 @@ class Gallery(Protocol):
 
     def search(self, queries: np.ndarray, k: int, search_params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each queries x min(k, count), id -1 past the hits; inner product of normalised vectors."""
+
+    def search_prefix(self, queries: np.ndarray, k: int, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) like `search`, on a prefix of the vectors or through the funnel (`retrieval.prefix`)."""
 
     def items(self, ids) -> dict[int, dict]:
         """Metadata of the given ids that the index holds (with `label_name`)."""

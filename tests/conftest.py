@@ -73,6 +73,29 @@ def mamba_trained_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def matryoshka_dir(tmp_path_factory):
+    """A run of `matvit-tiny-digits` with Matryoshka dims 8 and 16 (and the full 32) through `matvit train`, 8
+    epochs: the checkpoint the prefix searches' tests share."""
+    from app.cli import main
+
+    out = tmp_path_factory.mktemp("matryoshka-run")
+    assert main(["train", "--preset", "matvit-tiny-digits", "--dataset", "digits", "--out", str(out), "--epochs", "8",
+                 "--embed-dims", "8,16"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def matryoshka_index(matryoshka_dir, tmp_path_factory):
+    """That checkpoint's XL index of the digits train split (tests that change an index copy it)."""
+    from retrieval import build
+    from retrieval.encoder import Encoder
+
+    out = tmp_path_factory.mktemp("matryoshka-index") / "index"
+    build.build(Encoder.load(matryoshka_dir), build.DatasetSource("digits", "train", 8, 1), out)
+    return out
+
+
 def write_odd_images(root):
     """One image per awkward mode or format, plus corrupt and misnamed files."""
     (root / "cat").mkdir(parents=True)

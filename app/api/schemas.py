@@ -41,6 +41,13 @@ class SearchOptions(BaseModel):
     ef_search: int | None = Field(None, ge=1, le=100_000, description="HNSW search breadth (default: tuned)")
     rerank: int | None = Field(None, ge=1, le=1000, description="IVF with PQ/SQ codes: re-rank this many times k "
                                                                 "candidates by their stored vectors (default: tuned)")
+    dims: int | None = Field(None, ge=1, le=65_536, description="search exactly on this prefix of the embedding "
+                                                               "(one of the Matryoshka dims the model was trained "
+                                                               "with; default: the full embedding)")
+    funnel: int | None = Field(None, ge=1, le=65_536, description="shortlist with this prefix, then re-rank the "
+                                                                  "shortlist by the full vectors")
+    shortlist: int | None = Field(None, ge=1, le=100_000, description="the funnel's shortlist (default: the "
+                                                                      "larger of 100 and 10 x k)")
     mode: Literal["single", "cascade"] = Field("single", description="`cascade`: encode with the calibrated chain's "
                                                                      "smallest submodel first and escalate to larger "
                                                                      "ones while the result is unsure (calibrated with "
@@ -51,6 +58,11 @@ class SearchOptions(BaseModel):
         choices = sum(v is not None for v in (self.submodel, self.budget_ms, self.budget_gflops))
         if choices + (self.mode == "cascade") > 1:
             raise ValueError("give at most one of submodel, budget_ms, budget_gflops, mode=cascade")
+        if self.dims is not None and self.funnel is not None:
+            raise ValueError("give either dims (exact search on a prefix) or funnel (a prefix's shortlist re-ranked by "
+                             "the full vectors), not both")
+        if self.shortlist is not None and self.funnel is None:
+            raise ValueError("a shortlist is the funnel's: give funnel with it")
         return self
 
     def search_params(self) -> dict:
@@ -191,6 +203,12 @@ class CascadeUsed(BaseModel):
     confidence: float = Field(description="the last stage's confidence (share of neighbours agreeing, or margin)")
 
 
+class SearchUsed(BaseModel):
+    dims: int = Field(description="the prefix length searched (the embedding's length: full search)")
+    funnel: bool = Field(description="whether the prefix's shortlist was re-ranked by the full vectors")
+    shortlist: int | None = Field(None, description="the funnel's shortlist")
+
+
 class Timings(BaseModel):
     """Per query image, in milliseconds: `queue` is the wait for its batch to be encoded, `encode` that batch's,
     `search` the index's, `metadata` the lookup of the neighbours' items."""
@@ -206,6 +224,7 @@ class Timings(BaseModel):
 class SearchResponse(BaseModel):
     results: list[Neighbour]
     submodel: SubmodelUsed | None = Field(None, description="None for embedding queries")
+    search: SearchUsed | None = Field(None, description="the dimensions searched")
     timings_ms: Timings
     encode_batch: int = Field(1, description="query images encoded in one batch with this one (micro-batching)")
     cascade: CascadeUsed | None = Field(None, description="with mode=cascade: what ran")
@@ -215,6 +234,7 @@ class SearchResponse(BaseModel):
                      "metadata": {"id": 5012, "source": "fashion-mnist:train:5012", "label": 9, "width": 28,
                                   "height": 28, "added_at": "2026-11-22T11:26:00+00:00", "label_name": "ankle-boot"}}],
         "submodel": {"id": "S", "spec": "S", "gflops": 0.0178, "backend": "onnx"},
+        "search": {"dims": 128, "funnel": False, "shortlist": None},
         "timings_ms": {"decode": 0.5, "queue": 0.4, "encode": 3.6, "search": 0.1, "metadata": 0.2, "total": 4.8},
         "encode_batch": 3}]})
 
@@ -224,7 +244,7 @@ class SearchResponse(BaseModel):
         used = result.submodel
         return cls(results=result.neighbours, timings_ms=Timings(**result.timings_ms), encode_batch=result.encode_batch,
                    submodel=SubmodelUsed(id=used.id, spec=used.spec, gflops=used.gflops, backend=used.backend),
-                   cascade=result.cascade)
+                   search=SearchUsed(**result.search.to_dict()), cascade=result.cascade)
 
 
 class BatchResponse(BaseModel):

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import argparse
 
-from app.bench import cascade, consistency, index_scale, speed
+from app.bench import cascade, consistency, dims, index_scale, speed
 
-BENCHMARKS = (consistency, index_scale, speed, cascade)
+BENCHMARKS = (consistency, dims, index_scale, speed, cascade)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

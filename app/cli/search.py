@@ -31,16 +31,17 @@ def cmd_search(args: argparse.Namespace) -> None:
     for spec in (retriever.cascade().stages if args.cascade else [retriever.choose(args.submodel, _budget(args)).spec]):
         retriever.encoder.runner(spec)
     prepare_ms = (time.perf_counter() - start) * 1e3
+    plan = retriever.search_plan(args.dims, args.funnel, args.k, args.shortlist)
     if args.cascade:
-        result = retriever.search_cascade([args.image], k=args.k, search_params=params)[0]
+        result = retriever.search_cascade([args.image], k=args.k, search_params=params, plan=plan)[0]
     else:
         result = retriever.search([args.image], k=args.k, submodel=args.submodel, budget=_budget(args),
-                                  search_params=params)[0]
+                                  search_params=params, plan=plan)[0]
     if args.json:
         print(json.dumps(result.to_dict() | {"prepare_ms": round(prepare_ms, 3)}, indent=2))
         return
     c = result.submodel
-    print(f"submodel {c.spec} ({c.gflops:.4f} GFLOPs, {c.params:,} parameters): {c.reason}")
+    print(f"submodel {c.spec} ({c.gflops:.4f} GFLOPs, {c.params:,} parameters): {c.reason}; searched {plan.text}")
     if result.cascade:
         print(f"cascade ran {', '.join(result.cascade['ran'])}: {result.cascade['gflops']:.4f} GFLOPs in all, "
               f"confidence {result.cascade['confidence']:.2f}")
@@ -164,6 +165,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--cascade", action="store_true",
                        help="encode with a small submodel first and escalate while unsure (calibrate with "
                             "`matvit cascade`)")
+    dims = p.add_mutually_exclusive_group()
+    dims.add_argument("--dims", type=int, help="search exactly on this prefix of the embedding (one of the Matryoshka "
+                                               "dims the checkpoint was trained with; default: the full embedding)")
+    dims.add_argument("--funnel", type=int, help="shortlist with this prefix, then re-rank the shortlist by the full "
+                                                 "vectors")
+    p.add_argument("--shortlist", type=int, help="the funnel's shortlist (default: the larger of 100 and 10 x k)")
     p.add_argument("--nprobe", type=int, help="IVF lists to visit (default: the value tuned at build)")
     p.add_argument("--ef-search", type=int, help="HNSW search breadth (default: the value tuned at build)")
     p.add_argument("--rerank", type=int, help="IVF with PQ/SQ codes: re-rank this many times k candidates by their "

@@ -18,7 +18,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     opts = TrainOptions(
         preset=args.preset, dataset=args.dataset, out=args.out, data_dir=args.data_dir, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, augment=args.augment, dense_epochs=args.dense_epochs,
-        mode=args.mode, weights=args.weights,
+        embed_dims=args.embed_dims, mode=args.mode, weights=args.weights,
         distill=args.distill, mixnmatch_prob=args.mixnmatch_prob, baseline=args.baseline, head=args.head,
         init=args.init and str(args.init), seed=args.seed,
     )
@@ -39,7 +39,7 @@ def cmd_induce(args: argparse.Namespace) -> None:
     opts = InduceOptions(source=args.source, preset=args.preset, dataset=args.dataset, out=args.out,
                          data_dir=args.data_dir, importance=args.importance,
                          importance_batches=args.importance_batches, epochs=args.epochs,
-                         batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+                         batch_size=args.batch_size, lr=args.lr, embed_dims=args.embed_dims, seed=args.seed)
     with runtime.start(args.device, args.precision, args.compile) as rt:
         result = induce(opts, rt, workers=args.workers, in_memory=args.in_memory, resume=args.resume)
     if result is None:  # not the main process of a torchrun group
@@ -64,6 +64,13 @@ def cmd_export(args: argparse.Namespace) -> None:
                       "onnx": args.onnx}))
 
 
+def embed_dims(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--embed-dims", type=options.dims,
+                        help="Matryoshka embedding dimensions, e.g. 16,32,64: every granularity also learns to "
+                             "classify from each prefix of its embedding, so searches may use a prefix (the full "
+                             "length is always trained; none: the full embedding only; default: the preset's)")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register `train`, `induce` and `export` under `matvit`'s subcommands."""
     p = sub.add_parser("train", help="train a MatViT or a MatMamba (or a plain baseline) and evaluate every "
@@ -80,6 +87,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dense-epochs", type=int,
                    help="a dense warm-up: train a plain ViT of the XL width this many epochs, order its FFN neurons "
                         "by weight, then train all granularities jointly from it (0: none; default: the preset's)")
+    embed_dims(p)
     p.add_argument("--mode", choices=["sum", "sample"], default="sum",
                    help="sum: every granularity each step; sample: one drawn per step")
     p.add_argument("--weights", type=options.floats,
@@ -116,6 +124,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=2, help="joint fine-tuning epochs; 0: reorder only, then evaluate")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="default: the preset's recipe")
+    embed_dims(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--seed", type=int, default=0)
     options.runtime(p)

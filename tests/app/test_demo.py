@@ -206,6 +206,20 @@ def test_demo_budget_slider_and_bad_spec(demo_env):
     assert "unknown granularity 'XXL'" in at.error[0].value
 
 
+def test_demo_searches_the_dimensions_a_matryoshka_model_offers(matryoshka_index, matryoshka_dir, monkeypatch,
+                                                                tmp_path):
+    use(monkeypatch, matryoshka_index, matryoshka_dir, tmp_path / "no-results")
+    at = AppTest.from_file(DEMO, default_timeout=120).run()
+    dims = next(s for s in at.select_slider if s.label == "Dimensions")
+    assert list(dims.options) == ["8", "16", "32"] and dims.value == 32
+    dims.set_value(8).run()
+    at.button[0].click().run()
+    assert not at.exception
+    assert "searched 8 dimensions" in at.caption[0].value and "searched 32 dimensions" in at.caption[-1].value
+    at.checkbox[0].check().run()
+    assert "searched the 8-d prefix's 100 nearest, re-ranked by the full vectors" in at.caption[0].value
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -33,9 +33,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(out, processes: int, preset: str, epochs: int = 2) -> None:
+def _train(out, processes: int, preset: str, epochs: int = 2, extra: tuple[str, ...] = ()) -> None:
     command = ["-m", "matvit", "train", "--preset", preset, "--dataset", "digits", "--epochs",
-               str(epochs), "--device", "cpu", "--out", str(out)]
+               str(epochs), "--device", "cpu", "--out", str(out), *extra]
     if processes > 1:
         command = ["-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port",
                    str(_free_port())] + command
@@ -44,10 +44,12 @@ def _train(out, processes: int, preset: str, epochs: int = 2) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("preset", ["matvit-tiny-digits", "matmamba-tiny-digits"])
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, preset):
-    _train(tmp_path / "one", 1, preset)
-    _train(tmp_path / "two", 2, preset)
+@pytest.mark.parametrize("preset, dims", [("matvit-tiny-digits", []), ("matmamba-tiny-digits", []),
+                                          ("matvit-tiny-digits", [8, 16])])  # Matryoshka dims as well
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, preset, dims):
+    extra = ("--embed-dims", ",".join(map(str, dims))) if dims else ()
+    _train(tmp_path / "one", 1, preset, extra=extra)
+    _train(tmp_path / "two", 2, preset, extra=extra)
     one, two = (load_file(tmp_path / run / "model.safetensors") for run in ("one", "two"))
     assert one.keys() == two.keys()
     for key in one:
@@ -59,7 +61,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, preset):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=key)
 
     # The loss of every granularity fell from the shared initialisation.
-    opts = TrainOptions(preset, "digits", tmp_path / "unused")
+    opts = TrainOptions(preset, "digits", tmp_path / "unused", embed_dims=dims)
     trainer = Trainer(opts)  # seeded: the initial weights both runs started from
     trained = type(trainer.model)(trainer.model.config)
     trained.load_state_dict(two)
@@ -148,7 +150,7 @@ def test_mixed_precision_on_cpu_trains_and_saves_fp32_weights(tmp_path, preset, 
     trainer = Trainer(TrainOptions(preset, "digits", tmp_path, epochs=3, batch_size=16), rt)
     x = to_input(trainer.train_set.images[:8])
     with rt.autocast():
-        feats, logits = trainer.step_module(x, trainer.model.spec("S"))
+        feats, logits, _ = trainer.step_module(x, trainer.model.spec("S"))
     assert logits.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     result = trainer.run(log=lambda s: None)
     weights = load_file(tmp_path / "model.safetensors")

@@ -6,7 +6,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from matvit import spec as specs
-from matvit.model import COSINE_SCALE, MatViT, MatViTConfig, NestedMlp
+from matvit.model import MatViT, MatViTConfig, NestedMlp
+from matvit.nested import COSINE_SCALE
 from matvit.registry import get_preset
 
 

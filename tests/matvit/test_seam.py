@@ -36,10 +36,11 @@ class ToyConfig(NestedConfig):
     in_chans: int = 1
     num_classes: int = 10
     depth: int = 2
-    dim: int = 16
+    embed_dim: int = 16
     hidden: int = 64
     granularities: dict[str, int] = field(default_factory=dict)
     head: str = "linear"
+    embed_dims: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.nest(("linear",))
@@ -50,9 +51,9 @@ class ToyFeatures(torch.nn.Module):
 
     def __init__(self, config: ToyConfig, widths: tuple[int, ...]) -> None:
         super().__init__()
-        self.stem = torch.nn.Linear(config.in_chans * config.img_size**2, config.dim)
-        self.up = torch.nn.ModuleList(torch.nn.Linear(config.dim, w) for w in widths)
-        self.down = torch.nn.ModuleList(torch.nn.Linear(w, config.dim) for w in widths)
+        self.stem = torch.nn.Linear(config.in_chans * config.img_size**2, config.embed_dim)
+        self.up = torch.nn.ModuleList(torch.nn.Linear(config.embed_dim, w) for w in widths)
+        self.down = torch.nn.ModuleList(torch.nn.Linear(w, config.embed_dim) for w in widths)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.stem(images.flatten(1))
@@ -70,11 +71,11 @@ class ToyNested(NestedModel):
         super().__init__()
         self.config = config
         self.body = ToyFeatures(config, (config.hidden,) * config.depth)
-        self.head = torch.nn.Linear(config.dim, config.num_classes)
+        self.head = torch.nn.Linear(config.embed_dim, config.num_classes)
 
     @property
     def embedding_dim(self) -> int:
-        return self.config.dim
+        return self.config.embed_dim
 
     def features_and_logits(self, images, spec="XL"):
         x = self.body.stem(images.flatten(1))
@@ -108,12 +109,12 @@ class ToyNested(NestedModel):
 
     def forward_flops(self, spec, head: bool = False) -> int:
         c = self.config
-        return 2 * (c.in_chans * c.img_size**2 * c.dim + sum(2 * c.dim * w for w in self.spec(spec).widths)
-                    + (c.dim * c.num_classes if head else 0))
+        return 2 * (c.in_chans * c.img_size**2 * c.embed_dim + sum(2 * c.embed_dim * w for w in self.spec(spec).widths)
+                    + (c.embed_dim * c.num_classes if head else 0))
 
     def num_params(self, spec, head: bool = False) -> int:
         return sum(p.numel() for p in self.extract(spec).parameters()) + (
-            self.config.dim * self.config.num_classes + self.config.num_classes if head else 0)
+            self.config.embed_dim * self.config.num_classes + self.config.num_classes if head else 0)
 
 
 @pytest.fixture(scope="module")

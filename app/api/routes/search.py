@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
 from retrieval.budget import Budget
+from retrieval.prefix import Plan
 from retrieval.retriever import Retriever
 
 from ..bodies import BatchBody, SearchBody
@@ -22,6 +23,7 @@ from ..schemas import (
     SearchJson,
     SearchOptions,
     SearchResponse,
+    SearchUsed,
     Timings,
     request_body,
 )
@@ -36,7 +38,7 @@ router = APIRouter(tags=["search"])
 async def search(_: Protected, service: ServiceDep, retriever: Ready, query: SearchBody) -> SearchResponse:
     body, images = query
     if getattr(body, "embedding", None) is not None:
-        return await run_in_threadpool(search_embedding, retriever, body.embedding, body.k, body.search_params())
+        return await run_in_threadpool(search_embedding, retriever, body.embedding, body)
     return (await run_in_threadpool(search_images, service, retriever, images, body))[0]
 
 
@@ -52,23 +54,31 @@ def search_images(service: Service, retriever: Retriever, images: list[bytes],
                   options: SearchOptions) -> list[SearchResponse]:
     """One answer per query image, with the submodel, budget or cascade `options` name."""
     budget = Budget(ms=options.budget_ms, gflops=options.budget_gflops)
+    plan = search_plan(retriever, options)
     if options.mode == "cascade":
-        results = retriever.search_cascade(images, k=options.k, search_params=options.search_params())
+        results = retriever.search_cascade(images, k=options.k, search_params=options.search_params(), plan=plan)
     else:
         results = retriever.search(images, k=options.k, submodel=options.submodel, budget=budget,
-                                   search_params=options.search_params())
+                                   search_params=options.search_params(), plan=plan)
     service.count_queries(results, len(images))
     return [SearchResponse.of(r) for r in results]
 
 
-def search_embedding(retriever: Retriever, embedding: list[float], k: int, search_params: dict) -> SearchResponse:
+def search_plan(retriever: Retriever, options: SearchOptions) -> Plan:
+    """The dimensions to search (`dims`, `funnel`, `shortlist`), checked against the model and the index."""
+    return retriever.search_plan(options.dims, options.funnel, options.k, options.shortlist)
+
+
+def search_embedding(retriever: Retriever, embedding: list[float], options: SearchOptions) -> SearchResponse:
     """The answer for a ready-made embedding (`Retriever.search_embeddings`); its `search` time includes the
     neighbours' metadata."""
     index = retriever.index
     dim = index.manifest["dim"]
     if len(embedding) != dim:
         raise ApiError(400, "bad_embedding", f"the embedding has {len(embedding)} values; the index needs {dim}")
+    plan = search_plan(retriever, options)
     start = time.perf_counter()
-    hits = retriever.search_embeddings([embedding], k, search_params, index)[0]
+    hits = retriever.search_embeddings([embedding], options.k, options.search_params(), index, plan)[0]
     search = (time.perf_counter() - start) * 1e3
-    return SearchResponse(results=hits, timings_ms=Timings(decode=0, encode=0, search=search, total=search))
+    return SearchResponse(results=hits, search=SearchUsed(**plan.to_dict()),
+                          timings_ms=Timings(decode=0, encode=0, search=search, total=search))
