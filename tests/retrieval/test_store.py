@@ -20,6 +20,7 @@ from retrieval import build, milvus_client, milvus_store
 from retrieval.budget import Budget, BudgetError
 from retrieval.encoder import Encoder
 from retrieval.milvus_store import MilvusStore
+from retrieval.prefix import Plan
 from retrieval.retriever import Retriever
 from retrieval.store import IndexBusy, IndexStoreError, ItemNotFound, open_store, rebuild, remove
 from retrieval.tuning import SearchParamError
@@ -94,6 +95,8 @@ def test_build_and_search_match_the_faiss_directory(encoder, digits, spec, tmp_p
     assert item["source"] == test.sources[7] and item["label_name"] == test.classes[int(test.labels[7])]
     assert (item["width"], item["height"]) == (8, 8) and item["path"] is None and item["added_at"]
     assert milvus.item(360) is None and milvus.index.labels() == faiss_dir.index.labels()
+    with pytest.raises(IndexStoreError, match="searches full vectors only"):  # no prefix search in Milvus
+        milvus.search(test.images[:1], k=5, plan=Plan(8))
 
 
 def test_add_remove_and_ids_are_never_reused(encoder, digits, spec):
