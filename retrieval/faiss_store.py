@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import faiss
 import numpy as np
@@ -109,6 +110,7 @@ class GalleryIndex:
     faiss_index: faiss.Index
     manifest: dict
     deleted: np.ndarray  # tombstoned ids, filtered out of every search
+    searches_prefixes: ClassVar[bool] = True
     lease: int | None = field(default=None, repr=False)
     gpu_index: faiss.Index | None = field(default=None, repr=False)  # a search copy on FAISS's GPUs, if any
     _local: threading.local = field(default_factory=threading.local, repr=False)  # a metadata connection per thread

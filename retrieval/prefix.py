@@ -74,6 +74,11 @@ class Plan:
         return {"dims": self.dims, "funnel": self.shortlist is not None, "shortlist": self.shortlist}
 
     @property
+    def key(self) -> str:
+        """A short name of the way of searching (the shortlist aside): `16`, or `16-funnel`."""
+        return f"{self.dims}-funnel" if self.shortlist else str(self.dims)
+
+    @property
     def text(self) -> str:
         return (f"the {self.dims}-d prefix's {self.shortlist} nearest, re-ranked by the full vectors" if self.shortlist
                 else f"{self.dims} dimensions")
