@@ -134,7 +134,8 @@ def main() -> None:
             st.header("Search dimensions")
             dims = st.select_slider("Dimensions", encoder.model.dims, value=encoder.dim)
             funnel = st.checkbox("Funnel: re-rank the prefix's shortlist by the full vectors")
-            plan = retriever.search_plan(None if funnel else dims, dims if funnel else None, k)
+            full = dims == encoder.dim and not funnel  # the full vectors, or what a budget chooses
+            plan = None if full else retriever.search_plan(None if funnel else dims, dims if funnel else None, k)
 
     query, shown, true_label = None, None, None
     try:

@@ -5,6 +5,11 @@ every backend tried, its probe cosine against eager and batch-1 latency), that b
 at batch 1 and 32, and, when measured against an index, its 1-NN accuracy. Selection takes the most
 accurate row within the budget (by measured accuracy when every candidate has it, else by GFLOPs as the
 proxy), so a latency budget is held against the backend that actually serves.
+
+For a Matryoshka-trained model the search is a second knob (`searches`: full vectors, and exact search on and
+the funnel of each shorter trained prefix). A profile then also records each way's batch-1 search time at the
+index's size (and, measured against an index, each pair's 1-NN), and a budget chooses among (submodel, search)
+pairs (`pairs`): a pair costs its encode plus its search.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import logging
 import os
 import platform
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +34,7 @@ from matvit.spec import Submodel
 
 from .backends import median_latency_ms
 from .encoder import Encoder
+from .prefix import Plan
 
 log = logging.getLogger(__name__)
 PROFILE_FILE = "profile.json"
@@ -91,17 +98,69 @@ def measure(encoder: Encoder, spec: Submodel | str, repeats: int = 15) -> dict:
             "backends": [t.to_dict() for t in trials]}
 
 
-def profile(encoder: Encoder, submodels: list[Submodel], accuracy=None, repeats: int = 15) -> dict:
-    """Measure every submodel; `accuracy(spec) -> float` adds its 1-NN accuracy (with the backend that
-    serves it) when given."""
+def profile(encoder: Encoder, submodels: list[Submodel], accuracy=None, repeats: int = 15,
+            plans: list[Plan] = ()) -> dict:
+    """Measure every submodel; `accuracy(spec, plan=None) -> float` adds its 1-NN accuracy (with the backend that
+    serves it) when given, and with `plans` (`searches`) each pair's too (`knn1_by_search`)."""
     rows = []
     for spec in tqdm(submodels, desc="profiling", unit="submodel"):
         row = {"id": spec.id, "spec": spec.text, **measure(encoder, spec, repeats)}
         if accuracy is not None:
             row["knn1"] = accuracy(spec)
+            if plans:
+                row["knn1_by_search"] = {plan.key: accuracy(spec, plan) for plan in plans}
         rows.append(row)
     return {"fingerprint": encoder.fingerprint, "host": host(), "backend": encoder.backend, **provenance.record(),
             "rows": rows}
+
+
+def searches(length: int, dims: list[int], k: int = 10) -> list[Plan]:
+    """The ways a budget may search vectors of `length` for a model trained for prefixes `dims`: the full vectors,
+    then exact search on and the funnel of each shorter prefix (the funnel's default shortlist for k)."""
+    shorter = [d for d in dims if d < length]
+    return [Plan(length), *(Plan(d) for d in shorter), *(Plan.of(length, funnel=d, k=k) for d in shorter)]
+
+
+def search_gflops(plan: Plan, count: int, length: int) -> float:
+    """A query's search GFLOPs by `plan` over `count` vectors: the (prefix) inner products, and the funnel's
+    re-ranking."""
+    rerank = 2 * min(plan.shortlist, count) * length if plan.shortlist else 0
+    return (2 * count * plan.dims + rerank) / 1e9
+
+
+def time_searches(index, plans: list[Plan], repeats: int = 15, seed: int = 0) -> list[dict]:
+    """Each plan's median batch-1 search time (ms, k = 10) over `index` as it is now, with seeded random queries."""
+    length = index.manifest["dim"]
+    queries = np.random.default_rng(seed).standard_normal((repeats + 1, length)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    out = []
+    for plan in plans:
+        full = plan == Plan(length)
+        times = []
+        for query in queries:  # the first one warms up (a prefix's first search builds its index)
+            start = time.perf_counter()
+            index.search(query[None], 10) if full else index.search_prefix(query[None], 10, plan)
+            times.append((time.perf_counter() - start) * 1e3)
+        out.append({"key": plan.key, "dims": plan.dims, "shortlist": plan.shortlist,
+                    "search_ms_b1": float(np.median(times[1:])), "gallery": index.count})
+    return out
+
+
+def pairs(rows: list[dict], ways: list[dict]) -> list[dict]:
+    """Each profile row with each way of searching (`key`, `search_gflops`, and `search_ms_b1` where measured): its
+    costs the encode's plus the search's (no latency where the search has none), its 1-NN the pair's where measured
+    (`knn1_by_search`), and the way under `search`."""
+    out = []
+    for row in rows:
+        for way in ways:
+            pair = {k: v for k, v in row.items() if k not in ("knn1", "latency_ms_b1")}
+            pair.update(search=way, gflops=row["gflops"] + way["search_gflops"])
+            if "latency_ms_b1" in row and "search_ms_b1" in way:
+                pair["latency_ms_b1"] = row["latency_ms_b1"] + way["search_ms_b1"]
+            if way["key"] in row.get("knn1_by_search", {}):
+                pair["knn1"] = row["knn1_by_search"][way["key"]]
+            out.append(pair)
+    return out
 
 
 def host() -> dict:
@@ -110,13 +169,20 @@ def host() -> dict:
 
 
 def index_accuracy(index, encoder: Encoder, queries) -> callable:
-    """`accuracy(spec)`: 1-NN accuracy of the labelled `queries` (an ImageSet) against `index`."""
+    """`accuracy(spec, plan=None)`: 1-NN accuracy of the labelled `queries` (an ImageSet) against `index`, searched
+    by `plan` (default: the full vectors); each submodel encodes the queries once."""
     index.check_model(encoder.fingerprint)
     gallery_label = index.labels()
     labels = queries.labels.tolist()
 
-    def accuracy(spec: Submodel) -> float:
-        _, ids = index.search(encoder.encode(queries.images, spec), 1)
+    embedded: dict[str, np.ndarray] = {}
+
+    def accuracy(spec: Submodel, plan: Plan | None = None) -> float:
+        if spec.text not in embedded:
+            embedded[spec.text] = encoder.encode(queries.images, spec)
+        emb = embedded[spec.text]
+        full = plan is None or plan == Plan(emb.shape[1])
+        _, ids = index.search(emb, 1) if full else index.search_prefix(emb, 1, plan)
         return float(np.mean([gallery_label.get(int(i)) == y for i, y in zip(ids[:, 0], labels, strict=True)]))
     return accuracy
 
@@ -163,6 +229,9 @@ def ensure_profile(encoder: Encoder, path: Path) -> dict:
     known = {r["spec"]: r["knn1"] for r in rows if "knn1" in r}
     accuracy = (lambda spec: known[spec.text]) if rows and len(known) == len(rows) else None
     result = profile(encoder, submodels, accuracy)
+    for row, old in zip(result["rows"], rows, strict=False):  # the pairs' accuracy, measured before, holds too
+        if "knn1_by_search" in old:
+            row["knn1_by_search"] = old["knn1_by_search"]
     save_profile(result, path)
     return result
 
@@ -186,16 +255,18 @@ def choose(rows: list[dict], budget: Budget) -> tuple[dict, str]:
     field, limit = budget.limit
     feasible = [r for r in rows if r[field] <= limit]
     unit = {"latency_ms_b1": "ms", "gflops": "GFLOPs", "params": "parameters"}[field]
+    what = "(submodel, search) pairs" if rows and "search" in rows[0] else "submodels"
     if not feasible:
         cheapest = min(rows, key=lambda r: r[field])
-        raise BudgetError(f"no submodel fits {limit:g} {unit}; the cheapest is {cheapest['spec']} "
+        searched = f" searching {cheapest['search']['key']} dims" if "search" in cheapest else ""
+        raise BudgetError(f"no submodel fits {limit:g} {unit}; the cheapest is {cheapest['spec']}{searched} "
                           f"at {cheapest[field]:.4g} {unit}")
     if all("knn1" in r for r in feasible):
         best = max(feasible, key=lambda r: (r["knn1"], -r[field]))
-        why = f"most accurate measured 1-NN ({best['knn1']:.4f}) among {len(feasible)} submodels " \
+        why = f"most accurate measured 1-NN ({best['knn1']:.4f}) among {len(feasible)} {what} " \
               f"within {limit:g} {unit}"
     else:
         best = max(feasible, key=lambda r: (r["gflops"], -r[field]))
-        why = f"largest GFLOPs ({best['gflops']:.4g}, the accuracy proxy) among {len(feasible)} submodels " \
+        why = f"largest GFLOPs ({best['gflops']:.4g}, the accuracy proxy) among {len(feasible)} {what} " \
               f"within {limit:g} {unit}"
     return best, why

@@ -12,7 +12,9 @@ recall target (measured at 1M: SQ8 with 2x re-ranking meets 0.95; PQ with dim/4 
 Flat's memory but stays under it, so it is for an explicit `--index-key`). A non-exact index gets its
 `efSearch`, `nprobe` (and `rerank`) tuned to a recall target (see `tuning`). Deletions are physical
 where the FAISS index supports `remove_ids`, else the ids are tombstoned and filtered out of every
-search with an `IDSelector` until a rebuild.
+search with an `IDSelector` until a rebuild. `--index-key PrefixD,KEY` (for a Matryoshka-trained model,
+`retrieval.prefix`) builds KEY over the vectors' D-prefixes and re-ranks its candidates by the stored full
+vectors, so memory holds only the prefixes' codes and graph.
 
 With `on_disk` an IVF index is built as FAISS's on-disk inverted lists (`ondisk`: a block per chunk of
 vectors, merged on disk): the version holds `index.faiss` (quantizer and list offsets), `index.ivfdata`
@@ -38,6 +40,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import faiss
 import numpy as np
@@ -45,7 +48,7 @@ import numpy as np
 from . import faiss_versions as versions
 from . import gpu, ondisk, store_common, tuning
 from .faiss_versions import FORMAT, read_current, write_version
-from .prefix import Plan, PrefixSearch
+from .prefix import Plan, PrefixSearch, index_dims, over_prefix, split_key
 from .store_common import REBUILD, auto_index_key, check_manifest, check_model, label_name, read_item_file
 from .store_errors import IndexCorrupt, IndexMissing, IndexStoreError
 from .store_writes import disk_space, writer
@@ -74,9 +77,17 @@ def training_sample(vectors: np.ndarray, key: str) -> np.ndarray:
 
 
 def make_faiss(key: str, dim: int, train_vectors: np.ndarray) -> faiss.Index:
-    """An empty IDMap2-wrapped index from a factory string (trained on a sample of `train_vectors`)."""
+    """An empty IDMap2-wrapped index from a factory string, or from `PrefixD,KEY` one of kind KEY over the
+    D-prefixes (`retrieval.prefix`), trained on a sample of `train_vectors`."""
+    dims, inner = split_key(key)
+    if dims is not None and not 1 <= dims < dim:
+        raise IndexStoreError(f"bad --index-key {key!r}: a prefix index needs a length from 1 to {dim - 1}")
     try:
-        index = faiss.index_factory(dim, f"IDMap2,{key}", faiss.METRIC_INNER_PRODUCT)
+        if dims is None:
+            index = faiss.index_factory(dim, f"IDMap2,{key}", faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexIDMap2(over_prefix(faiss.index_factory(dims, inner, faiss.METRIC_INNER_PRODUCT),
+                                                  dim, dims))
     except RuntimeError as e:
         raise IndexStoreError(f"bad --index-key {key!r}: {str(e).strip().splitlines()[-1]}") from e
     if not index.is_trained:
@@ -99,6 +110,7 @@ class GalleryIndex:
     faiss_index: faiss.Index
     manifest: dict
     deleted: np.ndarray  # tombstoned ids, filtered out of every search
+    searches_prefixes: ClassVar[bool] = True
     lease: int | None = field(default=None, repr=False)
     gpu_index: faiss.Index | None = field(default=None, repr=False)  # a search copy on FAISS's GPUs, if any
     _local: threading.local = field(default_factory=threading.local, repr=False)  # a metadata connection per thread
@@ -187,7 +199,8 @@ class GalleryIndex:
         only."""
         k = max(1, min(k, self.count))
         params = {**self.manifest.get("search_params", {}), **(search_params or {})}
-        stored = tuning.Stored(*self.vectors()) if int(params.get("rerank", 1)) > 1 else None
+        rerank = int(params.get("rerank", 1)) > 1 or index_dims(self.faiss_index)
+        stored = tuning.Stored(*self.vectors()) if rerank else None
         on_gpus = self.gpu_index if not len(self.deleted) else None
         return tuning.search(self.faiss_index, queries, k, params, self.deleted, stored, on_gpus)
 
@@ -280,6 +293,8 @@ def commit(directory: Path, base: GalleryIndex | None, new_ids: np.ndarray, new_
     staged = Path(directory) / "ondisk.tmp"
     if index_key is not None:
         key = auto_index_key(len(ids), dim, on_disk) if index_key == "auto" else index_key
+        if on_disk and split_key(key)[0] is not None:
+            raise IndexStoreError(f"--index-key {key!r} is a prefix index, kept in memory: drop --on-disk")
         deleted = np.zeros(0, np.int64)
         if on_disk:
             shutil.rmtree(staged, ignore_errors=True)
@@ -294,7 +309,7 @@ def commit(directory: Path, base: GalleryIndex | None, new_ids: np.ndarray, new_
         index = ondisk.extend(staged, base.version_dir, _chunks(new_ids, new_vectors)) if len(new_ids) else \
             ondisk.link(staged, base.version_dir)
     else:
-        key, index, deleted = base.manifest["index_key"], faiss.clone_index(base.faiss_index), base.deleted
+        key, index, deleted = base.manifest["index_key"], copy(base.faiss_index), base.deleted
         if len(removed):
             deleted = _remove_from(index, np.asarray(removed, dtype=np.int64), deleted)
         if len(new_ids):
@@ -309,6 +324,11 @@ def commit(directory: Path, base: GalleryIndex | None, new_ids: np.ndarray, new_
                   removed, deleted, staged if on_disk else None)
     return {"count": len(ids), "index_key": key, "on_disk": on_disk, "search_params": manifest["search_params"],
             "recall": manifest["recall"]}
+
+
+def copy(index: faiss.Index) -> faiss.Index:
+    """A copy of `index` to update (through serialisation for a prefix index, which `clone_index` cannot copy)."""
+    return faiss.deserialize_index(faiss.serialize_index(index)) if index_dims(index) else faiss.clone_index(index)
 
 
 def _chunks(ids: np.ndarray, vectors: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:

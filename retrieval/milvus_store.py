@@ -37,6 +37,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import urlparse
 
 import numpy as np
@@ -95,6 +96,7 @@ class MilvusGallery:
     store: MilvusStore
     collection: str
     manifest: dict
+    searches_prefixes: ClassVar[bool] = False
 
     @property
     def version(self) -> str:

@@ -7,7 +7,10 @@ A gallery keeps XL's full, L2-normalised vectors. Searching with the first `dims
 - exact prefix search ranks the whole gallery by that similarity (one flat index of normalised prefixes per
   length, built on first use);
 - the funnel shortlists `shortlist` items with the prefix, then re-ranks them by the full vectors' inner product
-  (Matryoshka's funnel retrieval; FAISS's `IndexRefineFlat` does the same over a coarse index).
+  (Matryoshka's funnel retrieval; FAISS's `IndexRefineFlat` does the same over a coarse index);
+- a prefix index (index key `PrefixD,KEY`, for example `Prefix32,IVF4096,SQ8` or `Prefix16,HNSW16`) is a FAISS
+  index of kind KEY over the normalised D-prefixes, whose candidates are always re-ranked by the stored full
+  vectors (AdANNS-style): an approximate funnel that keeps only the prefixes' codes in memory.
 
 `dims` equal to the vectors' length is plain full search; anything outside 1 .. length (or, for a model, outside
 the lengths it was trained for) is a `UserError` naming the valid values.
@@ -15,6 +18,7 @@ the lengths it was trained for) is a `UserError` naming the valid values.
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 
@@ -25,6 +29,7 @@ from matvit.errors import UserError
 
 EPS = 1e-12  # a prefix of zeros stays zero instead of dividing by zero
 SHORTLIST = 100  # the funnel's default shortlist: at least this many, and 10 per neighbour asked for
+PREFIX_KEY = re.compile(r"Prefix(\d+),(.+)")
 
 
 def check_dims(dims: int, length: int, allowed: list[int] | None = None) -> int:
@@ -69,6 +74,11 @@ class Plan:
         return {"dims": self.dims, "funnel": self.shortlist is not None, "shortlist": self.shortlist}
 
     @property
+    def key(self) -> str:
+        """A short name of the way of searching (the shortlist aside): `16`, or `16-funnel`."""
+        return f"{self.dims}-funnel" if self.shortlist else str(self.dims)
+
+    @property
     def text(self) -> str:
         return (f"the {self.dims}-d prefix's {self.shortlist} nearest, re-ranked by the full vectors" if self.shortlist
                 else f"{self.dims} dimensions")
@@ -105,3 +115,26 @@ class PrefixSearch:
             order = np.argsort(-full, axis=1, kind="stable")[:, :k]
             scores, rows = np.take_along_axis(full, order, axis=1), np.take_along_axis(rows, order, axis=1)
         return scores, self.ids[rows]
+
+
+def split_key(key: str) -> tuple[int | None, str]:
+    """(D, KEY) of a prefix index key `PrefixD,KEY`; (None, key) for an index over the full vectors."""
+    match = PREFIX_KEY.fullmatch(key)
+    return (int(match[1]), match[2]) if match else (None, key)
+
+
+def over_prefix(index: faiss.Index, length: int, dims: int) -> faiss.Index:
+    """`index` (of `dims`-d vectors) fed the normalised `dims`-prefix of `length`-d vectors."""
+    fed = faiss.IndexPreTransform(faiss.NormalizationTransform(dims, 2.0), index)
+    fed.prepend_transform(faiss.RemapDimensionsTransform(length, dims, False))
+    return fed
+
+
+def index_dims(index: faiss.Index) -> int | None:
+    """The prefix length a FAISS index (`over_prefix`, IDMap2-wrapped or not) searches; None for full vectors."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if isinstance(inner, faiss.IndexPreTransform):
+        first = faiss.downcast_VectorTransform(inner.chain.at(0))
+        if isinstance(first, faiss.RemapDimensionsTransform):
+            return first.d_out
+    return None

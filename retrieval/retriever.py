@@ -50,6 +50,7 @@ class Choice:
     params: int
     reason: str
     backend: str = "eager"
+    plan: Plan | None = None  # the way of searching a budget chose with it (None: not chosen)
 
     @property
     def id(self) -> str:
@@ -143,9 +144,16 @@ class Retriever:
 
     # --- budgets ----------------------------------------------------------------------------
     def ensure_profile(self) -> dict:
-        """The stored profile of this model on this machine, measured (and stored) when there is none."""
+        """The stored profile of this model on this machine, measured (and stored) when there is none; for a
+        Matryoshka model it also holds the search time of each way of searching at the index's current size."""
         self.profile_path.parent.mkdir(parents=True, exist_ok=True)
         self._profile = budgets.ensure_profile(self.encoder, self.profile_path)
+        plans, index = self.budget_plans(), self.index
+        timed = self._profile.get("searches", [])
+        if plans and ([t["key"] for t in timed] != [p.key for p in plans]
+                      or any(t["gallery"] != index.count for t in timed)):
+            self._profile["searches"] = budgets.time_searches(index, plans)
+            budgets.save_profile(self._profile, self.profile_path)
         return self._profile
 
     def stored_profile(self) -> dict | None:
@@ -166,22 +174,46 @@ class Retriever:
                                       f"with `matvit profile --index {self.store.name} --checkpoint ...`")
         return self._profile["rows"]
 
-    def choose(self, submodel: str | None = None, budget: budgets.Budget | None = None) -> Choice:
+    def budget_plans(self, k: int = 10) -> list[Plan]:
+        """The ways of searching a budget chooses among (`budget.searches`): none but the full vectors unless the
+        model was trained for shorter prefixes and the store searches them."""
+        length = self.index.manifest["dim"]
+        if not self.index.searches_prefixes or not any(d < length for d in self.encoder.model.dims):
+            return []
+        return budgets.searches(length, self.encoder.model.dims, k)
+
+    def budget_ways(self, k: int, latency: bool) -> list[dict]:
+        """Each way of searching with its costs at the index's size: computed GFLOPs, and the profile's measured
+        milliseconds (for a latency budget; none when the profile has not timed them all)."""
+        index, length = self.index, self.index.manifest["dim"]
+        timed = {t["key"]: t["search_ms_b1"] for t in (self._profile or {}).get("searches", [])}
+        ways = [{"key": p.key, "dims": p.dims, "shortlist": p.shortlist,
+                 "search_gflops": budgets.search_gflops(p, index.count, length),
+                 **({"search_ms_b1": timed[p.key]} if p.key in timed else {})} for p in self.budget_plans(k)]
+        return [] if latency and any("search_ms_b1" not in w for w in ways) else ways
+
+    def choose(self, submodel: str | None = None, budget: budgets.Budget | None = None, k: int = 10,
+               pick_search: bool = False) -> Choice:
+        """The submodel to encode with: named, the default XL, or the best within `budget`; with `pick_search` (no
+        dims asked for) a budget chooses the way of searching too, among the model's (`budget_plans`)."""
         if submodel is not None and budget is not None and budget.limit is not None:
             raise budgets.BudgetError("give either a submodel or a budget, not both")
         if self.encoder.backend == "auto":
             self.stored_profile()  # the backends it chose serve, even when no budget is given
         if budget is not None and budget.limit is not None:
             rows = self.profile_rows() if budget.ms is not None else self.cost_rows()
-            row, reason = budgets.choose(rows, budget)
-            spec = self.encoder.spec(row["spec"])
-        else:
-            spec = self.encoder.spec("XL" if submodel is None else submodel)  # "" is a bad spec, not XL
-            reason = "default (XL)" if submodel is None else "requested"
-        return self._choice(spec, reason)
+            ways = self.budget_ways(k, budget.ms is not None) if pick_search else []
+            row, reason = budgets.choose(budgets.pairs(rows, ways) if ways else rows, budget)
+            way = row.get("search")
+            plan = way and (Plan(way["dims"]) if way["shortlist"] is None else
+                            Plan.of(self.index.manifest["dim"], funnel=way["dims"], k=k))
+            return self._choice(self.encoder.spec(row["spec"]), reason, plan)
+        spec = self.encoder.spec("XL" if submodel is None else submodel)  # "" is a bad spec, not XL
+        return self._choice(spec, "default (XL)" if submodel is None else "requested")
 
-    def _choice(self, spec: Submodel, reason: str) -> Choice:
-        return Choice(spec, self.encoder.gflops(spec), self.encoder.params(spec), reason, self.encoder.serving(spec))
+    def _choice(self, spec: Submodel, reason: str, plan: Plan | None = None) -> Choice:
+        return Choice(spec, self.encoder.gflops(spec), self.encoder.params(spec), reason, self.encoder.serving(spec),
+                      plan)
 
     def backends(self) -> dict[str, str]:
         """The backend serving each profiled (or named) submodel, by spec text."""
@@ -202,10 +234,15 @@ class Retriever:
 
     # --- search -----------------------------------------------------------------------------
     def search_plan(self, dims: int | None = None, funnel: int | None = None, k: int = 10,
-             shortlist: int | None = None) -> Plan:
-        """How to search: full vectors by default, exact search on a `dims`-prefix, or a `funnel`-prefix's
-        shortlist re-ranked by the full vectors; only the prefix lengths the model was trained for (`dims`)."""
-        return Plan.of(self.index.manifest["dim"], dims, funnel, k, shortlist, allowed=self.encoder.model.dims)
+                    shortlist: int | None = None) -> Plan | None:
+        """How to search: exact search on a `dims`-prefix, or a `funnel`-prefix's shortlist re-ranked by the full
+        vectors; only the prefix lengths the model was trained for (`dims`). None when neither is asked for: the
+        full vectors, or what a budget chooses."""
+        plan = Plan.of(self.index.manifest["dim"], dims, funnel, k, shortlist, allowed=self.encoder.model.dims)
+        return None if dims is None and funnel is None else plan
+
+    def full_plan(self) -> Plan:
+        return Plan(self.index.manifest["dim"])
 
     def decode(self, sources: list) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Image files (paths or bytes) as the model's input and their original sizes, decoded within the limits,
@@ -264,12 +301,12 @@ class Retriever:
 
     def search(self, sources: list, k: int = 10, submodel: str | None = None, budget: budgets.Budget | None = None,
                search_params: dict | None = None, plan: Plan | None = None) -> list[Result]:
-        """Search with images (paths, bytes or uint8 C x H x W tensors), by `plan` (default: full search; see
-        `search_plan`). Timings are the request's, per image: decode, queue (waiting for its batch to be encoded),
-        encode (its batch), search (the index), metadata (the neighbours' items), total."""
+        """Search with images (paths, bytes or uint8 C x H x W tensors), by `plan` (see `search_plan`; default: the
+        budget's choice, else full search). Timings are the request's, per image: decode, queue (waiting for its
+        batch to be encoded), encode (its batch), search (the index), metadata (the neighbours' items), total."""
         index = self.index
-        plan = plan or self.search_plan(k=k)
-        choice = self.choose(submodel, budget)
+        choice = self.choose(submodel, budget, k, pick_search=plan is None)
+        plan = plan or choice.plan or self.full_plan()
         t0 = time.perf_counter()
         decoded: list[float] = []
 
@@ -302,7 +339,7 @@ class Retriever:
         the submodel it stopped at; `cascade` lists those that ran. Timings are per image, all stages summed."""
         policy = policy or self.cascade()
         index = self.index
-        plan = plan or self.search_plan(k=k)
+        plan = plan or self.full_plan()
         start = time.perf_counter()
         images = sources if isinstance(sources, torch.Tensor) else self.decode(list(sources))[0]
         spent = {"decode": time.perf_counter() - start, "queue": 0.0, "encode": 0.0, "search": 0.0, "metadata": 0.0}

@@ -47,6 +47,7 @@ class Gallery(Protocol):
     """One consistent view of an index, for reading."""
 
     manifest: dict  # fingerprint, submodel, dim, metric, classes, roots, next_id, count, index_key, ...
+    searches_prefixes: bool  # whether `search_prefix` can search (else it refuses in one line)
 
     @property
     def version(self) -> str:

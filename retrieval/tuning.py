@@ -10,9 +10,10 @@ memory-mapped and larger than memory. recall@1 is the share of queries whose app
 the exact top-1; recall@10 the mean overlap of the two top-10 lists.
 
 Knobs: `nprobe` (IVF lists visited), `ef_search` (HNSW breadth), and for IVF indexes with lossy codes
-(PQ, SQ) `rerank`: search `rerank` x k candidates and order them by their exact stored vectors. Lossy
-codes cap recall whatever nprobe is (near-duplicate gallery items get the same code); re-ranking lifts
-that cap for the cost of reading rerank x k stored vectors per query.
+(PQ, SQ) and prefix indexes (`retrieval.prefix`) `rerank`: search `rerank` x k candidates and order them by
+their exact stored vectors. Lossy codes cap recall whatever nprobe is (near-duplicate gallery items get the
+same code), and so does a prefix; re-ranking lifts that cap for the cost of reading rerank x k stored vectors
+per query. A prefix index always re-ranks (at least its k candidates), so its scores are the full vectors'.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import numpy as np
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
 from matvit.errors import UserError
+
+from .prefix import index_dims
 
 RECALL_TARGET = 0.95  # recall@10 that tuning aims for
 PROBES = 1000  # recall queries
@@ -47,16 +50,18 @@ def parameter(index: faiss.Index) -> str | None:
     except RuntimeError:
         pass
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
     return "ef_search" if isinstance(inner, faiss.IndexHNSW) else None
 
 
 def parameters(index: faiss.Index) -> tuple[str, ...]:
-    """Every knob of this index kind: its main one, and `rerank` for IVF with lossy (PQ, SQ) codes."""
+    """Every knob of this index kind: its main one, and `rerank` for a prefix index or IVF with lossy (PQ, SQ)
+    codes."""
     knob = parameter(index)
-    if knob != "nprobe":
-        return (knob,) if knob else ()
-    lossy = not isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFFlat)
-    return ("nprobe", "rerank") if lossy else ("nprobe",)
+    lossy = knob == "nprobe" and not isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)),
+                                                faiss.IndexIVFFlat)
+    return tuple(k for k in (knob, "rerank" if lossy or index_dims(index) else None) if k)
 
 
 def faiss_params(index: faiss.Index, params: dict, deleted: np.ndarray) -> faiss.SearchParameters | None:
@@ -67,7 +72,7 @@ def faiss_params(index: faiss.Index, params: dict, deleted: np.ndarray) -> faiss
             raise SearchParamError(f"search parameter {name!r} does not apply to this index "
                                    f"({'it takes ' + ', '.join(knobs) if knobs else 'exact search takes none'})")
     sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.asarray(deleted, dtype=np.int64))) if len(deleted) else None
-    knob = knobs[0] if knobs else None
+    knob = parameter(index)
     if knob not in params and sel is None:
         return None
     extra = {"sel": sel} if sel is not None else {}
@@ -102,12 +107,12 @@ class Stored:
 def search(index: faiss.Index, queries: np.ndarray, k: int, params: dict, deleted: np.ndarray,
            stored: Stored | None = None, run_on: faiss.Index | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids) of the k nearest: `index`'s search with `params` (run on its copy `run_on`, a GPU one,
-    when given), re-ranked exactly when they ask for it."""
+    when given), re-ranked exactly when they ask for it or the index is a prefix index."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     rerank = int(params.get("rerank", 1))
     fp = faiss_params(index, params, deleted)
     run_on = index if run_on is None else run_on
-    if rerank <= 1:
+    if rerank <= 1 and not index_dims(index):
         return run_on.search(queries, k, params=fp)
     if stored is None:
         raise SearchParamError("rerank needs the index's stored vectors")
@@ -174,15 +179,14 @@ def tune(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray, deleted: np.n
     k = min(10, len(ids))
     truth = np.asarray(ids)[exact_search(vectors, queries, k)[1]]
     stored = Stored(np.asarray(ids), vectors)
-    if not knobs:
-        grid = [{}]
-    elif knobs[0] == "nprobe":
+    knob = parameter(index)
+    if knob == "nprobe":
         nlist = faiss.extract_index_ivf(index).nlist
-        nprobes = sorted({min(nlist, 2**i) for i in range(int(np.log2(nlist)) + 2)})
-        reranks = RERANK if "rerank" in knobs else (1,)
-        grid = [{"nprobe": p, **({"rerank": r} if r > 1 else {})} for r in reranks for p in nprobes]
+        main = [{"nprobe": p} for p in sorted({min(nlist, 2**i) for i in range(int(np.log2(nlist)) + 2)})]
     else:
-        grid = [{"ef_search": ef} for ef in EF_SEARCH]
+        main = [{"ef_search": ef} for ef in EF_SEARCH] if knob else [{}]
+    reranks = RERANK if "rerank" in knobs else (1,)
+    grid = [{**m, **({"rerank": r} if r > 1 else {})} for r in reranks for m in main]
     best = None
     for params in grid:
         measured = overlap(search(index, queries, k, params, deleted, stored)[1], truth)

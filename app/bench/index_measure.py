@@ -97,17 +97,15 @@ def measure(search: Search, emb: Embeddings, truth: dict[str, np.ndarray], laten
 def sweep(index: faiss.Index, emb: Embeddings, truth: np.ndarray, stored: tuning.Stored,
           tuned: dict) -> list[dict]:
     """recall@10 of XL queries and batch-1 speed at every efSearch / nprobe of the tuning grid (codes alone), and
-    where re-ranking was tuned in, at every rerank of its grid with the tuned nprobe."""
+    where re-ranking was tuned in, at every rerank of its grid with the tuned nprobe / efSearch."""
     knob = tuning.parameter(index)
-    if knob is None:
-        return []
     if knob == "nprobe":
         nlist = faiss.extract_index_ivf(index).nlist
         grid = [{knob: v} for v in sorted({min(nlist, 2**i) for i in range(int(np.log2(nlist)) + 2)})]
-        if tuned.get("rerank", 1) > 1:
-            grid += [{knob: tuned[knob], "rerank": r} for r in tuning.RERANK if r > 1]
     else:
-        grid = [{knob: v} for v in tuning.EF_SEARCH]
+        grid = [{knob: v} for v in tuning.EF_SEARCH] if knob else []
+    if tuned.get("rerank", 1) > 1:
+        grid += [{**({knob: tuned[knob]} if knob else {}), "rerank": r} for r in tuning.RERANK if r > 1]
     queries = emb.queries["XL"][:SWEEP_QUERIES]
     out = []
     for params in grid:

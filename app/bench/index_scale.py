@@ -12,7 +12,7 @@ directory (npy, keyed by the checkpoint's fingerprint), so a rerun never embeds 
 
 For each gallery size and index kind (`KINDS`), one step builds the index the way `build-index`
 does (`retrieval.faiss_store.make_faiss`: IDMap2, trained on `TRAIN_SAMPLE` vectors), tunes `efSearch` /
-`nprobe` (and for PQ / SQ codes `rerank`, exact re-ranking from the memory-mapped gallery) with
+`nprobe` (and for PQ / SQ codes and prefix indexes `rerank`, exact re-ranking from the memory-mapped gallery) with
 `retrieval.tuning.tune` to the recall target, and measures: build and tuning time, bytes per vector
 (serialized index / n), queries per second at batch 1 and batch 64, recall@1 and recall@10 of the S
 and XL test queries against exact search over the same vectors, 1-NN label accuracy, and recall
@@ -20,7 +20,9 @@ against speed at every efSearch / nprobe of the tuning grid (and every rerank at
 `OUT/steps/SIZE-KIND.json` when it ends and is skipped on a rerun with the same settings, so an
 interrupted run continues where it stopped. `auto` is the kind `retrieval.store_common.auto_index_key`
 picks at that size; when another kind of the run has the same factory string, its row is that
-kind's measurement. Milvus Lite gets a row per size, with the index the Milvus store's `auto` picks.
+kind's measurement. For a Matryoshka-trained checkpoint, `prefixD-flat`, `prefixD-hnsw` and `prefixD-ivfsq8` are
+prefix indexes (`PrefixD,...`: the index over the D-prefixes, its candidates re-ranked by the full vectors).
+Milvus Lite gets a row per size, with the index the Milvus store's `auto` picks.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -84,7 +87,23 @@ KINDS: dict[str, Callable[[int, int], str]] = {
     "ivfsq8": lambda n, dim: f"IVF{_ivf_lists(n)},SQ8",  # what `auto` picks past HNSW_MAX
     "auto": auto_index_key,
 }
+# Prefix indexes of a Matryoshka model (`retrieval.prefix`): `prefixD-BASE` is BASE over the D-prefixes, its
+# candidates re-ranked by the full vectors; `prefixD-flat` is the funnel over an exact prefix search.
+PREFIX_KIND = re.compile(r"prefix(\d+)-(flat|hnsw|ivfsq8)")
+PREFIX_BASES: dict[str, Callable[[int, int], str]] = {
+    "flat": lambda n, dims: "Flat",
+    "hnsw": lambda n, dims: "HNSW16",  # 16 links a node: HNSW32's alone take 256 bytes per vector
+    "ivfsq8": lambda n, dims: f"IVF{_ivf_lists(n)},SQ8",
+}
 STORES = ("faiss", "milvus")  # the FAISS index directory and Milvus Lite
+
+
+def index_key(kind: str, n: int, dim: int) -> str:
+    """The factory string of index kind `kind` (`KINDS`, or `PREFIX_KIND`) at gallery size n."""
+    if kind in KINDS:
+        return KINDS[kind](n, dim)
+    dims, base = PREFIX_KIND.fullmatch(kind).groups()
+    return f"Prefix{dims},{PREFIX_BASES[base](n, int(dims))}"
 
 
 class IndexBenchError(UserError):
@@ -108,9 +127,10 @@ class ScaleOptions:
     log: Callable[[str], None] = field(default=print, repr=False)
 
     def __post_init__(self) -> None:
-        unknown = [k for k in self.kinds if k not in KINDS]
+        unknown = [k for k in self.kinds if k not in KINDS and not PREFIX_KIND.fullmatch(k)]
         if unknown:
-            raise IndexBenchError(f"unknown index kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
+            raise IndexBenchError(f"unknown index kind {unknown[0]!r}; choose from {', '.join(KINDS)} or "
+                                  "prefixD-flat, prefixD-hnsw, prefixD-ivfsq8")
         unknown = [s for s in self.stores if s not in STORES]
         if unknown:
             raise IndexBenchError(f"unknown store {unknown[0]!r}; choose from {', '.join(STORES)}")
@@ -199,6 +219,8 @@ def build_index(key: str, vectors: np.ndarray) -> tuple[faiss.Index, dict]:
     index = make_faiss(key, dim, vectors)
     trained = time.perf_counter()
     inner = faiss.downcast_index(index.index)
+    if isinstance(inner, faiss.IndexPreTransform):  # a prefix index
+        inner = faiss.downcast_index(inner.index)
     if isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
@@ -218,7 +240,7 @@ class Bench:
         self.dim = self.emb.gallery.shape[1]
 
     def settings(self, n: int, kind: str, key: str) -> dict:
-        lossy = key.startswith("IVF") and not key.endswith(",Flat")  # tuned with re-ranking too
+        lossy = key.startswith("Prefix") or (key.startswith("IVF") and not key.endswith(",Flat"))  # re-ranked
         return {"size": n, "kind": kind, "index_key": key, "fingerprint": self.encoder.fingerprint,
                 "dataset": self.opts.dataset, "seed": self.opts.seed, "recall_target": self.opts.recall_target,
                 "queries": len(self.emb.query_labels), "latency_queries": self.opts.latency_queries,
@@ -236,12 +258,13 @@ class Bench:
         return found
 
     def step(self, n: int, kind: str) -> dict:
-        key = KINDS[kind](n, self.dim)
+        key = index_key(kind, n, self.dim)
         settings = self.settings(n, kind, key)
         path = self.out / "steps" / f"{n}-{kind}.json"
         if (row := steps.saved(path, settings, self.log)) is not None:
             return row
-        twin = next((k for k in self.opts.kinds if k != kind and k != "auto" and KINDS[k](n, self.dim) == key), None)
+        twin = next((k for k in self.opts.kinds if k not in (kind, "auto") and index_key(k, n, self.dim) == key),
+                    None)
         if kind == "auto" and twin is not None:
             row = {**self.step(n, twin), "settings": settings, "same_as": twin}
         else:
@@ -270,7 +293,7 @@ class Bench:
                "queries": measure(faiss_search(index, search_params, stored), self.emb, truth,
                                   self.opts.latency_queries, self.opts.batch_queries),
                "sweep": sweep(index, self.emb, truth["XL"], stored, search_params),
-               "hnsw_ef_construction": HNSW_EF_CONSTRUCTION if key.startswith("HNSW") else None,
+               "hnsw_ef_construction": HNSW_EF_CONSTRUCTION if "HNSW" in key else None,
                "faiss_threads": {"batch_1": 1, f"batch_{BATCH}": faiss.omp_get_max_threads()},
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
         row["step_seconds"] = round(time.perf_counter() - start, 1)
@@ -415,7 +438,8 @@ def add_parser(bench_subparsers) -> None:
     q.add_argument("--data-dir", type=Path)
     q.add_argument("--sizes", type=options.ints, default=[100_000, 1_000_000], help="gallery sizes")
     q.add_argument("--kinds", default="flat,hnsw,ivfpq,ivfsq8,auto",
-                   help="index kinds: flat, hnsw, ivfpq, ivfsq8, auto")
+                   help="index kinds: flat, hnsw, ivfpq, ivfsq8, auto, and a Matryoshka model's prefix indexes "
+                        "prefixD-flat (the funnel), prefixD-hnsw, prefixD-ivfsq8")
     q.add_argument("--stores", default="faiss,milvus", help="stores measured: faiss, milvus")
     q.add_argument("--cache", type=Path, default=Path("runs/index-scale"), help="cached embeddings")
     options.recall_target(q)

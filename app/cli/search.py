@@ -27,11 +27,12 @@ def cmd_search(args: argparse.Namespace) -> None:
         retriever.ensure_profile()
     params = {k: v for k, v in (("nprobe", args.nprobe), ("ef_search", args.ef_search), ("rerank", args.rerank))
               if v is not None}
+    plan = retriever.search_plan(args.dims, args.funnel, args.k, args.shortlist)
     start = time.perf_counter()  # build the submodels first, so that the timings below are the query's own
-    for spec in (retriever.cascade().stages if args.cascade else [retriever.choose(args.submodel, _budget(args)).spec]):
+    chosen = [] if args.cascade else [retriever.choose(args.submodel, _budget(args), args.k, plan is None).spec]
+    for spec in retriever.cascade().stages if args.cascade else chosen:
         retriever.encoder.runner(spec)
     prepare_ms = (time.perf_counter() - start) * 1e3
-    plan = retriever.search_plan(args.dims, args.funnel, args.k, args.shortlist)
     if args.cascade:
         result = retriever.search_cascade([args.image], k=args.k, search_params=params, plan=plan)[0]
     else:
@@ -41,7 +42,8 @@ def cmd_search(args: argparse.Namespace) -> None:
         print(json.dumps(result.to_dict() | {"prepare_ms": round(prepare_ms, 3)}, indent=2))
         return
     c = result.submodel
-    print(f"submodel {c.spec} ({c.gflops:.4f} GFLOPs, {c.params:,} parameters): {c.reason}; searched {plan.text}")
+    print(f"submodel {c.spec} ({c.gflops:.4f} GFLOPs, {c.params:,} parameters): {c.reason}; "
+          f"searched {result.search.text}")
     if result.cascade:
         print(f"cascade ran {', '.join(result.cascade['ran'])}: {result.cascade['gflops']:.4f} GFLOPs in all, "
               f"confidence {result.cascade['confidence']:.2f}")
@@ -76,14 +78,20 @@ def cmd_profile(args: argparse.Namespace) -> None:
     from retrieval.store import open_store
 
     encoder = Encoder.load(args.checkpoint, backend=args.backend)
-    accuracy = None
+    accuracy, plans = None, []
     store = open_store(args.index) if args.index else None
     if store:
         if not args.dataset:
             raise UserError("--index needs --dataset (a labelled query split) to measure accuracy")
         queries = data.load(args.dataset, args.split, encoder.image_size, encoder.channels, args.data_dir)
-        accuracy = budget.index_accuracy(store.open(), encoder, queries)
-    result = budget.profile(encoder, budget.candidates(encoder, args.submodels), accuracy)
+        gallery = store.open()
+        accuracy = budget.index_accuracy(gallery, encoder, queries)
+        length = gallery.manifest["dim"]
+        if gallery.searches_prefixes and any(d < length for d in encoder.model.dims):
+            plans = budget.searches(length, encoder.model.dims)
+    result = budget.profile(encoder, budget.candidates(encoder, args.submodels), accuracy, plans=plans)
+    if plans:
+        result["searches"] = budget.time_searches(gallery, plans)
     out = args.out or (store.files / budget.PROFILE_FILE if store else None)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +100,11 @@ def cmd_profile(args: argparse.Namespace) -> None:
     for r in result["rows"]:
         print(f"{r['spec']:<22}{r['params']:>10,}{r['gflops']:>9.4f}{r['latency_ms_b1']:>8.2f}"
               f"{r['latency_ms_b32']:>8.2f}{r.get('knn1', float('nan')):>8.4f}")
+    if plans:
+        print(f"{'search':<12}{'ms@1':>8}" + "".join(f"{r['spec'][:9]:>10}" for r in result["rows"]) + "  (1-NN)")
+        for way in result["searches"]:
+            print(f"{way['key']:<12}{way['search_ms_b1']:>8.3f}"
+                  + "".join(f"{r['knn1_by_search'][way['key']]:>10.4f}" for r in result["rows"]))
     if out:
         print(f"wrote {out}")
     if args.report:

@@ -64,8 +64,9 @@ def search_images(service: Service, retriever: Retriever, images: list[bytes],
     return [SearchResponse.of(r) for r in results]
 
 
-def search_plan(retriever: Retriever, options: SearchOptions) -> Plan:
-    """The dimensions to search (`dims`, `funnel`, `shortlist`), checked against the model and the index."""
+def search_plan(retriever: Retriever, options: SearchOptions) -> Plan | None:
+    """The dimensions to search (`dims`, `funnel`, `shortlist`), checked against the model and the index; None when
+    not given (full vectors, or the budget's choice)."""
     return retriever.search_plan(options.dims, options.funnel, options.k, options.shortlist)
 
 
@@ -76,7 +77,7 @@ def search_embedding(retriever: Retriever, embedding: list[float], options: Sear
     dim = index.manifest["dim"]
     if len(embedding) != dim:
         raise ApiError(400, "bad_embedding", f"the embedding has {len(embedding)} values; the index needs {dim}")
-    plan = search_plan(retriever, options)
+    plan = search_plan(retriever, options) or retriever.full_plan()
     start = time.perf_counter()
     hits = retriever.search_embeddings([embedding], options.k, options.search_params(), index, plan)[0]
     search = (time.perf_counter() - start) * 1e3
