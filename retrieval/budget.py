@@ -258,7 +258,8 @@ def choose(rows: list[dict], budget: Budget) -> tuple[dict, str]:
     what = "(submodel, search) pairs" if rows and "search" in rows[0] else "submodels"
     if not feasible:
         cheapest = min(rows, key=lambda r: r[field])
-        searched = f" searching {cheapest['search']['key']} dims" if "search" in cheapest else ""
+        way = cheapest.get("search")
+        searched = f" searching {way['dims']} dims{' through the funnel' if way['shortlist'] else ''}" if way else ""
         raise BudgetError(f"no submodel fits {limit:g} {unit}; the cheapest is {cheapest['spec']}{searched} "
                           f"at {cheapest[field]:.4g} {unit}")
     if all("knn1" in r for r in feasible):
