@@ -165,3 +165,13 @@ def test_without_gpus_nothing_moves(tmp_path, monkeypatch):
     monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda *a, **k: pytest.fail("moved to a GPU"), raising=False)
     write(tmp_path, np.arange(500), clustered(500), index_key="IVF8,Flat")
     assert gpu.count() == 0 and GalleryIndex.open(tmp_path).gpu_index is None
+
+
+@pytest.mark.parametrize("gaps", [False, True], ids=["contiguous-ids", "ids-with-gaps"])
+def test_stored_vectors_are_looked_up_by_id_and_missing_hits_are_zero(gaps):
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((50, 4)).astype(np.float32)
+    ids = np.sort(rng.choice(1000, 50, replace=False)) if gaps else np.arange(50) + 7
+    wanted = np.array([[ids[3], -1, ids[49]], [ids[0], ids[3], -1]])
+    expected = np.stack([[vectors[3], np.zeros(4), vectors[49]], [vectors[0], vectors[3], np.zeros(4)]])
+    np.testing.assert_array_equal(tuning.Stored(ids, vectors)(wanted), expected)
