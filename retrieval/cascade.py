@@ -6,8 +6,10 @@ its top-1's label (on a gallery without labels: the margin between the top-1 and
 holds its stages (cheapest first) and a threshold per stage but the last; a query stops at the first stage whose
 confidence reaches it. `calibrate` chooses, among every chain of the measured stages (S -> XL skips M and L;
 one submodel alone is a chain too) and a grid of thresholds, the policy that keeps a stated share of XL's 1-NN
-accuracy on held-out queries at the least mean GFLOPs. It is stored beside the index (`cascade.json`), like the
-profile.
+accuracy on held-out queries at the least mean GFLOPs. A stage's GFLOPs are its submodel's encode and its search
+at the index's size. For a Matryoshka model the way of searching is a knob too: every stage of a policy searches
+one way (the full vectors, a trained prefix, or its funnel), and calibration tries each, always against XL on the
+full vectors. It is stored beside the index (`cascade.json`), like the profile.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import numpy as np
 from matvit import data, provenance
 from matvit.errors import UserError
 
+from .budget import search_gflops
+from .prefix import Plan
+
 CASCADE_FILE = "cascade.json"
 VOTES = 10  # neighbours whose labels vote on a stage's confidence
 GRID = 21  # candidate thresholds per stage: quantiles of its confidence on the calibration queries
@@ -35,12 +40,14 @@ class CascadeError(UserError):
 
 @dataclass
 class Stage:
-    """One stage's results on the calibration queries: whether its top-1 label is right, and its confidence."""
+    """One stage's results on the calibration queries: whether its top-1 label is right, and its confidence;
+    `gflops` are its encode's and its search's (by `search`, None: the full vectors)."""
 
     spec: str
     gflops: float
     correct: np.ndarray
     confidence: np.ndarray
+    search: Plan | None = None
 
 
 @dataclass
@@ -54,6 +61,11 @@ class Policy:
     fingerprint: str
     target: float  # the share of XL's 1-NN accuracy aimed for
     calibration: dict = field(default_factory=dict)
+    search: dict | None = None  # how every stage searches (`Plan`'s fields; None: the full vectors)
+
+    @property
+    def plan(self) -> Plan | None:
+        return None if self.search is None else Plan(self.search["dims"], self.search["shortlist"])
 
     def save(self, path: Path) -> None:
         path = Path(path)
@@ -114,29 +126,46 @@ def chains(stages: list[Stage]) -> list[list[Stage]]:
     return [[stages[i] for i in range(len(stages)) if mask >> i & 1] for mask in range(1, 2 ** len(stages))]
 
 
+def by_search(stages: list[Stage]) -> dict[Plan | None, list[Stage]]:
+    """The stages grouped by their way of searching (the full vectors, None, first), each group in spec order."""
+    groups: dict[Plan | None, list[Stage]] = {None: []}
+    for stage in stages:
+        groups.setdefault(stage.search, []).append(stage)
+    return groups
+
+
 def calibrate(stages: list[Stage], target: float, signal: str, fingerprint: str) -> Policy:
     """The chain of stages and thresholds with the least mean GFLOPs whose accuracy is at least `target` times
-    the last measured stage's (XL's) with `Z` standard errors to spare over the calibration queries (thousands
-    of candidates are tried: one that meets the target only on these queries would miss it on new ones),
-    searched over every chain and a grid of each stage's confidence quantiles; on equal GFLOPs the more accurate
-    wins. The best policy of every chain that meets the goal is kept under `calibration["chains"]`."""
-    xl = stages[-1]
+    XL's on the full vectors (the last stage searching them) with `Z` standard errors to spare over the
+    calibration queries (thousands of candidates are tried: one that meets the target only on these queries would
+    miss it on new ones), searched over every way of searching, every chain of its stages and a grid of each
+    stage's confidence quantiles; on equal GFLOPs the more accurate wins. The best policy of every chain that meets
+    the goal is kept under `calibration["chains"]`."""
+    groups = by_search(stages)
+    xl = groups[None][-1]
     best_per_chain = []
-    for chain in chains(stages):
-        grids = [sorted(set(np.quantile(s.confidence, np.linspace(0, 1, GRID)).tolist())) for s in chain[:-1]]
-        results = [(list(t), simulate(chain, list(t), target, xl)) for t in itertools.product(*grids)]
-        met = [(t, r) for t, r in results if r["surplus"] >= 0]
-        if met:
-            t, r = min(met, key=lambda tr: (tr[1]["mean_gflops"], -tr[1]["accuracy"]))
-            best_per_chain.append(([s.spec for s in chain], [float(x) for x in t], r))
-    specs, thresholds, result = min(best_per_chain, key=lambda c: (c[2]["mean_gflops"], -c[2]["accuracy"]))
+    for plan, group in groups.items():
+        for chain in chains(group):
+            grids = [sorted(set(np.quantile(s.confidence, np.linspace(0, 1, GRID)).tolist())) for s in chain[:-1]]
+            results = [(list(t), simulate(chain, list(t), target, xl)) for t in itertools.product(*grids)]
+            met = [(t, r) for t, r in results if r["surplus"] >= 0]
+            if met:
+                t, r = min(met, key=lambda tr: (tr[1]["mean_gflops"], -tr[1]["accuracy"]))
+                best_per_chain.append(([s.spec for s in chain], plan, [float(x) for x in t], r))
+    specs, plan, thresholds, result = min(best_per_chain, key=lambda c: (c[3]["mean_gflops"], -c[3]["accuracy"]))
     return Policy(specs, thresholds, signal, fingerprint, target, {  # XL alone always meets the goal
         "queries": len(xl.correct), "xl_accuracy": float(xl.correct.mean()), **result,
         "share_of_xl_gflops": result["mean_gflops"] / xl.gflops,
-        "fixed": {s.spec: {"accuracy": float(s.correct.mean()), "gflops": s.gflops} for s in stages},
-        "chains": [{"stages": c, "thresholds": t, "accuracy": r["accuracy"], "mean_gflops": r["mean_gflops"]}
-                   for c, t, r in sorted(best_per_chain, key=lambda c: c[2]["mean_gflops"])],
-        **provenance.record()})
+        "fixed": {name(s): {"accuracy": float(s.correct.mean()), "gflops": s.gflops} for s in stages},
+        "chains": [{"stages": c, "search": p and p.key, "thresholds": t, "accuracy": r["accuracy"],
+                    "mean_gflops": r["mean_gflops"]}
+                   for c, p, t, r in sorted(best_per_chain, key=lambda c: c[3]["mean_gflops"])],
+        **provenance.record()}, None if plan is None else {"dims": plan.dims, "shortlist": plan.shortlist})
+
+
+def name(stage: Stage) -> str:
+    """A stage's spec, with its way of searching when it is not the full vectors: `S`, `S@16-funnel`."""
+    return stage.spec if stage.search is None else f"{stage.spec}@{stage.search.key}"
 
 
 def label_codes(neighbours: list[list[dict]], width: int) -> np.ndarray:
@@ -150,22 +179,35 @@ def label_codes(neighbours: list[list[dict]], width: int) -> np.ndarray:
     return out
 
 
-def measure(retriever, images, truth: list[str], sources: list[str], specs: list[str], signal: str) -> list[Stage]:
-    """Each stage's correctness and confidence on labelled query images (`truth`: class names); a gallery item
-    with the query's own `source` is left out of its neighbours, so gallery images serve as held-out queries."""
+def searches(retriever) -> list[Plan | None]:
+    """The ways a cascade may search: the full vectors (None), then each one the model and index allow beside
+    them (`Retriever.budget_plans`)."""
+    full = Plan(retriever.index.manifest["dim"])
+    return [None, *(p for p in retriever.budget_plans(VOTES + 1) if p != full)]
+
+
+def measure(retriever, images, truth: list[str], sources: list[str], specs: list[str], signal: str,
+            plans: list[Plan | None] | None = None) -> list[Stage]:
+    """Each stage's correctness and confidence on labelled query images (`truth`: class names), for each way of
+    searching in `plans` (default: `searches`); a gallery item with the query's own `source` is left out of its
+    neighbours, so gallery images serve as held-out queries."""
     index = retriever.index
+    length = index.manifest["dim"]
+    plans = searches(retriever) if plans is None else plans
     stages = []
     for text in specs:
-        embeddings = retriever.encoder.encode(images, text)
-        neighbours = retriever.search_embeddings(embeddings, VOTES + 1, None, index)
-        neighbours = [[h for h in hits if h["metadata"]["source"] != own][:VOTES]
-                      for hits, own in zip(neighbours, sources, strict=True)]
-        scores = np.array([[h["score"] for h in hits] + [0.0] * (VOTES - len(hits)) for hits in neighbours])
-        correct = np.array([bool(hits) and hits[0]["label"] == name for hits, name in zip(neighbours, truth,
-                                                                                        strict=True)])
         spec = retriever.encoder.spec(text)
-        stages.append(Stage(spec.text, retriever.encoder.gflops(spec), correct,
-                            confidence(signal, scores, label_codes(neighbours, VOTES))))
+        embeddings = retriever.encoder.encode(images, spec)
+        for plan in plans:
+            neighbours = retriever.search_embeddings(embeddings, VOTES + 1, None, index, plan)
+            neighbours = [[h for h in hits if h["metadata"]["source"] != own][:VOTES]
+                          for hits, own in zip(neighbours, sources, strict=True)]
+            scores = np.array([[h["score"] for h in hits] + [0.0] * (VOTES - len(hits)) for hits in neighbours])
+            correct = np.array([bool(hits) and hits[0]["label"] == label for hits, label in zip(neighbours, truth,
+                                                                                              strict=True)])
+            cost = retriever.encoder.gflops(spec) + search_gflops(plan or Plan(length), index.count, length)
+            stages.append(Stage(spec.text, cost, correct, confidence(signal, scores, label_codes(neighbours, VOTES)),
+                                plan))
     return stages
 
 

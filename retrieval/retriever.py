@@ -335,11 +335,12 @@ class Retriever:
     def search_cascade(self, sources: list, k: int = 10, search_params: dict | None = None,
                        policy: cascades.Policy | None = None, plan: Plan | None = None) -> list[Result]:
         """Search with the cascade (`retrieval.cascade`): every query is encoded with the first stage's submodel
-        and again with the next one while its confidence stays under the stage's threshold. Each result names
-        the submodel it stopped at; `cascade` lists those that ran. Timings are per image, all stages summed."""
+        and again with the next one while its confidence stays under the stage's threshold, every stage searching
+        by `plan` (default: the way the cascade was calibrated with). Each result names the submodel it stopped
+        at; `cascade` lists those that ran. Timings are per image, all stages summed."""
         policy = policy or self.cascade()
         index = self.index
-        plan = plan or self.full_plan()
+        plan = plan or policy.plan or self.full_plan()
         start = time.perf_counter()
         images = sources if isinstance(sources, torch.Tensor) else self.decode(list(sources))[0]
         spent = {"decode": time.perf_counter() - start, "queue": 0.0, "encode": 0.0, "search": 0.0, "metadata": 0.0}

@@ -98,8 +98,9 @@ def evaluate(retriever: Retriever, policy: cascade.Policy, tested: list[cascade.
              batch: int, replay: str | None) -> dict:
     """One calibrated cascade on the test queries: accuracy (with its 95% interval), GFLOPs, stops, encode time
     at batch 1 and at `batch` (and replayed on the `replay` preset's shape), and its targets."""
-    xl = tested[-1]
-    chain = [s for s in tested if s.spec in policy.stages]
+    groups = cascade.by_search(tested)
+    xl = groups[None][-1]
+    chain = [s for s in groups[policy.plan] if s.spec in policy.stages]
     outcome = cascade.simulate(chain, policy.thresholds, policy.target, xl)
     stop = cascade.stops(chain, policy.thresholds)
     interval = share_interval(np.choose(stop, [s.correct for s in chain]), xl.correct)
@@ -110,7 +111,8 @@ def evaluate(retriever: Retriever, policy: cascade.Policy, tested: list[cascade.
         timings["replay_ms"] = [replay_ms(replay, policy.stages, stop[:len(timed_images)], b,
                                           retriever.encoder.backend) for b in (1, batch)]
     replayed = f" replayed on {replay}'s shape (untrained)"
-    return {"target": policy.target, "stages": policy.stages, "thresholds": policy.thresholds,
+    return {"target": policy.target, "stages": policy.stages, "search": policy.plan and policy.plan.key,
+            "thresholds": policy.thresholds,
             "calibration": {k: v for k, v in policy.calibration.items() if k not in ("command", "commit", "machine")},
             "test": {**outcome, "share_of_xl_accuracy": share_accuracy, "share_of_xl_accuracy_95": interval,
                      "share_of_xl_gflops": share_gflops},
@@ -126,7 +128,7 @@ def evaluate(retriever: Retriever, policy: cascade.Policy, tested: list[cascade.
 
 
 def _point(stage: cascade.Stage) -> dict:
-    return {"spec": stage.spec, "gflops": stage.gflops, "accuracy": float(stage.correct.mean())}
+    return {"spec": cascade.name(stage), "gflops": stage.gflops, "accuracy": float(stage.correct.mean())}
 
 
 def _take(queries: tuple, rows) -> tuple:
@@ -156,12 +158,12 @@ def run(args: argparse.Namespace) -> dict:
     policies[0].save(retriever.store.files / cascade.CASCADE_FILE)
     tested = cascade.measure(retriever, *test, stages, args.signal)
     mixnmatch = cascade.measure(retriever, *test, [s.text for s in specs.monotone(retriever.encoder.model)],
-                                args.signal)
+                                args.signal, [None])
     report = {**provenance.record(), "dataset": args.dataset, "index": str(args.index),
               "checkpoint": str(args.checkpoint), "backends": {s: retriever.encoder.serving(s) for s in stages},
               "stages": stages, "signal": args.signal, "calibration_split": args.split,
               "calibration_queries": len(queries[0]),
-              "test_queries": len(test[0]), "xl_accuracy": float(tested[-1].correct.mean()),
+              "test_queries": len(test[0]), "xl_accuracy": float(cascade.by_search(tested)[None][-1].correct.mean()),
               "fixed": [_point(s) for s in tested], "mixnmatch": [_point(s) for s in mixnmatch],
               "replay": replay,
               "cascades": [evaluate(retriever, p, tested, test[0][:args.timed], args.batch, None if i else replay)
@@ -191,7 +193,8 @@ def markdown(r: dict) -> str:
              f"Candidate stages {', '.join(r['stages'])}. A cascade is a chain of them, cheapest first: a "
              f"query stops at the first stage whose {r['signal']} (for agreement: the share of its top "
              f"{cascade.VOTES} neighbours labelled like its top-1) reaches the stage's threshold, and pays for "
-             f"every stage it ran. Each cascade (chain and thresholds) is calibrated on "
+             f"every stage it ran (its encode and its search; `S@16-funnel`: S searching by the 16-d funnel). "
+             f"Each cascade (chain and thresholds) is calibrated on "
              f"{r['calibration_queries']:,} {calibrated_on} for its target share of XL's 1-NN accuracy at the least "
              f"mean GFLOPs, then run on the {r['test_queries']:,} {tested_on} (95% interval of its share of XL's "
              f"1-NN over them). Encode time: mean per query over {timed[0]['queries']} test queries at batch 1 and "
@@ -200,7 +203,7 @@ def markdown(r: dict) -> str:
              f"share of XL's GFLOPs | share of XL's encode time, batch 1 / {batch} |"
              + (f" replayed on {r['replay']}, batch 1 / {batch} |" if r["replay"] else ""),
              "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if r["replay"] else "")]
-    xl = r["fixed"][-1]
+    xl = next(f for f in reversed(r["fixed"]) if "@" not in f["spec"])  # XL on the full vectors
     no_time = " |" + (" |" if r["replay"] else "")
     lines += [f"| {f['spec']} alone | | | {f['gflops']:.4f} | {f['accuracy']:.4f} | "
               f"{f['accuracy'] / xl['accuracy']:.4f} | {f['gflops'] / xl['gflops']:.3f} |{no_time}" for f in r["fixed"]]
@@ -209,7 +212,8 @@ def markdown(r: dict) -> str:
         low, high = t["share_of_xl_accuracy_95"]
         times = [" / ".join(f"{e['share_of_xl']:.3f}" for e in c.get(key, []))
                  for key in ("encode_ms", "replay_ms")[:1 + bool(r["replay"])]]
-        lines.append(f"| **cascade for {c['target']:.1%}**: {' -> '.join(c['stages'])} | "
+        searched = f" (searching {c['search']})" if c.get("search") else ""
+        lines.append(f"| **cascade for {c['target']:.1%}**: {' -> '.join(c['stages'])}{searched} | "
                      f"{', '.join(f'{x:.2f}' for x in c['thresholds'])} | "
                      f"{', '.join(f'{s} {v:.1%}' for s, v in t['stops'].items())} | {t['mean_gflops']:.4f} | "
                      f"{t['accuracy']:.4f} | {t['share_of_xl_accuracy']:.4f} ({low:.4f}-{high:.4f}) | "

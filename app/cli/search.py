@@ -66,8 +66,9 @@ def cmd_cascade(args: argparse.Namespace) -> None:
     out = retriever.store.files / cascade.CASCADE_FILE
     policy.save(out)
     c = policy.calibration
+    searched = f"searching {policy.plan.text}" if policy.plan else "searching the full vectors"
     print(f"stages {' -> '.join(policy.stages)}, thresholds {', '.join(f'{t:.3f}' for t in policy.thresholds)} "
-          f"({policy.signal}); on {c['queries']} held-out queries: 1-NN {c['accuracy']:.4f} (XL alone "
+          f"({policy.signal}), {searched}; on {c['queries']} held-out queries: 1-NN {c['accuracy']:.4f} (XL alone "
           f"{c['xl_accuracy']:.4f}) at {c['share_of_xl_gflops']:.1%} of XL's GFLOPs; wrote {out}")
 
 
@@ -203,8 +204,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", type=Path)
     p.add_argument("--queries", type=int, default=2000, help="calibration queries drawn from the split")
     p.add_argument("--target", type=float, default=0.995, help="share of XL's 1-NN accuracy to keep")
-    p.add_argument("--stages", default="S;M;L;XL", help="candidate submodels, cheapest first, separated by ';' (the "
-                                                             "cascade is the cheapest chain of them)")
+    p.add_argument("--stages", default="S;M;L;XL",
+                   help="candidate submodels, cheapest first, separated by ';' (the cascade is the cheapest chain of "
+                        "them; a Matryoshka model's cascade also chooses how its stages search)")
     p.add_argument("--signal", choices=["agreement", "margin"], default="agreement",
                    help="confidence: neighbours' label agreement, or the top-1 minus top-2 similarity")
     p.add_argument("--seed", type=int, default=0)

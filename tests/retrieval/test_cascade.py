@@ -14,6 +14,7 @@ from matvit import data
 from matvit.images import to_png
 from retrieval import build, cascade
 from retrieval.encoder import Encoder
+from retrieval.prefix import Plan
 from retrieval.retriever import Retriever
 
 
@@ -92,6 +93,26 @@ def test_a_target_met_only_on_the_calibration_queries_is_not_enough():
     policy = cascade.calibrate(stages, s_share - 0.001, "agreement", "f" * 16)  # S alone meets it, barely
     assert cascade.simulate(stages[:1], [], s_share - 0.001, stages[-1])["surplus"] < 0
     assert policy.stages != ["S"] and policy.calibration["accuracy"] > stages[0].correct.mean()
+
+
+def test_a_cheaper_way_of_searching_as_accurate_is_chosen_and_stored(tmp_path):
+    full = synthetic_stages()
+    funnel = Plan(8, 100)
+    cheap = [cascade.Stage(s.spec, s.gflops * 0.5, s.correct, s.confidence, funnel) for s in full]
+    worse = [cascade.Stage(s.spec, s.gflops * 0.1, np.zeros_like(s.correct), s.confidence, Plan(8)) for s in full]
+    stages = [s for trio in zip(full, cheap, worse, strict=True) for s in trio]  # grouped by spec, as measured
+    policy = cascade.calibrate(stages, 0.99, "agreement", "f" * 16)
+    assert policy.plan == funnel and policy.stages == ["S", "XL"]  # the funnel halves every stage's cost
+    assert policy.calibration["xl_accuracy"] == pytest.approx(full[-1].correct.mean())  # XL on the full vectors
+    assert policy.calibration["mean_gflops"] == pytest.approx(
+        cascade.calibrate(full, 0.99, "agreement", "f" * 16).calibration["mean_gflops"] * 0.5)
+    assert {c["search"] for c in policy.calibration["chains"]} == {None, "8-funnel"}  # 8 exact never meets it
+    assert "S@8-funnel" in policy.calibration["fixed"] and "S" in policy.calibration["fixed"]
+    policy.save(tmp_path / cascade.CASCADE_FILE)
+    assert cascade.Policy.load(tmp_path / cascade.CASCADE_FILE, "f" * 16).plan == funnel
+    old = {k: v for k, v in json.loads((tmp_path / cascade.CASCADE_FILE).read_text()).items() if k != "search"}
+    (tmp_path / "old.json").write_text(json.dumps(old))  # written before cascades chose how to search
+    assert cascade.Policy.load(tmp_path / "old.json", "f" * 16).plan is None
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 
 from app.cli import main
 from matvit import data
+from retrieval import cascade
 from retrieval.budget import Budget, BudgetError, choose, pairs, search_gflops, searches
 from retrieval.prefix import Plan
 from retrieval.retriever import Retriever
@@ -95,3 +96,20 @@ def test_profile_measures_every_pair_and_search_reports_the_chosen_one(own_index
     row = next(r for r in profile["rows"] if r["spec"] == answer["submodel"]["spec"])
     key = Plan(answer["search"]["dims"], answer["search"]["shortlist"]).key
     assert row["knn1_by_search"][key] == best and "measured 1-NN" in answer["submodel"]["reason"]
+
+
+def test_the_cascade_of_a_matryoshka_model_chooses_how_it_searches(own_index, matryoshka_dir, capsys):
+    assert main(["cascade", "--index", str(own_index), "--checkpoint", str(matryoshka_dir), "--dataset", "digits",
+                 "--queries", "200", "--target", "0.9", "--stages", "S;XL"]) == 0
+    assert "searching" in capsys.readouterr().out
+    stored = json.loads((own_index / cascade.CASCADE_FILE).read_text())
+    fixed = stored["calibration"]["fixed"]
+    assert set(fixed) == {f"{s}{w}" for s in ("S", "XL") for w in ("", "@8", "@16", "@8-funnel", "@16-funnel")}
+    retriever = Retriever(own_index, matryoshka_dir, refresh_seconds=0)
+    count = retriever.index.count
+    assert fixed["S@8"]["gflops"] == pytest.approx(retriever.encoder.gflops("S") + search_gflops(Plan(8), count, 32))
+    policy = retriever.cascade()
+    queries = data.load("digits", "test", 8, 1).images[:4]
+    results = retriever.search_cascade(queries, k=3)
+    assert all(r.search == (policy.plan or Plan(32)) for r in results)  # the calibrated way of searching
+    assert all(r.search == Plan(16) for r in retriever.search_cascade(queries, k=3, plan=Plan(16)))
