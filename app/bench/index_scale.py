@@ -20,8 +20,9 @@ against speed at every efSearch / nprobe of the tuning grid (and every rerank at
 `OUT/steps/SIZE-KIND.json` when it ends and is skipped on a rerun with the same settings, so an
 interrupted run continues where it stopped. `auto` is the kind `retrieval.store_common.auto_index_key`
 picks at that size; when another kind of the run has the same factory string, its row is that
-kind's measurement. For a Matryoshka-trained checkpoint, `prefixD-flat`, `prefixD-hnsw` and `prefixD-ivfsq8` are
-prefix indexes (`PrefixD,...`: the index over the D-prefixes, its candidates re-ranked by the full vectors).
+kind's measurement. For a Matryoshka-trained checkpoint, `prefixD-flat`, `prefixD-hnsw`, `prefixD-hnswsq8` and
+`prefixD-ivfsq8` are prefix indexes (`PrefixD,...`: the index over the D-prefixes, its candidates re-ranked by
+the full vectors).
 Milvus Lite gets a row per size, with the index the Milvus store's `auto` picks.
 """
 
@@ -89,10 +90,11 @@ KINDS: dict[str, Callable[[int, int], str]] = {
 }
 # Prefix indexes of a Matryoshka model (`retrieval.prefix`): `prefixD-BASE` is BASE over the D-prefixes, its
 # candidates re-ranked by the full vectors; `prefixD-flat` is the funnel over an exact prefix search.
-PREFIX_KIND = re.compile(r"prefix(\d+)-(flat|hnsw|ivfsq8)")
+PREFIX_KIND = re.compile(r"prefix(\d+)-(flat|hnsw|hnswsq8|ivfsq8)")
 PREFIX_BASES: dict[str, Callable[[int, int], str]] = {
     "flat": lambda n, dims: "Flat",
     "hnsw": lambda n, dims: "HNSW16",  # 16 links a node: HNSW32's alone take 256 bytes per vector
+    "hnswsq8": lambda n, dims: "HNSW16_SQ8",  # the graph over 8-bit codes: a longer prefix in the same bytes
     "ivfsq8": lambda n, dims: f"IVF{_ivf_lists(n)},SQ8",
 }
 STORES = ("faiss", "milvus")  # the FAISS index directory and Milvus Lite
@@ -130,7 +132,7 @@ class ScaleOptions:
         unknown = [k for k in self.kinds if k not in KINDS and not PREFIX_KIND.fullmatch(k)]
         if unknown:
             raise IndexBenchError(f"unknown index kind {unknown[0]!r}; choose from {', '.join(KINDS)} or "
-                                  "prefixD-flat, prefixD-hnsw, prefixD-ivfsq8")
+                                  "prefixD-flat, prefixD-hnsw, prefixD-hnswsq8, prefixD-ivfsq8")
         unknown = [s for s in self.stores if s not in STORES]
         if unknown:
             raise IndexBenchError(f"unknown store {unknown[0]!r}; choose from {', '.join(STORES)}")
@@ -439,7 +441,7 @@ def add_parser(bench_subparsers) -> None:
     q.add_argument("--sizes", type=options.ints, default=[100_000, 1_000_000], help="gallery sizes")
     q.add_argument("--kinds", default="flat,hnsw,ivfpq,ivfsq8,auto",
                    help="index kinds: flat, hnsw, ivfpq, ivfsq8, auto, and a Matryoshka model's prefix indexes "
-                        "prefixD-flat (the funnel), prefixD-hnsw, prefixD-ivfsq8")
+                        "prefixD-flat (the funnel), prefixD-hnsw, prefixD-hnswsq8, prefixD-ivfsq8")
     q.add_argument("--stores", default="faiss,milvus", help="stores measured: faiss, milvus")
     q.add_argument("--cache", type=Path, default=Path("runs/index-scale"), help="cached embeddings")
     options.recall_target(q)
