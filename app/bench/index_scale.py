@@ -90,13 +90,14 @@ KINDS: dict[str, Callable[[int, int], str]] = {
 }
 # Prefix indexes of a Matryoshka model (`retrieval.prefix`): `prefixD-BASE` is BASE over the D-prefixes, its
 # candidates re-ranked by the full vectors; `prefixD-flat` is the funnel over an exact prefix search.
-PREFIX_KIND = re.compile(r"prefix(\d+)-(flat|hnsw|hnswsq8|ivfsq8)")
 PREFIX_BASES: dict[str, Callable[[int, int], str]] = {
     "flat": lambda n, dims: "Flat",
     "hnsw": lambda n, dims: "HNSW16",  # 16 links a node: HNSW32's alone take 256 bytes per vector
     "hnswsq8": lambda n, dims: "HNSW16_SQ8",  # the graph over 8-bit codes: a longer prefix in the same bytes
     "ivfsq8": lambda n, dims: f"IVF{_ivf_lists(n)},SQ8",
 }
+PREFIX_KIND = re.compile(rf"prefix(\d+)-({'|'.join(PREFIX_BASES)})")
+PREFIX_KINDS = ", ".join(f"prefixD-{base}" for base in PREFIX_BASES)
 STORES = ("faiss", "milvus")  # the FAISS index directory and Milvus Lite
 
 
@@ -132,7 +133,7 @@ class ScaleOptions:
         unknown = [k for k in self.kinds if k not in KINDS and not PREFIX_KIND.fullmatch(k)]
         if unknown:
             raise IndexBenchError(f"unknown index kind {unknown[0]!r}; choose from {', '.join(KINDS)} or "
-                                  "prefixD-flat, prefixD-hnsw, prefixD-hnswsq8, prefixD-ivfsq8")
+                                  + PREFIX_KINDS)
         unknown = [s for s in self.stores if s not in STORES]
         if unknown:
             raise IndexBenchError(f"unknown store {unknown[0]!r}; choose from {', '.join(STORES)}")
@@ -441,7 +442,7 @@ def add_parser(bench_subparsers) -> None:
     q.add_argument("--sizes", type=options.ints, default=[100_000, 1_000_000], help="gallery sizes")
     q.add_argument("--kinds", default="flat,hnsw,ivfpq,ivfsq8,auto",
                    help="index kinds: flat, hnsw, ivfpq, ivfsq8, auto, and a Matryoshka model's prefix indexes "
-                        "prefixD-flat (the funnel), prefixD-hnsw, prefixD-hnswsq8, prefixD-ivfsq8")
+                        f"{PREFIX_KINDS} (prefixD-flat: the funnel)")
     q.add_argument("--stores", default="faiss,milvus", help="stores measured: faiss, milvus")
     q.add_argument("--cache", type=Path, default=Path("runs/index-scale"), help="cached embeddings")
     options.recall_target(q)
