@@ -31,7 +31,8 @@ def test_prefix_kinds_are_measured_against_hnsw_over_the_full_vectors(matryoshka
         assert all(0 <= q["at_10"] <= 1 and 0 <= q["knn1"] <= 1 for q in row["queries"].values())
     assert rows["prefix16-ivfsq8"]["bytes_per_vector"] < rows["hnsw"]["bytes_per_vector"] / 3
     assert rows["prefix8-hnsw"]["hnsw_ef_construction"] == rows["prefix16-hnswsq8"]["hnsw_ef_construction"] == 40
-    assert rows["prefix16-hnswsq8"]["bytes_per_vector"] < rows["prefix8-hnsw"]["bytes_per_vector"] + 16
+    # 16 dims in 8-bit codes take half the bytes of 8 float dims, under the same graph
+    assert rows["prefix16-hnswsq8"]["bytes_per_vector"] < rows["prefix8-hnsw"]["bytes_per_vector"]
     prefix_targets = [t for t in r["targets"] if "bytes_ratio" in t]
     assert [t["target"].split(" re-ranked")[0] for t in prefix_targets] == [
         "at 3,000, the prefix index Prefix8,HNSW16", "at 3,000, the prefix index Prefix16,HNSW16_SQ8",
